@@ -1,0 +1,117 @@
+"""The `safetyscope` command line. Each job's commands live beside its code and are registered here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from .errors import SafetyScopeError
+
+
+def user_errors(fn):
+    """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SafetyScopeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(fn):
+    """--model/--sae/--layer/--k and the extraction knobs shared by every command that reads texts."""
+    opts = [
+        click.option("--model", default=None, help="Hub id, local HF directory or .gguf file [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--sae", default=None, help="SAE directory, Qwen-Scope .pt file/dir or hub repo [default: embedded]."),
+        click.option("--layer", type=int, default=None, help="Decoder layer whose output the SAE reads [default: the SAE's]."),
+        click.option("--k", type=int, default=None, help="Override k of a TopK SAE (Qwen-Scope files do not store it)."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--max-length", type=int, default=256, show_default=True, help="Tokens kept per text."),
+        click.option("--skip-first-token", is_flag=True, help="Leave out position 0 (attention sink) when pooling."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
+        click.option("--dtype", default="auto", show_default=True, help="auto (bf16), float32, bfloat16, float16."),
+        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def feature_config(kw: dict):
+    from .features import FeatureConfig
+
+    return FeatureConfig(model=kw.pop("model"), sae=kw.pop("sae"), layer=kw.pop("layer"), k=kw.pop("k"),
+                         batch_size=kw.pop("batch_size"), max_length=kw.pop("max_length"),
+                         skip_first_token=kw.pop("skip_first_token"), device=kw.pop("device"),
+                         dtype=kw.pop("dtype"), cache=not kw.pop("no_cache"))
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="safetyscope")
+def main():
+    """SAE features of language models as safety and toxicity data tools."""
+    quiet_libraries()
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
+@click.option("--text-column", default="text", show_default=True)
+@model_options
+@user_errors
+def features(input_path, output, text_column, **kw):
+    """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
+    import polars as pl
+
+    from .data import read_table, text_list, write_table
+    from .features import FeatureExtractor
+
+    cfg = feature_config(kw)
+    df = read_table(input_path, columns=[text_column])
+    texts = text_list(df, text_column, input_path)
+    fx = FeatureExtractor.from_config(cfg)
+    ex = fx.extract(texts, progress=True)
+    codes = ex.codes
+    ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+    acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+    out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
+                       schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+    if "id" in df.columns:
+        out = out.insert_column(0, df.get_column("id"))
+    write_table(out, output)
+    click.echo(f"wrote {out.height} rows to {output}: {int(ex.n_tokens.sum())} tokens, "
+               f"{ex.n_truncated} text(s) truncated at {cfg.max_length} tokens, {ex.n_cached} from cache, "
+               f"mean {codes.nnz / max(1, codes.shape[0]):.1f} features per text", err=True)
+
+
+def _register_subcommands() -> None:
+    """Job subpackages add their commands here; imports stay lazy inside the commands themselves."""
+    from .train import sae_group
+
+    from .discovery.cli import register as register_discovery
+
+    main.add_command(sae_group)
+    register_discovery(main)
+
+
+_register_subcommands()

@@ -1,0 +1,143 @@
+"""Dataset I/O: the one place that reads and writes tables.
+
+Formats, chosen by the path: ``.parquet``, ``.csv``, ``.jsonl``/``.ndjson``/``.json`` (one object
+per line), or a directory written by ``datasets.Dataset.save_to_disk``. Everything is a polars
+DataFrame in memory; large inputs are read in row chunks with :func:`iter_chunks`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from .errors import SafetyScopeError
+
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def table_format(path: str | os.PathLike, *, for_writing: bool = False) -> str:
+    """'parquet', 'csv', 'jsonl' or 'hf' (a datasets directory), from the path alone."""
+    p = Path(path)
+    fmt = TABLE_SUFFIXES.get(p.suffix.lower())
+    if fmt:
+        return fmt
+    if p.is_dir() or (for_writing and p.suffix == ""):
+        return "hf"
+    if not p.exists():
+        raise SafetyScopeError(f"{path}: no such file or directory")
+    raise SafetyScopeError(
+        f"{path}: unknown table format {p.suffix!r}; use .parquet, .csv, .jsonl or a Hugging Face datasets directory"
+    )
+
+
+def _load_hf(path: Path) -> pl.DataFrame:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise SafetyScopeError(f"{path}: not a Hugging Face datasets directory ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise SafetyScopeError(f"{path}: holds a DatasetDict with splits {list(ds)}; point at one split's directory")
+    return pl.from_arrow(ds.data.table)
+
+
+def read_table(path: str | os.PathLike, *, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a whole table; ``columns`` are required to exist (a clear error names what is there)."""
+    p = Path(path)
+    fmt = table_format(p)
+    if not p.exists():
+        raise SafetyScopeError(f"{path}: no such file or directory")
+    try:
+        if fmt == "parquet":
+            df = pl.read_parquet(p)
+        elif fmt == "csv":
+            df = pl.read_csv(p, infer_schema_length=10000)
+        elif fmt == "jsonl":
+            df = pl.read_ndjson(p)
+        else:
+            df = _load_hf(p)
+    except SafetyScopeError:
+        raise
+    except Exception as e:  # polars/arrow parse errors: the user's file is malformed
+        raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    require_columns(df, columns or [], path)
+    return df
+
+
+def require_columns(df: pl.DataFrame, columns: list[str], where: str | os.PathLike) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SafetyScopeError(f"{where}: missing column(s) {missing}; columns present: {df.columns}")
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    p = Path(path)
+    fmt = table_format(p)
+    if fmt == "parquet":
+        return pl.scan_parquet(p).select(pl.len()).collect().item()
+    if fmt == "csv":
+        return pl.scan_csv(p).select(pl.len()).collect().item()
+    if fmt == "jsonl":
+        return pl.scan_ndjson(p).select(pl.len()).collect().item()
+    return read_table(p).height
+
+
+def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0) -> Iterator[pl.DataFrame]:
+    """Row chunks of a table, from row ``start``, without holding the whole file for columnar formats."""
+    p = Path(path)
+    fmt = table_format(p)
+    if fmt == "hf":  # memory-mapped arrow: slicing is cheap
+        df = read_table(p)
+        for off in range(start, df.height, chunk_rows):
+            yield df.slice(off, chunk_rows)
+        return
+    scan = {"parquet": pl.scan_parquet, "csv": pl.scan_csv, "jsonl": pl.scan_ndjson}[fmt]
+    try:
+        total = count_rows(p)
+        lf = scan(p)
+        for off in range(start, total, chunk_rows):
+            yield lf.slice(off, chunk_rows).collect()
+    except pl.exceptions.PolarsError as e:
+        raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+
+
+def write_table(df: pl.DataFrame, path: str | os.PathLike) -> None:
+    """Write by extension, atomically (temporary file then rename) so a crash never leaves half a file."""
+    p = Path(path)
+    fmt = table_format(p, for_writing=True)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        import datasets
+
+        ds = datasets.Dataset(df.to_arrow())
+        ds.save_to_disk(str(p))
+        return
+    tmp = p.with_name(p.name + ".tmp")
+    if fmt == "parquet":
+        df.write_parquet(tmp)
+    elif fmt == "csv":
+        nested = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
+        # CSV has no lists: write them as JSON-ish strings so nothing is lost.
+        df = df.with_columns(
+            pl.col(c).map_elements(lambda v: None if v is None else str(list(v)), return_dtype=pl.String)
+            for c in nested
+        )
+        df.write_csv(tmp)
+    else:
+        df.write_ndjson(tmp)
+    os.replace(tmp, p)
+
+
+def text_list(df: pl.DataFrame, text_column: str, where: str | os.PathLike = "input") -> list[str | None]:
+    """The text column as Python strings; nulls stay None (callers decide what an empty text means)."""
+    require_columns(df, [text_column], where)
+    col = df.get_column(text_column)
+    if col.dtype != pl.String:
+        if col.dtype == pl.Null:
+            return [None] * df.height
+        raise SafetyScopeError(f"{where}: column {text_column!r} holds {col.dtype}, not text")
+    return col.to_list()

@@ -1,0 +1,5 @@
+"""CLI commands of the discovery job: discover, classify, explain."""
+
+
+def register(main) -> None:
+    pass

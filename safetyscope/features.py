@@ -1,0 +1,219 @@
+"""Per-text sparse SAE features: texts -> residual activations -> max-pooled SAE codes (CSR).
+
+A feature *fires* on a text when its activation is > 0 at any token; the pooled value is its max
+over tokens. Texts are tokenised once, sorted by length so batches carry little padding, and only
+real tokens are encoded. Results are cached per text in SQLite, so a rerun reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import Backbone, cache_dir
+from .errors import SafetyScopeError
+from .sae import SAE, load_sae
+
+
+@dataclass
+class FeatureConfig:
+    """Everything that decides the codes (and so keys the cache)."""
+
+    model: str | None = None  # hub id, local dir, .gguf; None = embedded default
+    sae: str | None = None  # see sae.load_sae; None = embedded default
+    layer: int | None = None  # None = the SAE's own layer
+    k: int | None = None  # override a TopK SAE's k
+    batch_size: int = 32
+    max_length: int = 256
+    skip_first_token: bool = False  # the first position is an attention sink with outlier norms
+    device: str | None = None
+    dtype: str | None = "auto"
+    cache: bool = True
+
+
+@dataclass
+class Extraction:
+    codes: sp.csr_matrix  # (n_texts, d_sae) max over tokens of the SAE code
+    mean_acts: np.ndarray  # (n_texts, d_model) mean residual activation over tokens (for probes)
+    n_tokens: np.ndarray  # tokens used per text
+    n_truncated: int  # texts cut at max_length
+    n_cached: int  # texts served from the cache
+
+
+class FeatureExtractor:
+    def __init__(self, backbone: Backbone, sae: SAE, layer: int, *, batch_size: int = 32, max_length: int = 256,
+                 skip_first_token: bool = False, cache: bool = True):
+        if sae.cfg.d_model != backbone.d_model:
+            raise SafetyScopeError(f"SAE width mismatch: the SAE reads d_model={sae.cfg.d_model} but "
+                                   f"{backbone.model_id} has hidden size {backbone.d_model}")
+        if not 0 <= layer < backbone.n_layers:
+            raise SafetyScopeError(f"layer {layer} out of range: {backbone.model_id} has layers 0..{backbone.n_layers - 1}")
+        if batch_size < 1 or max_length < 2:
+            raise SafetyScopeError("batch_size must be >= 1 and max_length >= 2")
+        self.backbone, self.sae, self.layer = backbone, sae.to(backbone.device), layer
+        self.batch_size, self.max_length, self.skip_first_token = batch_size, max_length, skip_first_token
+        self._cache = _FeatureCache(self.cache_key()) if cache else None
+
+    @classmethod
+    def from_config(cls, cfg: FeatureConfig) -> "FeatureExtractor":
+        backbone = Backbone.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        sae = load_sae(cfg.sae, layer=cfg.layer, k=cfg.k)
+        layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+        if layer is None:
+            raise SafetyScopeError("the SAE does not record its layer: pass --layer")
+        if cfg.sae in (None, "", "default") and cfg.model not in (None, "", "default") and sae.cfg.model != backbone.model_id:
+            raise SafetyScopeError(f"the embedded SAE belongs to {sae.cfg.model}; pass --sae for {backbone.model_id}")
+        return cls(backbone, sae, layer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                   skip_first_token=cfg.skip_first_token, cache=cfg.cache)
+
+    def cache_key(self) -> str:
+        dtype = next(self.backbone.model.parameters()).dtype
+        parts = [self.backbone.fingerprint(), self.sae.fingerprint(), self.layer, self.max_length,
+                 self.skip_first_token, str(dtype), self.sae.cfg.k]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+    # -- tokenisation ----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids per text, cut at max_length, and how many texts were cut."""
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise SafetyScopeError(f"{len(bad)} text(s) are null or empty (rows {bad[:10]}{' ...' if len(bad) > 10 else ''}); "
+                                   "drop them first")
+        ids = self.backbone.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        n_trunc = sum(len(x) > self.max_length for x in ids)
+        return [x[: self.max_length] for x in ids], n_trunc
+
+    # -- extraction ------------------------------------------------------------------------------
+    def transform(self, texts: list[str], *, progress: bool = False) -> sp.csr_matrix:
+        """scikit-learn style: texts -> CSR (n_texts, d_sae) of max-pooled codes."""
+        return self.extract(texts, progress=progress).codes
+
+    def extract(self, texts: list[str], *, progress: bool = False) -> Extraction:
+        n = len(texts)
+        d_sae, d_model = self.sae.cfg.d_sae, self.backbone.d_model
+        rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+        mean_acts = np.zeros((n, d_model), dtype=np.float32)
+        n_tokens = np.zeros(n, dtype=np.int64)
+        keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(t, str) else "" for t in texts]
+        n_cached = 0
+        if self._cache is not None:
+            for i, hit in self._cache.get_many(keys).items():
+                rows[i], mean_acts[i], n_tokens[i] = hit
+                n_cached += 1
+        todo = [i for i in range(n) if rows[i] is None]
+        ids, n_trunc = self.tokenize([texts[i] for i in todo]) if todo else ([], 0)
+        order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))  # longest first: memory peaks early
+        bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress, desc="features")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            res = self._encode_batch([ids[j] for j in batch])
+            new = {}
+            for j, (r, m, t) in zip(batch, res):
+                i = todo[j]
+                rows[i], mean_acts[i], n_tokens[i] = r, m, t
+                new[keys[i]] = (r, m, t)
+            if self._cache is not None:
+                self._cache.put_many(new)
+            bar.update(sum(len(ids[j]) for j in batch))
+        bar.close()
+        codes = _rows_to_csr(rows, d_sae)
+        return Extraction(codes, mean_acts, n_tokens, n_trunc, n_cached)
+
+    @torch.inference_mode()
+    def _encode_batch(self, batch_ids: list[list[int]]):
+        input_ids, mask = self._pad(batch_ids)
+        hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer]
+        keep = mask.to(hidden.device).bool()
+        if self.skip_first_token:
+            keep[:, 0] = False
+        hidden = hidden.float()
+        text_of_token = torch.arange(len(batch_ids), device=hidden.device)[:, None].expand_as(keep)[keep]
+        flat = hidden[keep]  # only real tokens are encoded: padding costs nothing in the SAE
+        vals, idx = self.sae.encode_sparse(flat)
+        d_sae = self.sae.cfg.d_sae
+        pooled = torch.zeros(len(batch_ids) * d_sae, device=hidden.device)
+        pooled.scatter_reduce_(0, (text_of_token[:, None] * d_sae + idx).flatten(), vals.flatten(), "amax")
+        pooled = pooled.view(len(batch_ids), d_sae).cpu()
+        counts = keep.sum(1).clamp(min=1)
+        means = ((hidden * keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
+        out = []
+        for b in range(len(batch_ids)):
+            nz = torch.nonzero(pooled[b]).flatten()
+            out.append(((nz.numpy().astype(np.int32), pooled[b, nz].numpy().astype(np.float32)),
+                        means[b], int(keep[b].sum())))
+        return out
+
+    def _pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad_id = self.backbone.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        width = max(map(len, batch_ids))
+        input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for b, x in enumerate(batch_ids):  # right padding: causal attention never sees the pads
+            input_ids[b, : len(x)] = torch.tensor(x)
+            mask[b, : len(x)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def token_codes(self, text: str) -> tuple[list[str], torch.Tensor]:
+        """Tokens of one text and their dense SAE codes (n_tokens, d_sae): what `explain` shows."""
+        (ids,), _ = self.tokenize([text])
+        input_ids, mask = self._pad([ids])
+        hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer][0].float()
+        codes = self.sae.encode(hidden).cpu()
+        if self.skip_first_token:
+            codes[0] = 0
+        tokens = [self.backbone.tokenizer.decode([t]) for t in ids]
+        return tokens, codes
+
+
+def _rows_to_csr(rows, d_sae: int) -> sp.csr_matrix:
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r[0]) for r in rows], out=indptr[1:])
+    indices = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int32)
+    data = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), d_sae))
+
+
+class _FeatureCache:
+    """Text hash -> (feature ids, acts, mean activation, n_tokens), in one SQLite file per config."""
+
+    def __init__(self, key: str):
+        path = cache_dir() / "features" / f"{key}.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.execute("CREATE TABLE IF NOT EXISTS codes (h TEXT PRIMARY KEY, ids BLOB, acts BLOB, mean BLOB, n INTEGER)")
+
+    def get_many(self, keys: list[str]) -> dict[int, tuple]:
+        where: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k:
+                where.setdefault(k, []).append(i)
+        out = {}
+        uniq = list(where)
+        for s in range(0, len(uniq), 500):
+            chunk = uniq[s : s + 500]
+            q = f"SELECT h, ids, acts, mean, n FROM codes WHERE h IN ({','.join('?' * len(chunk))})"
+            for h, ids, acts, mean, n in self.db.execute(q, chunk):
+                hit = ((np.frombuffer(ids, np.int32), np.frombuffer(acts, np.float32)), np.frombuffer(mean, np.float32), n)
+                for i in where[h]:
+                    out[i] = hit
+        return out
+
+    def put_many(self, items: dict[str, tuple]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)",
+            [(h, r[0].tobytes(), r[1].tobytes(), np.asarray(m, np.float32).tobytes(), int(t)) for h, (r, m, t) in items.items()],
+        )
+        self.db.commit()
+
+
+def config_dict(cfg: FeatureConfig) -> dict:
+    return asdict(cfg)

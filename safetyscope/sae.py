@@ -1,0 +1,289 @@
+"""Sparse autoencoders: one ``SAE`` class, one encode formula, loaders for four on-disk formats.
+
+Weights are held in the Qwen-Scope orientation, W_enc (d_sae, d_model) and W_dec (d_model, d_sae),
+so the encoder is literally ``pre = x @ W_enc.T + b_enc``. Formats that subtract b_dec from the input
+first (SAELens, sparsify) are folded at load time: b_enc' = b_enc - W_enc @ b_dec gives the same codes.
+
+Formats: Qwen-Scope ``layer{n}.sae.pt`` (torch.load(weights_only=True)), SAELens (cfg.json +
+sae_weights.safetensors), EleutherAI sparsify (cfg.json + sae.safetensors) and safetyscope's own
+(config.json + sae.safetensors, written by ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import SafetyScopeError
+
+ACTIVATIONS = ("topk", "jumprelu", "relu")
+OWN_FORMAT = "safetyscope-sae"
+EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
+
+
+@dataclass
+class SAEConfig:
+    d_model: int
+    d_sae: int
+    activation: str = "topk"
+    k: int | None = None
+    model: str | None = None  # model the SAE was trained on
+    layer: int | None = None  # decoder layer whose output it reads
+    source: str | None = None  # where it was loaded from
+    extra: dict = field(default_factory=dict)  # training record (corpus hash, tokens, FVU ...)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise SafetyScopeError(f"unknown SAE activation {self.activation!r}; use one of {ACTIVATIONS}")
+        if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+            raise SafetyScopeError(f"a TopK SAE needs 0 < k <= d_sae={self.d_sae}; got k={self.k} "
+                                   "(for Qwen-Scope files pass --k or keep the L0_<k> suffix in the name)")
+
+
+class SAE(torch.nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_model))
+        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = torch.nn.Parameter(torch.zeros(cfg.d_model, cfg.d_sae))
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_model))
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))  # used by JumpReLU only
+
+    # -- the formula ---------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) @ self.W_enc.T + self.b_enc
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices), each (n_tokens, width): the non-zero candidates of the code of each row.
+
+        For TopK the width is k (zeros where fewer than k pre-activations are positive);
+        for ReLU/JumpReLU it is d_sae (dense), so prefer TopK SAEs for large batches.
+        """
+        pre = self.pre_acts(x)
+        if self.cfg.activation == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return vals.relu(), idx
+        if self.cfg.activation == "jumprelu":
+            vals = pre * (pre > self.threshold)
+        else:
+            vals = pre.relu()
+        idx = torch.arange(self.cfg.d_sae, device=pre.device).expand_as(pre)
+        return vals, idx
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense code (..., d_sae)."""
+        vals, idx = self.encode_sparse(x)
+        return torch.zeros(*vals.shape[:-1], self.cfg.d_sae, dtype=vals.dtype, device=vals.device).scatter_(-1, idx, vals)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec.T + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- identity ------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            t = getattr(self, name).detach().float().cpu()
+            h.update(f"{name}{tuple(t.shape)}{t.double().sum().item():.6e}".encode())
+            h.update(t.flatten()[:256].numpy().tobytes())
+        h.update(f"{self.cfg.activation}{self.cfg.k}".encode())
+        return h.hexdigest()[:16]
+
+    # -- own format ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).detach().to("cpu", dtype).contiguous()
+                   for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        if self.cfg.activation == "jumprelu":
+            tensors["threshold"] = self.threshold.detach().to("cpu", dtype).contiguous()
+        save_file(tensors, d / "sae.safetensors")
+        cfg = {"format": OWN_FORMAT, **asdict(self.cfg)}
+        cfg.pop("source")
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def from_pretrained(cls, spec: str | Path | None = None, *, layer: int | None = None, k: int | None = None,
+                        device: str = "cpu") -> "SAE":
+        """Load from any supported format; see :func:`load_sae`."""
+        return load_sae(spec, layer=layer, k=k, device=device)
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> "SAE":
+        """Build from tensors in Qwen-Scope orientation, checking every shape against the config."""
+        expect = {"W_enc": (cfg.d_sae, cfg.d_model), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_model, cfg.d_sae),
+                  "b_dec": (cfg.d_model,)}
+        got = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        for name, shape in expect.items():
+            if not isinstance(got[name], torch.Tensor) or tuple(got[name].shape) != shape:
+                actual = tuple(got[name].shape) if isinstance(got[name], torch.Tensor) else type(got[name]).__name__
+                raise SafetyScopeError(f"SAE {cfg.source or ''}: {name} has shape {actual}, expected {shape}")
+        sae = cls(cfg)
+        with torch.no_grad():
+            for name, t in got.items():
+                getattr(sae, name).copy_(t.float())
+            if threshold is not None:
+                sae.threshold.copy_(threshold.float())
+        return sae.requires_grad_(False).eval()
+
+
+# -- loaders -------------------------------------------------------------------------------------
+
+def _k_from_name(name: str) -> int | None:
+    m = re.search(r"L0[_-]?(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int | None = None,
+                         name_for_k: str | None = None) -> SAE:
+    """A Qwen-Scope ``layer{n}.sae.pt`` dict; k from ``k`` or an ``L0_<k>`` in the repo/dir name."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SafetyScopeError(f"{path}: refused to load: the file holds more than tensors (possible pickled code); "
+                               f"only plain tensor dicts are accepted ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:
+        raise SafetyScopeError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e)[:160]})") from None
+    need = {"W_enc", "W_dec", "b_enc", "b_dec"}
+    if not isinstance(state, dict) or not need <= set(state):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise SafetyScopeError(f"{path}: a Qwen-Scope SAE file needs keys {sorted(need)}; found {have}")
+    if layer is None:
+        m = re.match(r"layer(\d+)\.sae\.pt$", path.name)
+        layer = int(m.group(1)) if m else None
+    k = k or _k_from_name(name_for_k or str(path.resolve()))
+    d_sae, d_model = state["W_enc"].shape
+    cfg = SAEConfig(d_model=d_model, d_sae=d_sae, activation="topk", k=k, layer=layer, source=str(path))
+    return SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"])
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise SafetyScopeError(f"{path}: not a readable safetensors file ({str(e)[:160]})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SafetyScopeError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_own(directory: Path) -> SAE:
+    cfg = _read_json(directory / "config.json")
+    cfg.pop("format", None)
+    known = {f for f in SAEConfig.__dataclass_fields__}
+    cfg = SAEConfig(**{k: v for k, v in cfg.items() if k in known}, source=str(directory))
+    t = _load_safetensors(directory / "sae.safetensors")
+    return SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
+
+
+def load_saelens(directory: Path) -> SAE:
+    c = _read_json(directory / "cfg.json")
+    t = _load_safetensors(directory / "sae_weights.safetensors")
+    arch = c.get("architecture", "standard")
+    act = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(arch)
+    if act is None:
+        raise SafetyScopeError(f"{directory}: SAELens architecture {arch!r} is not supported (standard, jumprelu, topk)")
+    k = c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k")
+    W_enc, W_dec = t["W_enc"].T, t["W_dec"].T  # SAELens: W_enc (d_in, d_sae), W_dec (d_sae, d_in)
+    b_enc, b_dec = t["b_enc"], t["b_dec"]
+    if c.get("apply_b_dec_to_input", arch != "topk"):
+        b_enc = b_enc - W_enc.float() @ b_dec.float()
+    threshold = t.get("threshold")
+    if threshold is None and "log_threshold" in t:
+        threshold = t["log_threshold"].exp()
+    cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation=act, k=k,
+                    model=c.get("model_name"), layer=_layer_from_hook(c.get("hook_name", "")), source=str(directory))
+    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+
+
+def load_sparsify(directory: Path) -> SAE:
+    c = _read_json(directory / "cfg.json")
+    t = _load_safetensors(directory / "sae.safetensors")
+    W_enc, b_enc = t["encoder.weight"], t["encoder.bias"]  # nn.Linear(d_in, num_latents)
+    W_dec, b_dec = t["W_dec"].T, t["b_dec"]  # sparsify: W_dec (num_latents, d_in)
+    b_enc = b_enc - W_enc.float() @ b_dec.float()  # sparsify encodes x - b_dec
+    cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation="topk", k=c.get("k"),
+                    layer=_layer_from_hook(directory.name), source=str(directory))
+    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec)
+
+
+def _layer_from_hook(hook: str) -> int | None:
+    m = re.search(r"(?:layers?|blocks)[._](\d+)", hook)
+    return int(m.group(1)) if m else None
+
+
+def load_sae(spec: str | Path | None = None, *, layer: int | None = None, k: int | None = None,
+             device: str = "cpu") -> SAE:
+    """Load an SAE from: None/'default' (the embedded one), a directory in any of the four formats,
+    a Qwen-Scope ``.pt`` file, a Qwen-Scope directory or hub repo plus ``layer``, or a sparsify
+    checkpoint directory with one sub-directory per hook point plus ``layer``."""
+    sae = _load_any(spec, layer, k)
+    if k is not None and sae.cfg.activation == "topk":
+        sae.cfg.k = k
+    return sae.to(device)
+
+
+def _load_any(spec, layer, k) -> SAE:
+    if spec in (None, "", "default"):
+        if not (EMBEDDED_SAE_DIR / "config.json").exists():
+            raise SafetyScopeError("the embedded default SAE is missing from this installation")
+        return load_own(EMBEDDED_SAE_DIR)
+    p = Path(spec)
+    if p.is_file():
+        if p.suffix == ".pt":
+            return load_qwen_scope_file(p, k=k, layer=layer)
+        raise SafetyScopeError(f"{spec}: a single SAE file must be a Qwen-Scope .pt; other formats are directories")
+    if p.is_dir():
+        if (p / "config.json").exists() and (p / "sae.safetensors").exists():
+            return load_own(p)
+        if (p / "cfg.json").exists() and (p / "sae_weights.safetensors").exists():
+            return load_saelens(p)
+        if (p / "cfg.json").exists() and (p / "sae.safetensors").exists():
+            return load_sparsify(p)
+        pts = sorted(p.glob("layer*.sae.pt"))
+        if pts:
+            if layer is None:
+                raise SafetyScopeError(f"{spec}: holds Qwen-Scope SAEs for several layers ({[f.name for f in pts]}); "
+                                       "pass --layer")
+            f = p / f"layer{layer}.sae.pt"
+            if not f.exists():
+                raise SafetyScopeError(f"{spec}: no layer{layer}.sae.pt (found {[f.name for f in pts]})")
+            return load_qwen_scope_file(f, k=k, layer=layer)
+        if layer is not None:
+            for sub in (p / f"layers.{layer}", p / f"model.layers.{layer}"):
+                if sub.is_dir():
+                    return _load_any(sub, layer, k)
+        raise SafetyScopeError(f"{spec}: no SAE found (expected layer<n>.sae.pt, config.json+sae.safetensors, "
+                               "cfg.json+sae_weights.safetensors or cfg.json+sae.safetensors)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        return _load_hub(str(spec), layer, k)
+    raise SafetyScopeError(f"{spec}: no such SAE file, directory or hub repository")
+
+
+def _load_hub(repo: str, layer: int | None, k: int | None) -> SAE:
+    from huggingface_hub import hf_hub_download
+
+    if layer is None:
+        raise SafetyScopeError(f"{repo}: pass --layer to pick one of the repository's SAE files")
+    try:
+        path = hf_hub_download(repo, f"layer{layer}.sae.pt")
+    except Exception as e:
+        raise SafetyScopeError(f"cannot fetch layer{layer}.sae.pt from hub repo {repo} "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return load_qwen_scope_file(path, k=k, layer=layer, name_for_k=repo)
