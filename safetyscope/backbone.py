@@ -162,12 +162,13 @@ class Backbone:
         return int(self.model.config.get_text_config().hidden_size)
 
     def fingerprint(self) -> str:
-        """A cheap hash of the weights (shapes, sums and a sample of values): tells models apart."""
+        """A cheap hash of the weights (names, shapes and a sample of values): tells models apart.
+
+        Values are rounded to bfloat16 first so the same model loaded in fp32 or bf16 hashes alike."""
         h = hashlib.sha256()
         for name, p in sorted(self.model.state_dict().items()):
-            flat = p.detach().flatten()
-            h.update(f"{name}{tuple(p.shape)}{flat.double().sum().item():.6e}".encode())
-            h.update(flat[:64].float().cpu().numpy().tobytes())
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(p.detach().flatten()[:64].to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     @torch.inference_mode()
