@@ -1,5 +1,134 @@
 """CLI commands of the discovery job: discover, classify, explain."""
 
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..cli import feature_config, model_options, user_errors
+
+
+def _fpr_cap(value: str) -> float | None:
+    return None if value.lower() in ("none", "off", "0") else float(value)
+
+
+@click.command()
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Classifier JSON file to write.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True, help="1/0, true/false or toxic/clean.")
+@click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
+@click.option("--split", default=None, help="Keep rows whose `split` column equals this, e.g. discovery.")
+@click.option("--kind", type=click.Choice(["or_rule", "sparse_linear"]), default="or_rule", show_default=True)
+@click.option("--max-features", type=int, default=None, help="K [default: chosen from 1,2,5,10 on held-back data; 64 for sparse_linear].")
+@click.option("--fpr-cap", default="0.02", show_default=True, help="Per-feature cap on clean firing rate ('none' = threshold 0 for all, as in the report).")
+@click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
+@click.option("--scan-layers", default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@user_errors
+def discover(data, output, text_column, label_column, langs, split, kind, max_features, fpr_cap, threshold,
+             scan_layers, seed, **kw):
+    """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
+    from .discover import DiscoverConfig
+    from .discover import discover as run
+
+    layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
+    cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
+                         kind=kind, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
+                         seed=seed, layers=layers)
+    det = run(list(data), cfg, feature_config(kw))
+    det.save(output)
+    r = det.rule.to_dict()
+    d = det.meta["discovery_data"]
+    click.echo(f"{kind}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
+               f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
+    for f in r["features"][:10]:
+        click.echo("  feature " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items()), err=True)
+    click.echo(f"wrote {output}", err=True)
+
+
+def _detector(classifier, kw):
+    from .detector import Detector
+
+    return Detector.load(None if classifier in (None, "default") else classifier, model=kw["model"], sae=kw["sae"],
+                         device=kw["device"], dtype=kw["dtype"], batch_size=kw["batch_size"], cache=not kw["no_cache"])
+
+
+def runtime_options(fn):
+    for opt in reversed([
+        click.option("--model", default=None, help="Where to find the classifier's model, if not where it was recorded."),
+        click.option("--sae", default=None, help="Where to find the classifier's SAE, if not where it was recorded."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--device", default=None),
+        click.option("--dtype", default="auto", show_default=True),
+        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
+@click.option("-c", "--classifier", default=None, help="Classifier JSON [default: the shipped toxicity classifier].")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+@runtime_options
+@user_errors
+def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, **kw):
+    """Add toxic, score, fired_features and status columns to every row; resumable."""
+    from .classify import classify_file
+
+    det = _detector(classifier, kw)
+    s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)
+    click.echo(f"wrote {s['rows']} rows to {output}: {s['toxic']} toxic, {s['skipped']} without text"
+               + (f" (resumed after {s['resumed_chunks']} chunk(s))" if s["resumed_chunks"] else ""), err=True)
+
+
+@click.command()
+@click.argument("classifier")
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_path", default=None, help="Read texts from a table instead.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True, help="At most this many texts from --input.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
+@runtime_options
+@user_errors
+def explain(classifier, texts, input_path, text_column, limit, as_json, **kw):
+    """Per text: the verdict, which selected features fired, at which tokens and how strongly.
+
+    CLASSIFIER is a classifier JSON file or 'default'."""
+    from ..data import read_table, text_list
+    from ..errors import SafetyScopeError
+    from .explain import explain_text
+
+    texts = list(texts)
+    if input_path:
+        texts += text_list(read_table(input_path, columns=[text_column]), text_column, input_path)[:limit]
+    if not texts:
+        raise SafetyScopeError("give texts as arguments or --input FILE")
+    det = _detector(classifier, kw)
+    for t in texts:
+        e = explain_text(det, t)
+        click.echo(json.dumps(e, ensure_ascii=False) if as_json else format_explanation(e))
+
+
+def format_explanation(e: dict) -> str:
+    if e["toxic"] is None:
+        return f"[skipped: {e['status']}] {e['text']!r}\n"
+    lines = [f"[{'TOXIC' if e['toxic'] else 'clean'} score={e['score']:+.3f}] {e['text']}"]
+    for f in e["features"]:
+        toks = ", ".join(f"{t['token']!r}@{t['position']}={t['act']:.2f}" for t in f["tokens"][:8])
+        extra = f" weight={f['weight']:+.3f}" if "weight" in f else f" threshold={f['threshold']:.2f}"
+        lines.append(f"  feature {f['id']}{extra} max={f['max_act']:.2f}{' FIRED' if f['fired'] else ''}: {toks}")
+    if not e["features"]:
+        lines.append("  no selected feature is active")
+    return "\n".join(lines) + "\n"
+
 
 def register(main) -> None:
-    pass
+    for cmd in (discover, classify, explain):
+        main.add_command(cmd)

@@ -1,0 +1,120 @@
+"""The discovery job: labelled texts -> features that fire more on toxic texts -> a Detector."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from ..backbone import Backbone
+from ..data import read_table, require_columns, text_list
+from ..errors import SafetyScopeError
+from ..features import FeatureConfig, FeatureExtractor
+from ..sae import load_sae
+from .detector import Detector
+from .rules import OrRuleClassifier, SparseLinearClassifier, rank_features
+
+POSITIVE = {"1", "true", "toxic", "harmful", "yes"}
+NEGATIVE = {"0", "false", "clean", "benign", "no", "non-toxic", "nontoxic"}
+
+
+@dataclass
+class DiscoverConfig:
+    text_column: str = "text"
+    label_column: str = "label"
+    langs: list[str] | None = None  # keep rows whose `lang` is one of these
+    split: str | None = None  # keep rows whose `split` equals this (e.g. "discovery")
+    kind: str = "or_rule"  # or "sparse_linear"
+    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 64 (sparse_linear)
+    threshold: float = 0.0
+    fpr_cap: float | None = 0.02
+    seed: int = 0
+    layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
+
+
+def parse_labels(values: pl.Series, where: str) -> np.ndarray:
+    """1/0, true/false, toxic/clean (also harmful/benign) -> int array; anything else is named in the error."""
+    if values.null_count():
+        raise SafetyScopeError(f"{where}: {values.null_count()} row(s) have no label")
+    norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
+    bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)
+    if bad:
+        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false or toxic/clean; found {bad[:10]}")
+    return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
+
+
+def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
+    frames = []
+    for p in paths:
+        df = read_table(p, columns=[cfg.text_column, cfg.label_column])
+        if cfg.split is not None:
+            require_columns(df, ["split"], p)
+            df = df.filter(pl.col("split") == cfg.split)
+        if cfg.langs:
+            require_columns(df, ["lang"], p)
+            df = df.filter(pl.col("lang").is_in(cfg.langs))
+        keep = [c for c in (cfg.text_column, cfg.label_column, "lang") if c in df.columns]
+        frames.append(df.select(keep).with_columns(pl.col(cfg.label_column).cast(pl.String)))
+    df = pl.concat(frames, how="diagonal")
+    if df.height == 0:
+        raise SafetyScopeError(f"no rows left in {paths} after filtering (split={cfg.split}, langs={cfg.langs})")
+    empty = df.filter(pl.col(cfg.text_column).is_null() | (pl.col(cfg.text_column).str.strip_chars() == ""))
+    if empty.height:
+        df = df.filter(pl.col(cfg.text_column).is_not_null() & (pl.col(cfg.text_column).str.strip_chars() != ""))
+    return df
+
+
+def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: list[str]) -> dict:
+    h = hashlib.sha256()
+    for t, label in zip(df.get_column(cfg.text_column).to_list(), y.tolist()):
+        h.update(f"{label}\t{t}\n".encode())
+    out = {"files": [str(p) for p in paths], "rows": int(len(y)), "toxic": int(y.sum()), "clean": int(len(y) - y.sum()),
+           "split": cfg.split, "sha256": h.hexdigest()}
+    if "lang" in df.columns:
+        langs = df.with_columns(pl.Series("_y", y)).group_by("lang").agg(
+            pl.col("_y").sum().alias("toxic"), (1 - pl.col("_y")).sum().alias("clean")).sort("lang")
+        out["per_lang"] = {r["lang"]: {"toxic": r["toxic"], "clean": r["clean"]} for r in langs.iter_rows(named=True)}
+    return out
+
+
+def make_rule(cfg: DiscoverConfig):
+    if cfg.kind == "or_rule":
+        return OrRuleClassifier(max_features=cfg.max_features, threshold=cfg.threshold, fpr_cap=cfg.fpr_cap,
+                                random_state=cfg.seed)
+    if cfg.kind == "sparse_linear":
+        return SparseLinearClassifier(max_features=cfg.max_features or 64, random_state=cfg.seed)
+    raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule or sparse_linear")
+
+
+def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, progress: bool = True) -> Detector:
+    df = load_labelled(paths, cfg)
+    y = parse_labels(df.get_column(cfg.label_column), ", ".join(map(str, paths)))
+    if len(set(y.tolist())) < 2:
+        raise SafetyScopeError("discovery needs both toxic and clean rows; found only one class")
+    texts = text_list(df, cfg.text_column)
+    layers = cfg.layers or ([fcfg.layer] if fcfg.layer is not None else [])
+    if len(layers) <= 1:
+        fx = FeatureExtractor.from_config(fcfg)
+        codes = fx.transform(texts, progress=progress)
+        scan = None
+    else:  # one backbone, one SAE per layer; keep the layer whose best single feature separates most
+        backbone = Backbone.from_pretrained(fcfg.model, device=fcfg.device, dtype=fcfg.dtype)
+        scan, best = {}, None
+        for layer in layers:
+            sae = load_sae(fcfg.sae, layer=layer, k=fcfg.k)
+            fx_l = FeatureExtractor(backbone, sae, layer, batch_size=fcfg.batch_size, max_length=fcfg.max_length,
+                                    skip_first_token=fcfg.skip_first_token, cache=fcfg.cache)
+            codes_l = fx_l.transform(texts, progress=progress)
+            order, delta, _, _ = rank_features(codes_l, y, cfg.threshold)
+            scan[layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}
+            if best is None or scan[layer]["best_delta"] > scan[best[0]]["best_delta"]:
+                best = (layer, fx_l, codes_l)
+        _, fx, codes = best
+    rule = make_rule(cfg).fit(codes, y)
+    meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
+            "settings": {"kind": cfg.kind, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed}}
+    if scan:
+        meta["layer_scan"] = scan
+    return Detector(fx, rule, meta)

@@ -1,0 +1,39 @@
+"""Why a text was (not) flagged: the selected features, the tokens where they fire, how strongly."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .detector import Detector
+
+
+def explain_text(det: Detector, text: str | None) -> dict:
+    if text is None or not str(text).strip():
+        return {"text": text, "toxic": None, "score": None, "status": "null text" if text is None else "empty text",
+                "features": []}
+    tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae)
+    rule = det.rule
+    pooled = sp.csr_matrix(codes.amax(0).numpy()[None, :])
+    score = float(rule.decision_function(pooled)[0])
+    fired = set(rule.fired(pooled)[0])
+    thresholds = getattr(rule, "thresholds_", np.zeros(len(rule.features_)))
+    weights = getattr(rule, "weights_", None)
+    feats = []
+    for j, f in enumerate(rule.features_):
+        col = codes[:, int(f)].numpy()
+        if col.max() <= 0:
+            continue
+        cut = thresholds[j] if weights is None else 0.0
+        pos = np.flatnonzero(col > cut) if col.max() > cut else np.flatnonzero(col > 0)
+        pos = pos[np.argsort(-col[pos])]
+        entry = {"id": int(f), "fired": int(f) in fired, "max_act": float(col.max()),
+                 "tokens": [{"position": int(p), "token": tokens[p], "act": float(col[p])} for p in pos]}
+        if weights is None:
+            entry["threshold"] = float(thresholds[j])
+        else:
+            entry["weight"] = float(weights[j])
+            entry["contribution"] = float(weights[j] * np.log1p(col.max()))
+        feats.append(entry)
+    feats.sort(key=lambda e: (not e["fired"], -e.get("contribution", e["max_act"])))
+    return {"text": text, "toxic": score > 0, "score": score, "status": "ok", "features": feats}
