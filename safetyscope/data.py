@@ -77,6 +77,8 @@ def require_columns(df: pl.DataFrame, columns: list[str], where: str | os.PathLi
 def count_rows(path: str | os.PathLike) -> int:
     p = Path(path)
     fmt = table_format(p)
+    if not p.exists():
+        raise SafetyScopeError(f"{path}: no such file or directory")
     if fmt == "parquet":
         return pl.scan_parquet(p).select(pl.len()).collect().item()
     if fmt == "csv":

@@ -1,0 +1,204 @@
+"""discover / classify / explain end to end on the tiny Qwen3 model and a Qwen-Scope SAE."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from safetyscope.cli import main
+from safetyscope.discovery import Detector
+
+from conftest import CORPUS, SAE_LAYERS
+
+TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
+
+
+def _labelled(tmp_path, label_style="word"):
+    rows = []
+    for i, t in enumerate(CORPUS * 4):
+        tox = any(w in t for w in TOXIC_WORDS)
+        label = ("toxic" if tox else "clean") if label_style == "word" else int(tox)
+        rows.append({"id": f"r{i}", "text": t, "label": label, "lang": "en" if i % 2 else "xx"})
+    path = tmp_path / "labelled.csv"
+    pl.DataFrame(rows).write_csv(path)
+    return path
+
+
+def _run(args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+@pytest.fixture
+def classifier(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    out = tmp_path / "clf.json"
+    _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+          "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3])
+    return out
+
+
+def test_discover_writes_a_complete_classifier_file(classifier, tiny_backbone, tiny_sae):
+    d = json.loads(classifier.read_text())
+    assert d["format"] == "safetyscope-classifier"
+    assert d["model"]["fingerprint"] == tiny_backbone.fingerprint()
+    assert d["sae"]["fingerprint"] == tiny_sae.fingerprint() and d["sae"]["k"] == 8
+    assert d["layer"] == SAE_LAYERS[0]
+    assert d["rule"]["kind"] == "or_rule" and d["rule"]["k"] == 3 and d["rule"]["k_selection"] == "fixed"
+    f = d["rule"]["features"]
+    assert [x["delta"] for x in f] == sorted((x["delta"] for x in f), reverse=True)
+    for x in f:
+        assert x["delta"] == pytest.approx(x["p_fire_toxic"] - x["p_fire_clean"])
+    n_tox = sum(any(w in t for w in TOXIC_WORDS) for t in CORPUS) * 4
+    data = d["discovery_data"]
+    assert data["toxic"] == n_tox and data["clean"] == len(CORPUS) * 4 - n_tox
+    assert set(data["per_lang"]) == {"en", "xx"} and len(data["sha256"]) == 64
+    assert "text" not in json.dumps(d["rule"])  # statistics only, no data
+
+
+def test_lang_filter_and_numeric_labels(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    out = tmp_path / "en.json"
+    _run(["discover", _labelled(tmp_path, "int"), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+          "--layer", SAE_LAYERS[0], "--lang", "en", "--kind", "sparse_linear", "--max-features", 5])
+    d = json.loads(out.read_text())
+    assert set(d["discovery_data"]["per_lang"]) == {"en"} and d["discovery_data"]["rows"] == len(CORPUS) * 2
+    assert d["rule"]["kind"] == "sparse_linear" and 1 <= d["rule"]["k"] <= 5
+
+
+def test_classifier_round_trip_gives_the_same_predictions(classifier, tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    det = Detector.load(classifier, dtype="float32")
+    toxic, score, fired = det.predict(CORPUS)
+    det.save(tmp_path / "again.json")
+    det2 = Detector.load(tmp_path / "again.json", dtype="float32")
+    toxic2, score2, fired2 = det2.predict(CORPUS)
+    assert toxic.tolist() == toxic2.tolist() and fired == fired2
+    assert score.tolist() == pytest.approx(score2.tolist())
+    # predictions agree with the rule applied to the extractor's codes
+    codes = det.extractor.transform(CORPUS)
+    assert det.rule.predict(codes).astype(bool).tolist() == toxic.tolist()
+
+
+def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scope_sae_dir):
+    # the other layer's SAE has the same shape but other weights
+    res = _run(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
+                "--sae", qwen_scope_sae_dir / f"layer{SAE_LAYERS[1]}.sae.pt"], ok=False)
+    assert res.exit_code == 2 and "fingerprint" in res.output and "Traceback" not in res.output
+    d = json.loads(classifier.read_text())
+    d["model"]["fingerprint"] = "0" * 16
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    res = _run(["explain", other, "hello"], ok=False)
+    assert res.exit_code == 2 and "discovered with model" in res.output
+
+
+def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    pl.DataFrame({"id": ["a", "b", "c", "d"], "text": ["you are a stupid idiot", None, "  ", "thank you"],
+                  "extra": [1, 2, 3, 4]}).write_ndjson(inp)
+    out = tmp_path / "out.parquet"
+    _run(["classify", inp, "-o", out, "-c", classifier])
+    df = pl.read_parquet(out)
+    assert df.columns == ["id", "text", "extra", "toxic", "score", "fired_features", "status"]
+    assert df["id"].to_list() == ["a", "b", "c", "d"] and df["extra"].to_list() == [1, 2, 3, 4]
+    assert df["status"].to_list() == ["ok", "null text", "empty text", "ok"]
+    assert df["toxic"][1] is None and df["toxic"][0] is not None
+    det = Detector.load(classifier)
+    toxic, score, fired = det.predict(["you are a stupid idiot", "thank you"])
+    assert [df["toxic"][0], df["toxic"][3]] == toxic.tolist()
+    assert [df["fired_features"][0].to_list(), df["fired_features"][3].to_list()] == fired
+    # every output format round-trips the same rows
+    for name in ("out.csv", "out.jsonl", "out_hf"):
+        _run(["classify", inp, "-o", tmp_path / name, "-c", classifier])
+    assert pl.read_ndjson(tmp_path / "out.jsonl")["toxic"].to_list() == df["toxic"].to_list()
+    assert pl.read_csv(tmp_path / "out.csv")["status"].to_list() == df["status"].to_list()
+    import datasets
+
+    assert datasets.load_from_disk(str(tmp_path / "out_hf"))["id"] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text,label\nhello,maybe\nbye,1\n", "found ['maybe']"),
+    ("text,tag\nhello,1\n", "missing column(s) ['label']"),
+    ("text,label\n", "no rows"),
+    ("text,label\nhello,1\nworld,1\n", "only one class"),
+])
+def test_discover_bad_inputs_are_one_line_errors(tmp_path, content, message, tiny_model_dir, qwen_scope_sae_dir):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    res = _run(["discover", p, "-o", tmp_path / "x.json", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+                "--layer", SAE_LAYERS[0]], ok=False)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_classify_bad_inputs(classifier, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pl.DataFrame({"text": []}, schema={"text": pl.String}).write_parquet(empty)
+    res = _run(["classify", empty, "-o", tmp_path / "o.parquet", "-c", classifier], ok=False)
+    assert res.exit_code == 2 and "no rows" in res.output
+    notext = tmp_path / "notext.csv"
+    notext.write_text("body\nhello\n")
+    res = _run(["classify", notext, "-o", tmp_path / "o2.parquet", "-c", classifier], ok=False)
+    assert res.exit_code == 2 and "missing column(s) ['text']" in res.output
+    res = _run(["classify", tmp_path / "nope.csv", "-o", tmp_path / "o3.parquet", "-c", classifier], ok=False)
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_explain_names_tokens_of_fired_features(classifier):
+    res = _run(["explain", classifier, "you are a stupid idiot", "--json"])
+    e = json.loads(res.output.strip().splitlines()[0])
+    det = Detector.load(classifier)
+    toxic, score, fired = det.predict(["you are a stupid idiot"])
+    assert e["toxic"] == bool(toxic[0]) and e["score"] == pytest.approx(float(score[0]), abs=1e-4)
+    assert sorted(f["id"] for f in e["features"] if f["fired"]) == sorted(fired[0])
+    for f in e["features"]:
+        assert f["tokens"] and all(t["act"] > 0 for t in f["tokens"])
+        assert max(t["act"] for t in f["tokens"]) == pytest.approx(f["max_act"])
+
+
+def _classify_cmd(inp, out, classifier):
+    return [sys.executable, "-m", "safetyscope", "classify", str(inp), "-o", str(out), "-c", str(classifier),
+            "--chunk-rows", "3", "--no-cache"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_classify_resumes_after_interruption(classifier, tmp_path, sig):
+    inp = tmp_path / "big.parquet"
+    texts = [f"{CORPUS[i % len(CORPUS)]} {i}" for i in range(3000)]
+    pl.DataFrame({"id": list(range(3000)), "text": texts}).write_parquet(inp)
+    env = dict(os.environ)
+    ref = tmp_path / "ref.parquet"
+    subprocess.run(_classify_cmd(inp, ref, classifier), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "out.parquet"
+    parts = tmp_path / "out.parquet.parts"
+    proc = subprocess.Popen(_classify_cmd(inp, out, classifier), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (parts / "part-000005.parquet").exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert not out.exists(), "interrupted run must not leave a final output"
+    n_parts = len(list(parts.glob("part-*.parquet")))
+    assert 6 <= n_parts < 1000
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"rerun the same command to resume" in err
+    res = subprocess.run(_classify_cmd(inp, out, classifier), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed after" in res.stderr
+    assert not parts.exists()
+    a, b = pl.read_parquet(out), pl.read_parquet(ref)
+    assert a["id"].to_list() == list(range(3000))  # every row once, in order
+    assert a.equals(b)

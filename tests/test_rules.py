@@ -1,0 +1,123 @@
+"""Delta ranking, K choice, thresholds and the sparse linear rule on hand-built matrices with known answers."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from safetyscope.discovery.rules import (
+    OrRuleClassifier,
+    SparseLinearClassifier,
+    classifier_from_dict,
+    firing_rates,
+    fpr_thresholds,
+    rank_features,
+)
+from safetyscope.errors import SafetyScopeError
+
+
+def _hand_matrix():
+    # 4 toxic rows then 4 clean rows, 5 features.
+    # f0 fires on all toxic, no clean: delta 1.   f1 on 2 toxic + 1 clean: delta 0.25.
+    # f2 on everything: delta 0.                  f3 on 1 clean only: delta -0.25.  f4 never.
+    dense = np.array([
+        [1.0, 2.0, 1.0, 0, 0],
+        [2.0, 1.0, 1.0, 0, 0],
+        [0.5, 0.0, 1.0, 0, 0],
+        [3.0, 0.0, 1.0, 0, 0],
+        [0.0, 1.0, 1.0, 0, 0],
+        [0.0, 0.0, 1.0, 1.0, 0],
+        [0.0, 0.0, 1.0, 0, 0],
+        [0.0, 0.0, 1.0, 0, 0],
+    ])
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    return sp.csr_matrix(dense), y
+
+
+def test_firing_rates_and_delta_ranking():
+    X, y = _hand_matrix()
+    p_tox, p_clean = firing_rates(X, y)
+    np.testing.assert_allclose(p_tox, [1, 0.5, 1, 0, 0])
+    np.testing.assert_allclose(p_clean, [0, 0.25, 1, 0.25, 0])
+    order, delta, _, _ = rank_features(X, y)
+    assert order.tolist() == [0, 1, 2, 4, 3]  # ties (f2, f4 at 0) broken by lower id
+    np.testing.assert_allclose(delta, [1, 0.25, 0, -0.25, 0])
+
+
+def test_threshold_changes_what_fires():
+    X, y = _hand_matrix()
+    p_tox, _ = firing_rates(X, y, threshold=1.5)
+    np.testing.assert_allclose(p_tox, [0.5, 0.25, 0, 0, 0])  # only activations > 1.5 count
+
+
+def test_or_rule_with_fixed_k_predicts_any_feature():
+    X, y = _hand_matrix()
+    clf = OrRuleClassifier(max_features=2, fpr_cap=None).fit(X, y)
+    assert clf.features_.tolist() == [0, 1]
+    # row 4 (clean) fires f1 -> predicted toxic; every toxic row fires f0
+    assert clf.predict(X).tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    np.testing.assert_allclose(clf.decision_function(X)[:5], [2.0, 2.0, 0.5, 3.0, 1.0])
+    assert clf.fired(X)[0] == [0, 1] and clf.fired(X)[6] == []
+    assert clf.score(X, y) == pytest.approx(7 / 8)
+
+
+def test_fpr_cap_raises_threshold_above_clean_activations():
+    rng = np.random.default_rng(0)
+    n = 200
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    f0 = np.r_[rng.uniform(2, 4, n), rng.uniform(0, 1.5, n)]  # clean texts fire it weakly
+    X = sp.csr_matrix(f0[:, None])
+    thr = fpr_thresholds(X, y, np.array([0]), 0.0, 0.02)[0]
+    clean_fpr = (f0[n:] > thr).mean()
+    assert clean_fpr <= 0.02 and thr > 1.0
+    assert fpr_thresholds(X, y, np.array([0]), 0.0, None)[0] == 0.0
+
+
+def test_k_chosen_on_holdout_prefers_the_informative_features():
+    rng = np.random.default_rng(1)
+    n = 400
+    y = rng.integers(0, 2, n)
+    dense = np.zeros((n, 30))
+    # three planted features, each firing on a different third of the toxic texts and never on clean
+    tox = np.flatnonzero(y == 1)
+    for j, part in enumerate(np.array_split(tox, 3)):
+        dense[part, j] = 1.0 + rng.random(len(part))
+    # noise features fire at random on both classes, less often
+    dense[:, 3:] = (rng.random((n, 27)) < 0.05) * rng.random((n, 27))
+    clf = OrRuleClassifier(fpr_cap=None, random_state=0).fit(sp.csr_matrix(dense), y)
+    # K=1 or 2 misses a third of the toxic texts; K=5 catches all three planted features
+    assert clf.k_scores_[5] > clf.k_scores_[2] > clf.k_scores_[1]
+    assert len(clf.features_) == 5 and set(clf.features_[:3]) == {0, 1, 2}
+    assert clf.k_selection_.startswith("F1 on a 25%")
+
+
+def test_or_rule_round_trips_through_dict():
+    X, y = _hand_matrix()
+    clf = OrRuleClassifier(fpr_cap=0.25, max_features=3).fit(X, y)
+    clone = classifier_from_dict(clf.to_dict())
+    np.testing.assert_array_equal(clone.decision_function(X), clf.decision_function(X))
+    assert clone.get_params() == clf.get_params()
+
+
+def test_sparse_linear_keeps_few_weights_and_separates():
+    rng = np.random.default_rng(2)
+    n = 300
+    y = rng.integers(0, 2, n)
+    dense = (rng.random((n, 200)) < 0.1) * rng.random((n, 200))
+    dense[y == 1, 7] += 2.0
+    dense[y == 1, 11] += rng.random((y == 1).sum()) * 2
+    clf = SparseLinearClassifier(max_features=10, random_state=0).fit(sp.csr_matrix(dense), y)
+    assert 1 <= len(clf.features_) <= 10
+    assert 7 in clf.features_.tolist()
+    assert clf.score(sp.csr_matrix(dense), y) > 0.9
+    proba = clf.predict_proba(sp.csr_matrix(dense))
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    clone = classifier_from_dict(clf.to_dict())
+    np.testing.assert_allclose(clone.decision_function(sp.csr_matrix(dense)), clf.decision_function(sp.csr_matrix(dense)))
+
+
+def test_fit_needs_both_classes_and_matching_rows():
+    X, y = _hand_matrix()
+    with pytest.raises(SafetyScopeError, match="both"):
+        OrRuleClassifier().fit(X, np.ones(8))
+    with pytest.raises(SafetyScopeError, match="labels"):
+        OrRuleClassifier().fit(X, y[:5])
