@@ -152,8 +152,15 @@ def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int |
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SafetyScopeError(f"{path}: refused to load: the file holds more than tensors (possible pickled code); "
-                               f"only plain tensor dicts are accepted ({str(e).splitlines()[0][:160]})") from None
+        # torch's weights-only unpickler blocks any GLOBAL (class/function reference): that is pickled code.
+        # Other unpickling failures (bad opcodes, random bytes) are just a corrupt file.
+        blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:?)\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.I)
+        if blocked:
+            raise SafetyScopeError(f"{path}: refused to load: the file holds more than tensors (it references "
+                                   f"{blocked.group(1)}, possible pickled code); only plain tensor dicts are accepted") from None
+        detail = [ln for ln in str(e).splitlines() if ln.strip()][-2:-1] or [str(e)[:160]]
+        raise SafetyScopeError(f"{path}: not a readable torch file (corrupt or not a torch.save file: "
+                               f"{detail[0].strip()[:160]})") from None
     except Exception as e:
         raise SafetyScopeError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e)[:160]})") from None
     need = {"W_enc", "W_dec", "b_enc", "b_dec"}
@@ -235,6 +242,8 @@ def load_sae(spec: str | Path | None = None, *, layer: int | None = None, k: int
     checkpoint directory with one sub-directory per hook point plus ``layer``."""
     sae = _load_any(spec, layer, k)
     if k is not None and sae.cfg.activation == "topk":
+        if not 0 < k <= sae.cfg.d_sae:
+            raise SafetyScopeError(f"--k {k} is out of range for this TopK SAE: need 0 < k <= d_sae={sae.cfg.d_sae}")
         sae.cfg.k = k
     return sae.to(device)
 

@@ -173,8 +173,8 @@ def _classify_cmd(inp, out, classifier):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_classify_resumes_after_interruption(classifier, tmp_path, sig):
     inp = tmp_path / "big.parquet"
-    texts = [f"{CORPUS[i % len(CORPUS)]} {i}" for i in range(3000)]
-    pl.DataFrame({"id": list(range(3000)), "text": texts}).write_parquet(inp)
+    texts = [f"{CORPUS[i % len(CORPUS)]} {i}" for i in range(1200)]
+    pl.DataFrame({"id": list(range(1200)), "text": texts}).write_parquet(inp)
     env = dict(os.environ)
     ref = tmp_path / "ref.parquet"
     subprocess.run(_classify_cmd(inp, ref, classifier), check=True, env=env, capture_output=True)
@@ -190,15 +190,15 @@ def test_classify_resumes_after_interruption(classifier, tmp_path, sig):
         time.sleep(0.005)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert not out.exists(), "interrupted run must not leave a final output"
+    assert not out.exists(), f"interrupted run must not leave a final output: {err.decode()[-2000:]}"
     n_parts = len(list(parts.glob("part-*.parquet")))
-    assert 6 <= n_parts < 1000
+    assert 6 <= n_parts < 400
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and b"rerun the same command to resume" in err
+        assert proc.returncode == 130 and b"rerun the same command to resume" in err, err.decode()[-2000:]
     res = subprocess.run(_classify_cmd(inp, out, classifier), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed after" in res.stderr
     assert not parts.exists()
     a, b = pl.read_parquet(out), pl.read_parquet(ref)
-    assert a["id"].to_list() == list(range(3000))  # every row once, in order
+    assert a["id"].to_list() == list(range(1200))  # every row once, in order
     assert a.equals(b)
