@@ -109,9 +109,11 @@ def _register_subcommands() -> None:
     from .train import sae_group
 
     from .discovery.cli import register as register_discovery
+    from .eval.cli import eval_command
 
     main.add_command(sae_group)
     register_discovery(main)
+    main.add_command(eval_command)
 
 
 _register_subcommands()

@@ -1,0 +1,91 @@
+"""Per-language evaluation: discover on a language's discovery split, test on its test split, beside baselines.
+
+Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on the same test split:
+- ``or_rule``: the Qwen-Scope rule with per-feature thresholds (clean FPR cap 2%), K chosen on held-back data;
+- ``or_rule_report``: the report's plain rule (threshold 0 for every feature);
+- ``or_rule_K=k``: the K sweep;
+- ``sparse_linear``: L1 logistic rule with at most 64 SAE features;
+- ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
+- ``probe_raw``: logistic probe on mean-pooled raw residual activations of the same layer - a baseline;
+- ``majority``: the majority class of the discovery split - a baseline;
+- ``shipped``: a given classifier (e.g. the shipped all-language one) applied as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from ..discovery.discover import parse_labels
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier
+from ..errors import SafetyScopeError
+from ..features import Extraction
+from .metrics import binary_metrics, majority_predict, raw_activation_probe
+
+
+def methods(seed: int):
+    """name -> (estimator factory, uses raw activations)."""
+    out = {
+        "or_rule": (lambda: OrRuleClassifier(random_state=seed), False),
+        "or_rule_report": (lambda: OrRuleClassifier(fpr_cap=None, random_state=seed), False),
+        "sparse_linear": (lambda: SparseLinearClassifier(max_features=64, random_state=seed), False),
+        "logreg_sae": (lambda: SparseLinearClassifier(max_features=10**9, random_state=seed), False),
+        "probe_raw": (lambda: raw_activation_probe(seed), True),
+    }
+    for k in K_CANDIDATES:
+        out[f"or_rule_K={k}"] = (lambda k=k: OrRuleClassifier(max_features=k, random_state=seed), False)
+    return out
+
+
+def split_indices(df: pl.DataFrame, lang: str) -> tuple[np.ndarray, np.ndarray]:
+    lang_mask = (df.get_column("lang") == lang).to_numpy()
+    split = df.get_column("split").to_numpy()
+    return np.flatnonzero(lang_mask & (split == "discovery")), np.flatnonzero(lang_mask & (split == "test"))
+
+
+def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | None = None, seed: int = 0,
+                       shipped=None, only: list[str] | None = None, progress: bool = True) -> list[dict]:
+    """``df`` has text, label, lang, split; ``ex`` holds its features row for row."""
+    for c in ("label", "lang", "split"):
+        if c not in df.columns:
+            raise SafetyScopeError(f"evaluation data needs a {c!r} column; columns present: {df.columns}")
+    y = parse_labels(df.get_column("label"), "evaluation data")
+    langs = langs or sorted(set(df.get_column("lang").to_list()))
+    table = methods(seed)
+    if only:
+        table = {k: v for k, v in table.items() if k in only}
+    rows = []
+    for lang in tqdm(langs, desc="languages", disable=not progress):
+        d_idx, t_idx = split_indices(df, lang)
+        if len(d_idx) == 0 or len(t_idx) == 0 or len(set(y[d_idx])) < 2:
+            continue
+        for name, (make, raw) in table.items():
+            X = ex.mean_acts if raw else ex.codes
+            est = make().fit(X[d_idx], y[d_idx])
+            score = est.decision_function(X[t_idx])
+            rows.append({"lang": lang, "method": name, **binary_metrics(y[t_idx], est.predict(X[t_idx]), score)})
+        rows.append({"lang": lang, "method": "majority",
+                     **binary_metrics(y[t_idx], majority_predict(y[d_idx], len(t_idx)))})
+        if shipped is not None:
+            score = shipped.decision_function(ex.codes[t_idx])
+            rows.append({"lang": lang, "method": "shipped", **binary_metrics(y[t_idx], score > 0, score)})
+    return rows
+
+
+def markdown_table(rows: list[dict], methods_order: list[str], metric: str = "f1") -> str:
+    langs = sorted({r["lang"] for r in rows})
+    present = [m for m in methods_order if any(r["method"] == m for r in rows)]
+    look = {(r["lang"], r["method"]): r for r in rows}
+    lines = ["| lang | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for lang in langs + ["macro"]:
+        cells = []
+        for m in present:
+            if lang == "macro":
+                vals = [look[(la, m)][metric] for la in langs if (la, m) in look and metric in look[(la, m)]]
+                cells.append(f"**{np.mean(vals):.3f}**" if vals else "")
+            else:
+                r = look.get((lang, m))
+                cells.append(f"{r[metric]:.3f}" if r and metric in r else "")
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
