@@ -1,4 +1,5 @@
-"""`safetyscope eval`: per-language results beside honest baselines, as results.json + report.md."""
+"""`safetyscope eval`: per-language results beside honest baselines, cross-lingual transfer and data
+efficiency, as results.json + report.md + PNG plots + one self-contained report.html."""
 
 from __future__ import annotations
 
@@ -10,58 +11,153 @@ import click
 
 from ..cli import feature_config, model_options, user_errors
 
+MAIN_METHODS = ["shipped", "or_rule", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """Percentages ("1,10,100") -> fractions (0.01, 0.1, 1.0)."""
+    return tuple(float(x) / 100 for x in text.split(","))
+
 
 @click.command("eval")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Report directory.")
 @click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-language and transfer runs.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
+@click.option("--fractions", default="1,2,5,10,25,50,100", show_default=True, help="% of discovery data (efficiency).")
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
-@click.option("--methods", "only", default=None, help="Comma-separated subset of methods to run.")
+@click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
+@click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency.")
 @model_options
 @user_errors
-def eval_command(data, output, langs, seed, classifier, only, **kw):
-    """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split.
+def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, **kw):
+    """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split;
+    transfer across languages; F1 against the share of discovery data.
 
-    DATA: files with text, label, lang and split columns (e.g. ../shared/data/toxicity/*.parquet)."""
+    DATA: files with text, label, lang and split columns (e.g. ../shared/data/toxicity/*.parquet;
+    ci_sample.parquet is left out when other files are given, since it repeats their rows)."""
+    import numpy as np
     import polars as pl
 
     from ..data import read_table
+    from ..discovery.discover import parse_labels
+    from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
+    from . import report
     from .per_language import evaluate_languages, markdown_table, methods
+    from .transfer import efficiency_curves, transfer_matrix
 
     cfg = feature_config(kw)
     paths = [p for p in data if not Path(p).name.startswith("ci_sample")] or list(data)
     df = pl.concat([read_table(p, columns=["text", "label", "lang", "split"]).select("text", "label", "lang", "split")
                     .with_columns(pl.col("label").cast(pl.String)) for p in paths])
-    df = df.filter(pl.col("split").is_in(["discovery", "test"]))
+    df = df.filter(pl.col("split").is_in(["discovery", "test"]) & pl.col("text").is_not_null()
+                   & (pl.col("text").str.strip_chars() != ""))
+    present = sorted(set(df.get_column("lang").to_list()))
+    lang_list = langs.split(",") if langs else present
+    unknown = sorted(set(lang_list) - set(present))
+    if unknown:
+        raise SafetyScopeError(f"--langs {unknown} not in the data (present: {present})")
+    df = df.filter(pl.col("lang").is_in(lang_list))
+    y = parse_labels(df.get_column("label"), "evaluation data")
+    skip = {s.strip() for s in skip.split(",") if s.strip()}
+
     fx = FeatureExtractor.from_config(cfg)
     shipped = None
     if classifier:
-        from ..discovery.detector import Detector, check_compatible, read_classifier
+        from ..discovery.detector import check_compatible, read_classifier
         from ..discovery.rules import classifier_from_dict
 
         d = read_classifier(None if classifier == "default" else classifier)
         check_compatible(d, fx, classifier)
         shipped = classifier_from_dict(d["rule"])
     t0 = time.perf_counter()
-    ex = fx.extract(df.get_column("text").to_list(), progress=True)
+    ex = fx.extract(df.get_column("text").to_list(), progress=True)  # once; every analysis reuses it
     t_feat = time.perf_counter() - t0
-    rows = evaluate_languages(df, ex, langs=langs.split(",") if langs else None, seed=seed, shipped=shipped,
+    rows = evaluate_languages(df, ex, langs=lang_list, seed=seed, shipped=shipped,
                               only=only.split(",") if only else None)
+    transfer = None if "transfer" in skip else transfer_matrix(df, y, ex.codes, lang_list, seed=seed)
+    eff = None if "efficiency" in skip else efficiency_curves(
+        df, y, ex.codes, lang_list, fractions=_floats(fractions), seeds=tuple(int(s) for s in seeds.split(",")))
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    order = ["shipped", "or_rule", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
-    order += [m for m in methods(seed) if m.startswith("or_rule_K")]
-    results = {"config": {"data": paths, "seed": seed, "model": fx.backbone.model_id,
-                          "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
-                          "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier},
-               "feature_seconds": t_feat, "rows": rows}
+    k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
+    config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": seeds, "fractions": fractions,
+              "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
+              "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
+              "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
+              "data_sha256": _frame_hash(df)}
+    results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "transfer": transfer,
+               "efficiency": eff}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = [f"# Per-language toxicity detection ({fx.backbone.model_id}, layer {fx.layer})", "",
-          "Discovery split -> test split of each language; every method on the same test rows.", ""]
+
+    images = [out / "per_language_f1.png"]
+    report.plot_method_bars(rows, MAIN_METHODS, images[0])
+    md = [f"# safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}", "",
+          f"{df.height} texts, {len(lang_list)} language(s). Every method is fitted on a language's discovery split "
+          "and measured on its test split. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
+          "`probe_raw` (logistic probe on mean-pooled raw activations), `majority`.", ""]
+    sections = []
     for metric in ("f1", "precision", "recall", "roc_auc"):
-        md += [f"## {metric}", "", markdown_table(rows, order, metric), ""]
-    (out / "report.md").write_text("\n".join(md))
-    click.echo(markdown_table(rows, order[:7], "f1"))
-    click.echo(f"wrote {out / 'results.json'} and {out / 'report.md'}", err=True)
+        md += [f"## Per language: {metric}", "", markdown_table(rows, MAIN_METHODS, metric), ""]
+    md += ["## OR-rule K sweep (F1)", "", markdown_table(rows, k_sweep, "f1"), ""]
+    sections.append(("Per language (F1)", _html_from_rows(rows, MAIN_METHODS, "f1", lang_list, report)))
+    sections.append(("Per language (ROC-AUC)", _html_from_rows(rows, MAIN_METHODS, "roc_auc", lang_list, report)))
+    sections.append(("OR-rule K sweep (F1)", _html_from_rows(rows, k_sweep, "f1", lang_list, report)))
+    if transfer:
+        images.append(out / "transfer_f1.png")
+        report.plot_heatmap(transfer["f1"], lang_list, lang_list, "F1: discover on row, test on column", images[-1],
+                            xlabel="test language", ylabel="discovery language")
+        images.append(out / "transfer_jaccard_top10.png")
+        report.plot_heatmap(transfer["jaccard_top10"], lang_list, lang_list, "Jaccard overlap of top-10 features",
+                            images[-1], cmap="magma")
+        header = ["discover \\ test"] + lang_list
+        body = [[a] + [float(v) for v in r] for a, r in zip(lang_list, transfer["f1"])]
+        md += ["## Cross-lingual transfer (F1, discover on row, test on column)", "", _md(header, body), ""]
+        sections.append(("Cross-lingual transfer (F1)", report.html_table(header, body)))
+    if eff:
+        images.append(out / "efficiency.png")
+        report.plot_efficiency(eff, images[-1])
+        header = ["lang", "K", "full F1"] + [f"{f * 100:g}%" for f in eff["fractions"]] + ["smallest for 99%"]
+        body = [[la, v["k"], v["full_f1"], *v["mean_f1"], _pct(v["smallest_fraction_99pct"])]
+                for la, v in eff["langs"].items()]
+        body.append(["macro", "", eff["macro"]["full_f1"], *eff["macro"]["mean_f1"],
+                     _pct(eff["macro"]["smallest_fraction_99pct"])])
+        md += ["## Data efficiency (mean test F1 over seeds)", "", _md(header, body), ""]
+        sections.append(("Data efficiency (mean F1 over seeds)", report.html_table(header, body)))
+    md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    report.write_html(out / "report.html", f"safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}",
+                      sections, images)
+    click.echo(markdown_table(rows, MAIN_METHODS, "f1"))
+    click.echo(f"wrote {out}/results.json, report.md, report.html and {len(images)} plot(s)", err=True)
+
+
+def _pct(f):
+    return None if f is None else f"{f * 100:g}%"
+
+
+def _md(header, body) -> str:
+    from .report import _fmt
+
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _html_from_rows(rows, methods, metric, langs, report) -> str:
+    look = {(r["lang"], r["method"]): r.get(metric) for r in rows}
+    present = [m for m in methods if any(r["method"] == m for r in rows)]
+    body = [[la] + [look.get((la, m)) for m in present] for la in langs]
+    return report.html_table(["lang"] + present, body)
+
+
+def _frame_hash(df) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in df.iter_rows():
+        h.update(repr(row).encode())
+    return h.hexdigest()
