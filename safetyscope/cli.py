@@ -109,11 +109,12 @@ def _register_subcommands() -> None:
     from .train import sae_group
 
     from .discovery.cli import register as register_discovery
-    from .eval.cli import eval_command
+    from .eval.cli import eval_command, overlap_command
 
     main.add_command(sae_group)
     register_discovery(main)
     main.add_command(eval_command)
+    main.add_command(overlap_command)
 
 
 _register_subcommands()

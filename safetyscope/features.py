@@ -33,6 +33,7 @@ class FeatureConfig:
     batch_size: int = 32
     max_length: int = 256
     skip_first_token: bool = False  # the first position is an attention sink with outlier norms
+    pool: str = "max"  # "max": max over tokens (fires anywhere); "last": the last token's code only
     device: str | None = None
     dtype: str | None = "auto"
     cache: bool = True
@@ -49,16 +50,19 @@ class Extraction:
 
 class FeatureExtractor:
     def __init__(self, backbone: Backbone, sae: SAE, layer: int, *, batch_size: int = 32, max_length: int = 256,
-                 skip_first_token: bool = False, cache: bool = True):
+                 skip_first_token: bool = False, pool: str = "max", cache: bool = True):
         if sae.cfg.d_model != backbone.d_model:
             raise SafetyScopeError(f"SAE width mismatch: the SAE reads d_model={sae.cfg.d_model} but "
                                    f"{backbone.model_id} has hidden size {backbone.d_model}")
         if not 0 <= layer < backbone.n_layers:
             raise SafetyScopeError(f"layer {layer} out of range: {backbone.model_id} has layers 0..{backbone.n_layers - 1}")
+        if pool not in ("max", "last"):
+            raise SafetyScopeError(f"pool must be 'max' or 'last', not {pool!r}")
         if batch_size < 1 or max_length < 2:
             raise SafetyScopeError("batch_size must be >= 1 and max_length >= 2")
         self.backbone, self.sae, self.layer = backbone, sae.to(backbone.device), layer
         self.batch_size, self.max_length, self.skip_first_token = batch_size, max_length, skip_first_token
+        self.pool = pool
         self._cache = _FeatureCache(self.cache_key()) if cache else None
 
     @classmethod
@@ -71,12 +75,12 @@ class FeatureExtractor:
         if cfg.sae in (None, "", "default") and cfg.model not in (None, "", "default") and sae.cfg.model != backbone.model_id:
             raise SafetyScopeError(f"the embedded SAE belongs to {sae.cfg.model}; pass --sae for {backbone.model_id}")
         return cls(backbone, sae, layer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                   skip_first_token=cfg.skip_first_token, cache=cfg.cache)
+                   skip_first_token=cfg.skip_first_token, pool=cfg.pool, cache=cfg.cache)
 
     def cache_key(self) -> str:
         dtype = next(self.backbone.model.parameters()).dtype
         parts = [self.backbone.fingerprint(), self.sae.fingerprint(), self.layer, self.max_length,
-                 self.skip_first_token, str(dtype), self.sae.cfg.k]
+                 self.skip_first_token, str(dtype), self.sae.cfg.k] + ([self.pool] if self.pool != "max" else [])
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
     # -- tokenisation ----------------------------------------------------------------------------
@@ -134,6 +138,11 @@ class FeatureExtractor:
         if self.skip_first_token:
             keep[:, 0] = False
         hidden = hidden.float()
+        means_keep = keep
+        if self.pool == "last":  # right padding: the last real token sits at length - 1
+            last = mask.sum(1) - 1
+            keep = torch.zeros_like(keep)
+            keep[torch.arange(len(batch_ids)), last.to(keep.device)] = True
         text_of_token = torch.arange(len(batch_ids), device=hidden.device)[:, None].expand_as(keep)[keep]
         flat = hidden[keep]  # only real tokens are encoded: padding costs nothing in the SAE
         vals, idx = self.sae.encode_sparse(flat)
@@ -141,13 +150,13 @@ class FeatureExtractor:
         pooled = torch.zeros(len(batch_ids) * d_sae, device=hidden.device)
         pooled.scatter_reduce_(0, (text_of_token[:, None] * d_sae + idx).flatten(), vals.flatten(), "amax")
         pooled = pooled.view(len(batch_ids), d_sae).cpu()
-        counts = keep.sum(1).clamp(min=1)
-        means = ((hidden * keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
+        counts = means_keep.sum(1).clamp(min=1)
+        means = ((hidden * means_keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
         out = []
         for b in range(len(batch_ids)):
             nz = torch.nonzero(pooled[b]).flatten()
             out.append(((nz.numpy().astype(np.int32), pooled[b, nz].numpy().astype(np.float32)),
-                        means[b], int(keep[b].sum())))
+                        means[b], int(means_keep[b].sum())))
         return out
 
     def _pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

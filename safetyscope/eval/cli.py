@@ -161,3 +161,54 @@ def _frame_hash(df) -> str:
     for row in df.iter_rows():
         h.update(repr(row).encode())
     return h.hexdigest()
+
+
+@click.command("overlap")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Report directory (overlap.json, overlap.md, overlap.png).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--name", "names", multiple=True, help="Display name per DATA, in order [default: file stems].")
+@click.option("--pool", type=click.Choice(["max", "last"]), default="max", show_default=True,
+              help="max: a feature fires anywhere in the text; last: at the last token only.")
+@click.option("--min-count", type=int, default=1, show_default=True, help="Texts a feature must fire on to count.")
+@model_options
+@user_errors
+def overlap_command(data, output, text_column, names, pool, min_count, **kw):
+    """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
+    from ..data import read_table, text_list
+    from ..errors import SafetyScopeError
+    from ..features import FeatureExtractor
+    from . import report
+    from .overlap import footprint, overlap_matrices, redundancy
+
+    if names and len(names) != len(data):
+        raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")
+    names = list(names) or [Path(p).stem if Path(p).suffix else Path(p).name for p in data]
+    cfg = feature_config(kw)
+    cfg.pool = pool
+    fx = FeatureExtractor.from_config(cfg)
+    prints, red = {}, {}
+    for name, path in zip(names, data):
+        texts = [t for t in text_list(read_table(path, columns=[text_column]), text_column, path)
+                 if t is not None and t.strip()]
+        if not texts:
+            raise SafetyScopeError(f"{path}: no non-empty texts")
+        codes = fx.transform(texts, progress=True)
+        prints[name] = footprint(codes, min_count)
+        red[name] = redundancy(codes)
+    res = overlap_matrices(prints)
+    res.update({"pool": pool, "min_count": min_count, "redundancy": red, "data": list(data),
+                "model": fx.backbone.model_id, "sae": cfg.sae or "default", "layer": fx.layer})
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overlap.json").write_text(json.dumps(res, indent=2) + "\n")
+    header = ["A \\ B"] + names
+    body = [[a] + [float(v) for v in r] for a, r in zip(names, res["overlap"])]
+    md = [f"# Footprint overlap (pool={pool}, min_count={min_count})", "",
+          "overlap(A, B) = |F_A ∩ F_B| / |F_A|: the share of A's features that B also fires.", "", _md(header, body), "",
+          "| dataset | texts' footprint size | redundancy |", "|---|---|---|"]
+    md += [f"| {n} | {s} | {red[n]['redundancy']:.3f} |" for n, s in zip(names, res["sizes"])]
+    (out / "overlap.md").write_text("\n".join(md) + "\n")
+    report.plot_heatmap(res["overlap"], names, names, "overlap(A=row, B=column)", out / "overlap.png",
+                        xlabel="B", ylabel="A")
+    click.echo("\n".join(md))
