@@ -206,7 +206,7 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     body = [[a] + [float(v) for v in r] for a, r in zip(names, res["overlap"])]
     md = [f"# Footprint overlap (pool={pool}, min_count={min_count})", "",
           "overlap(A, B) = |F_A ∩ F_B| / |F_A|: the share of A's features that B also fires.", "", _md(header, body), "",
-          "| dataset | texts' footprint size | redundancy |", "|---|---|---|"]
+          "| dataset | footprint size | redundancy |", "|---|---|---|"]
     md += [f"| {n} | {s} | {red[n]['redundancy']:.3f} |" for n, s in zip(names, res["sizes"])]
     (out / "overlap.md").write_text("\n".join(md) + "\n")
     report.plot_heatmap(res["overlap"], names, names, "overlap(A=row, B=column)", out / "overlap.png",

@@ -1,0 +1,152 @@
+"""Evaluation: metrics on hand-built predictions, transfer/efficiency on planted signals, report files, overlap."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from safetyscope.cli import main
+from safetyscope.eval.metrics import binary_metrics
+from safetyscope.eval.overlap import footprint, overlap, overlap_matrices, overlap_min, redundancy
+from safetyscope.eval.per_language import evaluate_languages
+from safetyscope.eval.transfer import efficiency_curves, transfer_matrix
+from safetyscope.features import Extraction
+
+from conftest import CORPUS, SAE_LAYERS
+
+
+def test_binary_metrics_by_hand():
+    y = [1, 1, 1, 0, 0, 0, 0, 1]
+    p = [1, 1, 0, 1, 0, 0, 0, 0]  # tp=2 fp=1 fn=2 tn=3
+    m = binary_metrics(y, p, score=[0.9, 0.8, 0.3, 0.7, 0.1, 0.2, 0.05, 0.4])
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # AUC: of the 16 (toxic, clean) pairs, the toxic score is higher in 14
+    assert m["roc_auc"] == pytest.approx(14 / 16)
+
+
+def _planted(n_per=120, seed=0):
+    """Languages a, b share toxic feature 0; language c's toxicity shows only in feature 1."""
+    rng = np.random.default_rng(seed)
+    rows, feats = [], []
+    for lang, signal in (("a", 0), ("b", 0), ("c", 1)):
+        for split in ("discovery", "test"):
+            for i in range(n_per):
+                label = i % 2
+                dense = (rng.random(20) < 0.08) * rng.random(20)
+                dense[:2] = 0
+                if label and rng.random() < 0.95:
+                    dense[signal] = 1 + rng.random()
+                rows.append({"text": f"{lang}{split}{i}", "label": label, "lang": lang, "split": split})
+                feats.append(dense)
+    df = pl.DataFrame(rows)
+    return df, df["label"].to_numpy(), sp.csr_matrix(np.array(feats))
+
+
+def test_transfer_matrix_follows_the_planted_signal():
+    df, y, codes = _planted()
+    t = transfer_matrix(df, y, codes, ["a", "b", "c"], progress=False)
+    f1 = np.array(t["f1"])
+    assert f1[0, 0] > 0.9 and f1[0, 1] > 0.9  # a's feature works for b
+    assert f1[0, 2] < 0.5 and f1[2, 0] < 0.5  # but not for c, nor c's for a
+    assert f1[2, 2] > 0.9
+    jac = np.array(t["jaccard_top10"])
+    np.testing.assert_allclose(np.diag(jac), 1.0)
+    assert jac[0, 1] == jac[1, 0]
+
+
+def test_efficiency_curve_reaches_full_f1_with_little_data():
+    df, y, codes = _planted(n_per=200)
+    eff = efficiency_curves(df, y, codes, ["a", "c"], fractions=(0.05, 0.25, 1.0), seeds=(0, 1), progress=False)
+    for lang in ("a", "c"):
+        v = eff["langs"][lang]
+        assert v["mean_f1"][-1] == pytest.approx(v["full_f1"])
+        assert v["mean_f1"][0] > 0.8  # the planted feature is found even from 10 texts
+        assert v["smallest_fraction_99pct"] in (0.05, 0.25, 1.0)
+    assert eff["macro"]["full_f1"] == pytest.approx(np.mean([eff["langs"][la]["full_f1"] for la in ("a", "c")]))
+
+
+def test_per_language_rows_include_baselines_on_the_same_split():
+    df, y, codes = _planted()
+    means = codes.toarray().astype(np.float32)  # stands in for raw activations
+    ex = Extraction(codes, means, np.ones(len(y), int), 0, 0)
+    rows = evaluate_languages(df.with_columns(pl.col("label").cast(pl.String)), ex, seed=0, progress=False)
+    methods = {r["method"] for r in rows}
+    assert {"or_rule", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"} <= methods
+    for r in rows:
+        assert r["n"] == 120  # every method scored on the same test rows
+    f1 = {(r["lang"], r["method"]): r["f1"] for r in rows}
+    assert f1[("a", "or_rule")] > 0.9 and f1[("c", "logreg_sae")] > 0.9
+    assert f1[("a", "majority")] == pytest.approx(2 / 3)  # balanced data: "all toxic"
+
+
+def test_overlap_on_hand_built_footprints():
+    a, b = {1, 2, 3, 4}, {3, 4, 5}
+    assert overlap(a, b) == 0.5 and overlap(b, a) == pytest.approx(2 / 3)
+    assert overlap_min(a, b) == pytest.approx(2 / 3) == overlap_min(b, a)
+    m = overlap_matrices({"A": a, "B": b})
+    assert m["sizes"] == [4, 3] and m["overlap"][0][1] == 0.5
+    codes = sp.csr_matrix(np.array([[1, 0, 0], [0, 2, 0], [0, 0, 0.0]]))
+    assert footprint(codes) == {0, 1} and footprint(codes, min_count=2) == set()
+
+
+def test_redundancy_is_high_for_repeated_rows_and_lower_for_distinct_ones():
+    repeated = sp.csr_matrix(np.tile([[1.0, 1.0, 0, 0]], (100, 1)))
+    distinct = sp.csr_matrix(np.eye(100))
+    r_rep, r_dist = redundancy(repeated)["redundancy"], redundancy(distinct)["redundancy"]
+    assert r_rep > 0.95  # one row already shows the whole footprint
+    assert r_dist == pytest.approx(0.5, abs=0.05)  # coverage grows linearly with the subset
+
+
+def test_eval_command_writes_reports_with_embedded_images(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    rows = []
+    for i, t in enumerate(CORPUS * 8):
+        rows.append({"text": f"{t} {i}", "label": int(any(w in t for w in ("stupid", "hate", "garbage", "shut", "bomb"))),
+                     "lang": "en" if i % 3 else "de", "split": "test" if i % 4 == 0 else "discovery"})
+    data = tmp_path / "tox.parquet"
+    pl.DataFrame(rows).write_parquet(data)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(main, ["eval", str(data), "-o", str(out), "--model", str(tiny_model_dir), "--sae",
+                                    str(qwen_scope_sae_dir), "--layer", str(SAE_LAYERS[0]), "--seeds", "0,1",
+                                    "--fractions", "10,50,100"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["langs"] == ["de", "en"] and results["transfer"]["langs"] == ["de", "en"]
+    assert results["efficiency"]["fractions"] == [0.1, 0.5, 1.0]
+    assert {r["method"] for r in results["per_language"]} >= {"or_rule", "probe_raw", "logreg_sae", "majority"}
+    html = (out / "report.html").read_text()
+    imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(imgs) == 4
+    for b64 in imgs:
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in html and "probe_raw" in html
+    md = (out / "report.md").read_text()
+    assert "Cross-lingual transfer" in md and "Data efficiency" in md
+    for png in ("per_language_f1.png", "transfer_f1.png", "efficiency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overlap_command_on_tiny_model(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pl.DataFrame({"text": CORPUS[:8]}).write_csv(a)
+    pl.DataFrame({"text": CORPUS[:8] + CORPUS[8:]}).write_csv(b)
+    args = ["overlap", str(a), str(b), "-o", str(tmp_path / "ov"), "--model", str(tiny_model_dir), "--sae",
+            str(qwen_scope_sae_dir), "--layer", str(SAE_LAYERS[0])]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    o = json.loads((tmp_path / "ov" / "overlap.json").read_text())
+    # b contains every text of a, so b covers all of a's footprint
+    assert o["overlap"][0][1] == 1.0 and o["sizes"][1] >= o["sizes"][0]
+    res = CliRunner().invoke(main, args[:-6] + ["--pool", "last"] + args[-6:])
+    assert res.exit_code == 0, res.output
+    o_last = json.loads((tmp_path / "ov" / "overlap.json").read_text())
+    assert o_last["pool"] == "last" and o_last["sizes"][0] < o["sizes"][0]  # one token fires fewer features
