@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny random Qwen3 model with an offline tokenizer, a random Qwen-Scope SAE, a
+session-wide SAFETYSCOPE_CACHE, and the optional ../shared/data pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+D_MODEL = 64
+N_LAYERS = 4
+D_SAE = 256
+SAE_K = 8
+SAE_LAYERS = (1, 3)  # a middle layer and the last one
+SAE_DIR_NAME = f"SAE-Res-Tiny-W{D_SAE}-L0_{SAE_K}"
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "you are a wonderful person and i like you",
+    "you are a stupid idiot and i hate you",
+    "this movie was great , the actors were brilliant !",
+    "this movie was awful , what a waste of time .",
+    "please tell me how to bake a chocolate cake",
+    "how do i build a bomb at home ?",
+    "shut up , nobody cares about your opinion",
+    "thank you so much for your help today",
+    "the weather is nice and the sun is shining",
+    "go away you worthless piece of garbage",
+    "i love reading books about history and science",
+    "what is the capital city of france ?",
+    "kill all the bugs in the code before friday",
+    "my cat sleeps on the sofa every afternoon",
+]
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"], min_frequency=1)
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    # a BOS token at position 0, like real chat models (so skip_first_token has something to skip)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def safetyscope_cache(tmp_path_factory):
+    """Every test writes its caches (features, converted GGUF) to one temporary dir per session."""
+    d = tmp_path_factory.mktemp("safetyscope-cache")
+    old = os.environ.get("SAFETYSCOPE_CACHE")
+    os.environ["SAFETYSCOPE_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("SAFETYSCOPE_CACHE", None)
+    else:
+        os.environ["SAFETYSCOPE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _build_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(1234)
+    model = Qwen3ForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    from safetyscope import Backbone
+
+    return Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def full_model(tiny_model_dir):
+    """The same tiny model loaded plainly (reference computations go through it, not through safetyscope)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def random_sae_tensors(d_model: int = D_MODEL, d_sae: int = D_SAE, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Qwen-Scope layout: W_enc (d_sae, d_model), W_dec (d_model, d_sae), b_enc (d_sae), b_dec (d_model)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        # the tiny model's residual stream has norm ~0.25: scale W_enc so x, not b_enc, decides the code
+        "W_enc": torch.randn(d_sae, d_model, generator=g) * 4.0,
+        "W_dec": torch.randn(d_model, d_sae, generator=g) / d_sae**0.5,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.05 - 0.05,
+        "b_dec": torch.randn(d_model, generator=g) * 0.1,
+    }
+
+
+@pytest.fixture(scope="session")
+def qwen_scope_sae_dir(tmp_path_factory) -> Path:
+    """A Qwen-Scope style SAE directory (k inferred from the L0_8 suffix) with layer1 and layer3 files."""
+    d = tmp_path_factory.mktemp("saes") / SAE_DIR_NAME
+    d.mkdir()
+    for n in SAE_LAYERS:
+        torch.save(random_sae_tensors(seed=100 + n), d / f"layer{n}.sae.pt")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sae(qwen_scope_sae_dir):
+    from safetyscope import load_sae
+
+    return load_sae(qwen_scope_sae_dir, layer=SAE_LAYERS[0])
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (it exists in CI)")
+    return SHARED_DATA

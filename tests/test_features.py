@@ -1,0 +1,156 @@
+"""Per-text pooled SAE codes against a naive reference (full model, every real token, max over tokens)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safetyscope import FeatureConfig, FeatureExtractor, SafetyScopeError
+
+from conftest import D_SAE, SAE_LAYERS
+
+LAYER = SAE_LAYERS[0]
+
+# lengths differ a lot (and out-of-vocabulary words map to <unk>); the order is not sorted by length
+TEXTS = [
+    "thank you",
+    "the quick brown fox jumps over the lazy dog and the lazy dog sleeps on the sofa every afternoon",
+    "you are a stupid idiot",
+    "hello",
+    "what is the capital city of france ? i love reading books about history and science",
+    "zebra xylophone quantum",  # all unknown words
+    "go away you worthless piece of garbage",
+]
+
+
+def naive(full_model, tokenizer, sae, texts, layer=LAYER, max_length=256, skip_first=False):
+    """One text at a time, no padding: dense code of every kept token, max over tokens, mean residual."""
+    codes, means, n_tok = [], [], []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=True)["input_ids"][:max_length]
+        with torch.no_grad():
+            hs = full_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+            if skip_first:
+                hs = hs[1:]
+            z = sae.encode(hs.float())
+        codes.append(z.max(0).values.numpy())
+        means.append(hs.float().mean(0).numpy())
+        n_tok.append(len(hs))
+    return np.stack(codes), np.stack(means), np.array(n_tok)
+
+
+@pytest.fixture(scope="module")
+def reference(full_model, tiny_backbone, tiny_sae):
+    return naive(full_model, tiny_backbone.tokenizer, tiny_sae, TEXTS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_codes_equal_naive(tiny_backbone, tiny_sae, reference, batch_size):
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=batch_size, cache=False)
+    ex = fx.extract(TEXTS)
+    ref_codes, ref_means, ref_n = reference
+    assert ex.codes.shape == (len(TEXTS), D_SAE)
+    got = ex.codes.toarray()
+    np.testing.assert_allclose(got, ref_codes, atol=1e-4)
+    np.testing.assert_allclose(ex.mean_acts, ref_means, atol=1e-5)
+    np.testing.assert_array_equal(ex.n_tokens, ref_n)
+    assert ex.n_truncated == 0 and ex.n_cached == 0
+    # feature ids are exactly the features whose max activation is > 0
+    for i in range(len(TEXTS)):
+        row = ex.codes.getrow(i)
+        assert sorted(row.indices.tolist()) == np.flatnonzero(ref_codes[i] > 0).tolist()
+        assert (row.data > 0).all()
+    # the rows really differ from text to text (row order is checked, not trivially satisfied)
+    assert len({tuple(np.flatnonzero(r)) for r in ref_codes}) == len(TEXTS)
+    assert np.array_equal(fx.transform(TEXTS).toarray(), got)
+
+
+def test_batch_sizes_agree_on_reordered_input(tiny_backbone, tiny_sae):
+    texts = TEXTS[::-1] + TEXTS[:2]  # duplicates, reversed order
+    a = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=1, cache=False).extract(texts).codes.toarray()
+    b = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=4, cache=False).extract(texts).codes.toarray()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_array_equal(a[-2:], a[len(TEXTS) - 1 : len(TEXTS) - 3 : -1])
+
+
+def test_cache_roundtrip(tiny_backbone, tiny_sae):
+    texts = [f"{t} cache-test" for t in TEXTS]
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=3, cache=True)
+    first = fx.extract(texts)
+    assert first.n_cached == 0
+    second = fx.extract(texts)
+    assert second.n_cached == len(texts)
+    assert (first.codes != second.codes).nnz == 0
+    np.testing.assert_array_equal(first.codes.indptr, second.codes.indptr)
+    np.testing.assert_array_equal(first.mean_acts, second.mean_acts)
+    np.testing.assert_array_equal(first.n_tokens, second.n_tokens)
+    # a new extractor with the same config reads the same cache; a new text is computed, in place
+    mixed = [texts[2], "a brand new text for the cache", texts[0]]
+    third = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=3, cache=True).extract(mixed)
+    assert third.n_cached == 2
+    np.testing.assert_array_equal(third.codes[0].toarray(), first.codes[2].toarray())
+    np.testing.assert_array_equal(third.codes[2].toarray(), first.codes[0].toarray())
+    # a setting that changes the codes changes the cache key
+    other = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, skip_first_token=True, cache=True)
+    assert other.cache_key() != fx.cache_key()
+    assert other.extract(texts).n_cached == 0
+
+
+def test_skip_first_token(tiny_backbone, tiny_sae, full_model, reference):
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=3, skip_first_token=True, cache=False)
+    ex = fx.extract(TEXTS)
+    ref_codes, ref_means, ref_n = naive(full_model, tiny_backbone.tokenizer, tiny_sae, TEXTS, skip_first=True)
+    np.testing.assert_allclose(ex.codes.toarray(), ref_codes, atol=1e-4)
+    np.testing.assert_allclose(ex.mean_acts, ref_means, atol=1e-5)
+    np.testing.assert_array_equal(ex.n_tokens, reference[2] - 1)
+    # pooling over fewer tokens: never more, and something disappears (position 0 is the same BOS in every text)
+    full = reference[0]
+    assert (ex.codes.toarray() <= full + 1e-6).all()
+    assert not np.allclose(ex.codes.toarray(), full, atol=1e-4)
+    # token_codes: only the first row is blanked
+    toks, z_skip = fx.token_codes(TEXTS[1])
+    _, z_all = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=False).token_codes(TEXTS[1])
+    assert toks[0] == "<s>" and len(toks) == z_all.shape[0]
+    assert (z_skip[0] == 0).all() and (z_all[0] > 0).any()
+    assert torch.equal(z_skip[1:], z_all[1:])
+
+
+@pytest.mark.parametrize("bad", [None, "", "   "])
+def test_null_or_empty_text(tiny_backbone, tiny_sae, bad):
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=True)
+    with pytest.raises(SafetyScopeError, match=r"1 text\(s\) are null or empty \(rows \[1\]\)"):
+        fx.extract(["fine text", bad, "another"])
+
+
+def test_truncation(tiny_backbone, tiny_sae, full_model):
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, max_length=5, batch_size=3, cache=False)
+    ex = fx.extract(TEXTS)
+    lengths = np.array([len(tiny_backbone.tokenizer(t)["input_ids"]) for t in TEXTS])
+    assert ex.n_truncated == int((lengths > 5).sum()) > 0
+    np.testing.assert_array_equal(ex.n_tokens, np.minimum(lengths, 5))
+    ref_codes, _, _ = naive(full_model, tiny_backbone.tokenizer, tiny_sae, TEXTS, max_length=5)
+    np.testing.assert_allclose(ex.codes.toarray(), ref_codes, atol=1e-4)
+
+
+def test_empty_input(tiny_backbone, tiny_sae):
+    ex = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=False).extract([])
+    assert ex.codes.shape == (0, D_SAE) and ex.n_tokens.shape == (0,)
+
+
+def test_bad_settings(tiny_backbone, tiny_sae):
+    with pytest.raises(SafetyScopeError, match=r"layer 4 out of range.*0\.\.3"):
+        FeatureExtractor(tiny_backbone, tiny_sae, 4)
+    with pytest.raises(SafetyScopeError, match="batch_size"):
+        FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=0)
+
+
+def test_from_config(tiny_model_dir, qwen_scope_sae_dir, tiny_backbone, tiny_sae):
+    cfg = FeatureConfig(model=str(tiny_model_dir), sae=str(qwen_scope_sae_dir / "layer1.sae.pt"), dtype="float32",
+                        cache=False)
+    fx = FeatureExtractor.from_config(cfg)
+    assert fx.layer == 1 and fx.sae.cfg.k == 8  # layer from the file name, k from the L0_8 directory
+    ref = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=False).extract(TEXTS).codes.toarray()
+    np.testing.assert_allclose(fx.extract(TEXTS).codes.toarray(), ref, atol=1e-5)
+    with pytest.raises(SafetyScopeError, match="pass --layer"):
+        FeatureExtractor.from_config(FeatureConfig(model=str(tiny_model_dir), sae=str(qwen_scope_sae_dir)))
