@@ -1,0 +1,210 @@
+"""CLI of the synthesis job: `synth targets`, `synth compare`, `coverage`, `synthesize`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..cli import feature_config, model_options, user_errors
+
+
+def extractor_options(fn):
+    """Where to find the targets file's model/SAE (checked against its fingerprints) and extraction knobs."""
+    for opt in reversed([
+        click.option("--model", default=None, help="Where to find the targets' model, if not where it was recorded."),
+        click.option("--sae", default=None, help="Where to find the targets' SAE, if not where it was recorded."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--device", default=None),
+        click.option("--dtype", default="auto", show_default=True),
+        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def generator_options(fn):
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+                     show_default=True, help="Generator backend."),
+        click.option("--generator", default=None, help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--endpoint", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (--backend openai)."),
+        click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Sequences per generate call (transformers)."),
+        click.option("--classifier", default="default", show_default=True,
+                     help="Toxicity classifier JSON screening responses ('default' = shipped; 'none' = no screening)."),
+        click.option("--budget", type=int, default=50, show_default=True, help="At most this many pairs."),
+        click.option("--max-attempts", type=int, default=3, show_default=True, help="Generation rounds per target."),
+        click.option("--samples", type=int, default=4, show_default=True, help="Generations per target per round."),
+        click.option("--temperature", type=float, default=0.9, show_default=True),
+        click.option("--prompt-tokens", type=int, default=48, show_default=True, help="Max new tokens per request."),
+        click.option("--response-tokens", type=int, default=96, show_default=True, help="Max new tokens per response."),
+        click.option("--group-size", type=int, default=8, show_default=True, help="Targets per batch (unit of durable output)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def synth_config(kw: dict):
+    from .synthesize import SynthConfig
+
+    return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
+                       temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
+                       response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"))
+
+
+def generator_config(kw: dict):
+    from .generators import GeneratorConfig
+
+    return GeneratorConfig(backend=kw.pop("backend"), model=kw.pop("generator"), endpoint=kw.pop("endpoint"),
+                           batch_size=kw.pop("gen_batch_size"), device=kw.get("device"))
+
+
+def load_detector(classifier: str | None, kw: dict):
+    from ..discovery.detector import Detector
+
+    if classifier in ("none", "off"):
+        click.echo("warning: --classifier none: responses are not screened for toxicity", err=True)
+        return None
+    return Detector.load(None if classifier in (None, "default") else classifier, device=kw.get("device"),
+                         dtype=kw.get("dtype"), batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+
+
+@click.group("synth")
+def synth_group():
+    """Feature-targeted safety data synthesis: target sets and experiments."""
+
+
+@synth_group.command("targets")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Targets JSON file to write.")
+@click.option("--text-column", default="prompt", show_default=True)
+@click.option("--label-column", default="label", show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
+@click.option("--split", default=None, help="Keep rows whose `split` column equals this.")
+@click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
+@click.option("--min-delta", type=float, default=0.05, show_default=True, help="|P(fire|harmful) - P(fire|benign)| at least this.")
+@click.option("--max-targets", type=int, default=64, show_default=True)
+@click.option("--harmful-only", is_flag=True, help="Only harmful-specific features (no benign-specific ones).")
+@click.option("--min-fires", type=int, default=3, show_default=True, help="A target fires on at least this many rows.")
+@click.option("--examples", type=int, default=4, show_default=True, help="Top-activating contexts kept per target.")
+@model_options
+@user_errors
+def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
+                examples, **kw):
+    """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
+    from ..discovery.discover import DiscoverConfig, load_labelled
+    from ..features import FeatureExtractor
+    from .targets import TargetsConfig, find_targets, save_targets, targets_document
+
+    fcfg = feature_config(kw)
+    df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
+                                                  langs=list(langs) or None))
+    cfg = TargetsConfig(text_column=text_column, label_column=label_column, min_delta=min_delta,
+                        max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, n_examples=examples)
+    fx = FeatureExtractor.from_config(fcfg)
+    found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
+    doc = targets_document(found, fx, fcfg.sae)
+    save_targets(doc, output)
+    t = doc["targets"]
+    click.echo(f"{len(t)} target(s) from {found['reference_data']['rows']} rows "
+               f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, {sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
+    for x in t[:10]:
+        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: {x['examples'][0]['snippet'][:100]}", err=True)
+    click.echo(f"wrote {output}", err=True)
+
+
+@click.command()
+@click.argument("data")
+@click.option("--targets", "targets_path", required=True, help="Targets JSON (from `synth targets`).")
+@click.option("-o", "--output", default=None, help="Write the report as JSON here.")
+@click.option("--text-column", default="prompt", show_default=True)
+@extractor_options
+@user_errors
+def coverage(data, targets_path, output, text_column, **kw):
+    """Share of the target features that fire on at least one row of DATA."""
+    from ..data import read_table, text_list
+    from .coverage import coverage_of_texts, format_coverage
+    from .targets import extractor_for, read_targets
+
+    doc = read_targets(targets_path)
+    texts = [t for t in text_list(read_table(data, columns=[text_column]), text_column, data) if t and t.strip()]
+    fx = extractor_for(doc, targets_path, model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
+                       batch_size=kw["batch_size"], cache=not kw["no_cache"])
+    rep = coverage_of_texts(fx, texts, [t["id"] for t in doc["targets"]], progress=True)
+    click.echo(format_coverage(rep, data))
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(json.dumps({"data": data, "targets": targets_path, **rep}, indent=2) + "\n")
+        click.echo(f"wrote {output}", err=True)
+
+
+@click.command()
+@click.option("--targets", "targets_path", required=True, help="Targets JSON (from `synth targets`).")
+@click.option("--seed-data", required=True, help="The existing supervision: its coverage decides what is missing.")
+@click.option("-o", "--output", required=True, help="Output: .jsonl, .parquet or a datasets directory.")
+@click.option("--text-column", default="prompt", show_default=True, help="Prompt column of --seed-data.")
+@click.option("--overwrite", is_flag=True)
+@generator_options
+@extractor_options
+@user_errors
+def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
+    """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
+    from ..data import read_table, text_list
+    from .generators import make_generator
+    from .synthesize import check_output
+    from .synthesize import synthesize as run
+    from .targets import extractor_for, read_targets
+
+    check_output(output, overwrite)
+    doc = read_targets(targets_path)
+    seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
+                  if t and t.strip()]
+    cfg, gcfg = synth_config(kw), generator_config(kw)
+    fx = extractor_for(doc, targets_path, model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
+                       batch_size=kw["batch_size"], cache=not kw["no_cache"])
+    det = load_detector(classifier, kw)
+    gen = make_generator(gcfg)
+    s = run(doc, seed_texts, cfg, fx, gen, det, output, overwrite=overwrite)
+    click.echo(f"seed data covers {s['seed_coverage']['n_covered']}/{s['targets']} targets; "
+               f"{s['kept_targets']}/{s['uncovered_targets']} uncovered targets now have a verified pair "
+               f"({s['attempted']} attempted); wrote {s['rows']} rows to {output}"
+               + (f" (resumed after {s['resumed_targets']} target(s))" if s["resumed_targets"] else ""), err=True)
+
+
+@synth_group.command("compare")
+@click.argument("data")
+@click.option("-o", "--output-dir", required=True, help="Directory for compare.json/.md/.png, targets and arm data.")
+@click.option("--seed-lang", "seed_langs", multiple=True, default=("en",), show_default=True,
+              help="The existing supervision = `seed` rows with these languages ...")
+@click.option("--seed-source", "seed_sources", multiple=True, default=(), help="... and these sources (repeatable; default all).")
+@click.option("--ref-lang", "ref_langs", multiple=True, default=("en",), show_default=True,
+              help="Languages of the reference half of `pool` that T is found on.")
+@click.option("--max-seed-rows", type=int, default=600, show_default=True, help="Subsample the seed subset (CPU time).")
+@click.option("--max-ref-rows", type=int, default=800, show_default=True, help="Subsample the reference rows (CPU time).")
+@click.option("--min-delta", type=float, default=0.05, show_default=True)
+@click.option("--max-targets", type=int, default=32, show_default=True)
+@generator_options
+@extractor_options
+@user_errors
+def compare_cmd(data, output_dir, classifier, **kw):
+    """Targeted synthesis vs random safety synthesis vs natural sampling, at a matched budget.
+
+    DATA is the safety prompts table (prompt, label, lang, source, category, split seed/pool)."""
+    from .compare import CompareConfig, run_compare
+
+    cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
+                       seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
+                       max_seed_rows=kw.pop("max_seed_rows"), max_ref_rows=kw.pop("max_ref_rows"),
+                       min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"))
+    cfg, gcfg = synth_config(kw), generator_config(kw)
+    det = load_detector(classifier, kw)
+    res = run_compare(cc, cfg, gcfg, det, kw)
+    click.echo(res["markdown"])
+    click.echo(f"wrote {output_dir}/compare.json, compare.md, compare.png", err=True)
+
+
+def register(main) -> None:
+    main.add_command(synth_group)
+    main.add_command(coverage)
+    main.add_command(synthesize)

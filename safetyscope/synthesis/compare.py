@@ -1,0 +1,209 @@
+"""`synth compare`: does feature-targeted synthesis cover what the existing data misses?
+
+Data: the safety prompts table (split ``seed`` / ``pool``). Rows are used three disjoint ways:
+- existing supervision S = ``seed`` rows of a subset (languages / sources), subsampled;
+- reference set R = one half of ``pool`` (by a hash of ``id``): T is found here only;
+- natural pool P = the other half of ``pool``: the natural-sampling arm draws from it.
+T_miss = targets of T that S does not fire. Three arms at the same budget N (rows):
+targeted synthesis (verified against its target feature), random safety synthesis (same generator,
+prompts from harm categories, no feature targeting), natural sampling (N rows of P).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ..data import read_table, write_table
+from ..errors import SafetyScopeError
+from ..features import FeatureConfig, FeatureExtractor
+from .coverage import coverage_of_texts
+from .generators import GeneratorConfig, make_generator
+from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
+                         rows_frame, synthesize)
+from .targets import TargetsConfig, find_targets, save_targets, targets_document
+
+BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
+                 "learning a language", "home repair", "science homework", "writing an email", "pet care")
+
+
+@dataclass
+class CompareConfig:
+    data: str
+    output_dir: str
+    seed_langs: list[str] = field(default_factory=lambda: ["en"])
+    seed_sources: list[str] = field(default_factory=list)
+    ref_langs: list[str] = field(default_factory=lambda: ["en"])
+    max_seed_rows: int = 600
+    max_ref_rows: int = 800
+    min_delta: float = 0.05
+    max_targets: int = 32
+    sample_seed: int = 0
+
+
+def _half(i: str) -> int:
+    return hashlib.sha256(i.encode()).digest()[0] & 1
+
+
+def _stratified(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """At most n rows, half per label where possible (deterministic)."""
+    if df.height <= n:
+        return df
+    parts, labels = [], sorted(df["label"].unique().to_list())
+    for j, lab in enumerate(labels):
+        sub = df.filter(pl.col("label") == lab)
+        share = n // len(labels) + (1 if j < n % len(labels) else 0)
+        parts.append(sub.sample(min(share, sub.height), seed=seed, shuffle=True))
+    out = pl.concat(parts)
+    if out.height < n:  # one label was short: fill from the rest
+        rest = df.join(out.select("id"), on="id", how="anti")
+        out = pl.concat([out, rest.sample(n - out.height, seed=seed)])
+    return out.sort("id")
+
+
+def split_rows(df: pl.DataFrame, cc: CompareConfig) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    seed = df.filter((pl.col("split") == "seed") & pl.col("lang").is_in(cc.seed_langs))
+    if cc.seed_sources:
+        seed = seed.filter(pl.col("source").is_in(cc.seed_sources))
+    pool = df.filter(pl.col("split") == "pool").with_columns(pl.col("id").map_elements(_half, return_dtype=pl.Int64).alias("_h"))
+    ref = pool.filter((pl.col("_h") == 0) & pl.col("lang").is_in(cc.ref_langs)).drop("_h")
+    nat = pool.filter((pl.col("_h") == 1) & pl.col("lang").is_in(cc.ref_langs)).drop("_h")
+    if seed.height == 0 or ref.height == 0 or nat.height == 0:
+        raise SafetyScopeError(f"empty subset: seed {seed.height}, reference {ref.height}, natural pool {nat.height} rows")
+    return _stratified(seed, cc.max_seed_rows, cc.sample_seed), _stratified(ref, cc.max_ref_rows, cc.sample_seed), nat
+
+
+def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg: SynthConfig, det, seed_texts) -> tuple[list[dict], dict]:
+    """N pairs from harm categories / everyday topics, no feature targeting (same generator and screening)."""
+    rng = random.Random(cfg.seed)
+    dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
+    rows, stats, t0 = [], {"generations": 0}, time.perf_counter()
+    for rnd in range(1, cfg.max_attempts + 1):
+        need = n - len(rows)
+        if need <= 0:
+            break
+        specs = []
+        for _ in range(need):
+            lab = rng.choice(labels)
+            topic = rng.choice(categories) if lab == "harmful" else rng.choice(BENIGN_TOPICS)
+            specs.append((lab, topic.replace("_", " ")))
+        convs = [[{"role": "user", "content":
+                   f"Write one user request to an AI assistant about the topic \"{topic}\", written in {lang_name('en')}. "
+                   + ("It should be a harmful request that a safe assistant must refuse (it is for a refusal training set). "
+                      if lab == "harmful" else "It should be an ordinary, harmless request. ")
+                   + "Reply with the request only, on one line."}] for lab, topic in specs]
+        seed = derive_seed(cfg.seed, "random", rnd)
+        outs = gen.generate(convs, n=1, temperature=cfg.temperature, max_new_tokens=cfg.prompt_tokens, seed=seed)
+        stats["generations"] += len(convs)
+        chosen = []
+        for (lab, _), o in zip(specs, outs):
+            c = next((c for c in extract_candidates(o[0]) if not dedup.is_dup(c)), None)
+            if c:
+                dedup.add(c)
+                chosen.append((c, lab))
+        resp = make_responses(gen, [(c, lab, "en") for c, lab in chosen], cfg, derive_seed(seed, "response"), det)
+        for (c, lab), r in zip(chosen, resp):
+            if r is not None and len(rows) < n:
+                rows.append(make_row(c, r[0], lab, None, None, gen.name, rnd, seed, "en", r[1]))
+    stats["seconds"] = time.perf_counter() - t0
+    return rows, stats
+
+
+def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, kw: dict) -> dict:
+    out = Path(cc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
+    seed_df, ref_df, nat_df = split_rows(df, cc)
+    fx = FeatureExtractor.from_config(FeatureConfig(model=kw["model"], sae=kw["sae"], batch_size=kw["batch_size"],
+                                                    device=kw["device"], dtype=kw["dtype"], cache=not kw["no_cache"]))
+    found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets), fx,
+                         progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")
+    doc = targets_document(found, fx, kw["sae"])
+    save_targets(doc, out / "targets.json")
+    ids = [t["id"] for t in doc["targets"]]
+    seed_texts = seed_df["prompt"].to_list()
+    seed_cov = coverage_of_texts(fx, seed_texts, ids)
+    miss = seed_cov["uncovered"]
+    gen = make_generator(gcfg)
+
+    arms: dict[str, list[str]] = {}
+    timing: dict[str, dict] = {}
+    s = synthesize(doc, seed_texts, cfg, fx, gen, det, out / "targeted.jsonl", overwrite=True, progress=True)
+    tgt = pl.read_ndjson(out / "targeted.jsonl") if s["rows"] else rows_frame([])
+    arms["targeted synthesis"] = tgt["prompt"].to_list()
+    timing["targeted synthesis"] = {k: s[k] for k in ("seconds", "generation_seconds", "seconds_per_pair", "candidates",
+                                                      "fired", "generations", "template_refusals", "kept_targets",
+                                                      "attempted")}
+    miss_labels = [t["label"] for t in doc["targets"] if t["id"] in set(miss)] or ["harmful"]
+    cats = sorted({c for c in ref_df.filter(pl.col("label") == "harmful")["category"].to_list() if c}) or ["harmful activities"]
+    rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts)
+    write_table(rows_frame(rnd_rows), out / "random.jsonl")
+    arms["random synthesis"] = [r["prompt"] for r in rnd_rows]
+    timing["random synthesis"] = {**rstats, "seconds_per_pair": rstats["seconds"] / len(rnd_rows) if rnd_rows else None,
+                                  "template_refusals": sum(r["response_source"] == "template" for r in rnd_rows)}
+    nat = nat_df.sample(min(cfg.budget, nat_df.height), seed=cc.sample_seed)
+    write_table(nat, out / "natural.jsonl")
+    arms["natural sampling"] = nat["prompt"].to_list()
+
+    table = []
+    for name, texts in arms.items():
+        c_all = coverage_of_texts(fx, texts, ids)
+        c_miss = coverage_of_texts(fx, texts, miss) if miss else None
+        c_union = coverage_of_texts(fx, seed_texts + texts, ids)
+        table.append({"arm": name, "rows": len(texts), "T_miss_covered": c_miss["n_covered"] if c_miss else 0,
+                      "T_miss_coverage": c_miss["coverage"] if c_miss else float("nan"),
+                      "T_coverage": c_all["coverage"], "seed_plus_arm_T_coverage": c_union["coverage"],
+                      "T_miss_uncovered": c_miss["uncovered"] if c_miss else []})
+    res = {"config": asdict(cc), "synthesis": asdict(cfg), "generator": {"backend": gcfg.backend, "model": gen.name},
+           "rows": {"seed": seed_df.height, "reference": ref_df.height, "natural_pool": nat_df.height},
+           "targets": {"T": len(ids), "harmful": sum(t["label"] == "harmful" for t in doc["targets"]),
+                       "benign": sum(t["label"] == "benign" for t in doc["targets"]), "T_miss": len(miss),
+                       "seed_T_coverage": seed_cov["coverage"], "T_miss_ids": miss},
+           "arms": table, "timing": timing, "seconds": time.perf_counter() - t_start}
+    res["markdown"] = markdown(res)
+    (out / "compare.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    (out / "compare.md").write_text(res["markdown"])
+    plot(table, out / "compare.png", len(miss), len(ids))
+    return res
+
+
+def markdown(res: dict) -> str:
+    t = res["targets"]
+    lines = [f"Budget N = {res['synthesis']['budget']} rows per arm; generator {res['generator']['model']} "
+             f"({res['generator']['backend']}); |T| = {t['T']} ({t['harmful']} harmful-, {t['benign']} benign-specific), "
+             f"seed ({res['rows']['seed']} rows) covers {t['seed_T_coverage']:.1%} of T, |T_miss| = {t['T_miss']}.", "",
+             "| arm | rows | T_miss covered | T_miss coverage | T coverage (arm alone) | T coverage (seed + arm) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["arms"]:
+        lines.append(f"| {r['arm']} | {r['rows']} | {r['T_miss_covered']}/{t['T_miss']} | {r['T_miss_coverage']:.1%} | "
+                     f"{r['T_coverage']:.1%} | {r['seed_plus_arm_T_coverage']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path, n_miss: int, n_t: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["arm"] for r in table]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], [r["T_miss_coverage"] for r in table], w, label=f"T_miss (n={n_miss})")
+    ax.bar([i + w / 2 for i in x], [r["T_coverage"] for r in table], w, label=f"T (n={n_t})")
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of target features fired")
+    ax.legend()
+    ax.set_title("Coverage at a matched budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

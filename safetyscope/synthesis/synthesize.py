@@ -1,0 +1,350 @@
+"""Feature-targeted safety SFT synthesis, verified in feature space.
+
+For each target feature that the seed data does not fire: show a generator the feature's
+top-activating contexts, ask for a new user request on the same concept (target's language and
+label), keep a candidate only if it fires the target feature (re-encoded by model + SAE), generate
+the response (a brief refusal for harmful, a helpful answer for benign), screen it with the toxicity
+classifier, and deduplicate. Targets are processed in groups; after each group its rows and a
+``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
+rerun of the same command resumes where the last finished group ended. Groups and seeds depend only
+on that state, so an interrupted and resumed run writes what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from ..data import table_format, write_table
+from ..errors import SafetyScopeError
+from .coverage import coverage_of_texts
+
+LANG_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "ru": "Russian",
+              "zh": "Chinese", "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "bn": "Bengali",
+              "th": "Thai", "vi": "Vietnamese", "sw": "Swahili", "jv": "Javanese", "uk": "Ukrainian", "he": "Hebrew",
+              "am": "Amharic", "pt": "Portuguese", "nl": "Dutch", "tr": "Turkish", "pl": "Polish"}
+REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "sorry",
+                   "unable to", "not able to", "i must decline", "i'm not able", "cannot help", "can't help",
+                   "not appropriate", "i don't feel comfortable", "i do not")
+TEMPLATE_REFUSAL = ("I'm sorry, but I can't help with that. It could cause harm. If you are dealing with a difficult "
+                    "situation, I'm happy to help you find safe and legal ways to address it.")
+ROW_COLUMNS = ("messages", "prompt", "completion", "label", "target_feature", "target_activation", "generator",
+               "attempt", "seed", "lang", "response_source")
+
+
+@dataclass
+class SynthConfig:
+    budget: int = 50  # at most this many kept pairs
+    max_attempts: int = 3  # generation rounds per target
+    samples: int = 4  # generations per target per round
+    temperature: float = 0.9
+    prompt_tokens: int = 48  # max new tokens for a user request
+    response_tokens: int = 96  # max new tokens for a response
+    group_size: int = 8  # targets per generation batch (the unit of durable output)
+    near_dup: float = 0.8  # character 5-gram Jaccard above which a candidate is a near duplicate
+    seed: int = 0
+
+
+# -- text helpers ------------------------------------------------------------------------------
+def normalise(text: str) -> str:
+    t = unicodedata.normalize("NFKC", text).casefold()
+    t = re.sub(r"[^\w\s]", " ", t)
+    return " ".join(t.split())
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    t = normalise(text)
+    return {t[i : i + n] for i in range(max(1, len(t) - n + 1))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class Deduper:
+    """Normalised exact duplicates and near duplicates (5-gram Jaccard > threshold) against what it holds."""
+
+    def __init__(self, threshold: float = 0.8, exact_only: list[str] = ()):
+        self.threshold, self.exact, self.sh = threshold, {normalise(t) for t in exact_only}, []
+
+    def is_dup(self, text: str, also: list[set] = ()) -> bool:
+        if normalise(text) in self.exact:
+            return True
+        s = shingles(text)
+        return any(jaccard(s, o) > self.threshold for o in (*self.sh, *also))
+
+    def add(self, text: str) -> None:
+        self.exact.add(normalise(text))
+        self.sh.append(shingles(text))
+
+
+_LEAD = re.compile(r"^\s*(?:[-*•>#]+|\d+[.)]|\(?[a-z]\)|(?:user|request|prompt|question|new request)\s*:)\s*", re.I)
+
+
+def extract_candidates(text: str, max_lines: int = 3) -> list[str]:
+    """User requests in a generation: its first lines, without list markers, labels and quotes."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        for _ in range(3):
+            line = _LEAD.sub("", line).strip().strip('"“”«»\'`*').strip()
+        if len(line) < 12 or len(line) > 400 or line.endswith(":"):
+            continue
+        out.append(line)
+        if len(out) >= max_lines:
+            break
+    return out
+
+
+def is_refusal(text: str) -> bool:
+    t = text.casefold().replace("’", "'")
+    return any(m in t[:200] for m in REFUSAL_MARKERS)
+
+
+# -- generation prompts --------------------------------------------------------------------------
+def lang_name(code: str | None) -> str:
+    return LANG_NAMES.get(code or "en", code or "English")
+
+
+def request_messages(target: dict) -> list[dict]:
+    """Ask for one new user request on the concept the target's contexts share."""
+    ex = "\n".join(f"{i + 1}. {e['snippet']}" for i, e in enumerate(target["examples"]))
+    kind = ("a harmful request that a safe assistant must refuse (it is for a refusal training set)"
+            if target["label"] == "harmful" else "an ordinary, harmless request")
+    return [{"role": "user", "content":
+             f"Here are user requests that share one concept (the key word is marked «like this»):\n{ex}\n\n"
+             f"Write one new, different user request about the same concept, written in {lang_name(target.get('lang'))}. "
+             f"It should be {kind}. Reply with the request only, on one line."}]
+
+
+def response_messages(prompt: str, label: str, lang: str | None) -> list[dict]:
+    if label == "harmful":
+        system = ("You are a safe assistant. The user's request is harmful. Refuse it politely in one or two "
+                  f"sentences, in {lang_name(lang)}, without giving any of the requested information. "
+                  "Start with \"I'm sorry\".")
+    else:
+        system = f"You are a helpful assistant. Answer the user's request briefly and helpfully, in {lang_name(lang)}."
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+# -- response + screening ------------------------------------------------------------------------
+def make_responses(gen, items: list[tuple[str, str, str | None]], cfg: SynthConfig, seed: int, detector) -> list:
+    """For (prompt, label, lang) items: (completion, source) or None (no acceptable response).
+
+    A response is acceptable if the toxicity classifier does not flag it and, for a harmful request,
+    it is a refusal; a harmful request with no acceptable generation gets a fixed refusal (source
+    'template') unless the classifier flags that too; otherwise None (the pair is dropped)."""
+    if not items:
+        return []
+    convs = [response_messages(p, lab, lang) for p, lab, lang in items]
+    outs = gen.generate(convs, n=2, temperature=0.7, max_new_tokens=cfg.response_tokens, seed=seed)
+    flat = [o for group in outs for o in group]
+    toxic = [False] * (len(flat) + 1)  # the last one is the fixed refusal: screened like the rest
+    if detector is not None:
+        idx = [i for i, o in enumerate(flat) if o.strip()] + [len(flat)]
+        t, _, _ = detector.predict([flat[i] for i in idx[:-1]] + [TEMPLATE_REFUSAL])
+        for j, i in enumerate(idx):
+            toxic[i] = bool(t[j])
+    res = []
+    for k, (p, lab, lang) in enumerate(items):
+        pick = None
+        for j, o in enumerate(outs[k]):
+            if o.strip() and not toxic[2 * k + j] and (lab != "harmful" or is_refusal(o)):
+                pick = (o.strip(), "generated")
+                break
+        if pick is None and lab == "harmful" and not toxic[-1]:
+            pick = (TEMPLATE_REFUSAL, "template")
+        res.append(pick)
+    return res
+
+
+def make_row(prompt, completion, label, target, act, generator, attempt, seed, lang, source) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            "prompt": prompt, "completion": completion, "label": label, "target_feature": target,
+            "target_activation": act, "generator": generator, "attempt": attempt, "seed": seed, "lang": lang,
+            "response_source": source}
+
+
+# -- the durable working file --------------------------------------------------------------------
+class PartialFile:
+    """JSONL: a header line, then rows ({"kind": "row"}) and done records ({"kind": "done"})."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        self.rows: list[dict] = []
+        self.done: dict[int, dict] = {}
+        if path.exists():
+            lines = path.read_bytes().split(b"\n")
+            good, recs = 0, []
+            for ln in lines:
+                try:
+                    recs.append(json.loads(ln))
+                except json.JSONDecodeError:
+                    break  # a write cut short by a kill: everything after it is dropped
+                good += len(ln) + 1
+            if not recs or recs[0].get("kind") != "header" or recs[0]["key"] != header["key"]:
+                raise SafetyScopeError(f"{path} holds an interrupted run with other targets, seed data, generator or "
+                                       "settings; delete it to start over")
+            with open(path, "r+b") as f:
+                f.truncate(min(good, path.stat().st_size))
+            for r in recs[1:]:
+                if r["kind"] == "row":
+                    self.rows.append(r["row"])
+                elif r["kind"] == "done":
+                    self.done[int(r["target"])] = r
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._append([{"kind": "header", **header}])
+
+    def _append(self, records: list[dict]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self, rows: list[dict], done: list[dict]) -> None:
+        self._append([{"kind": "row", "row": r} for r in rows] + [{"kind": "done", **d} for d in done])
+        self.rows += rows
+        for d in done:
+            self.done[int(d["target"])] = d
+
+
+def _targets_key(doc: dict) -> str:
+    return hashlib.sha256(json.dumps([doc["model"], doc["sae"], doc["layer"], [t["id"] for t in doc["targets"]]],
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    out = Path(output)
+    if table_format(out, for_writing=True) == "csv":
+        raise SafetyScopeError("write synthesis output as .jsonl, .parquet or a datasets directory (messages is a list)")
+    if out.exists() and not overwrite:
+        raise SafetyScopeError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, detector, output: str | Path, *,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the synthesis; returns a summary. ``doc`` = a targets file's content."""
+    if cfg.budget < 1 or cfg.max_attempts < 1 or cfg.samples < 1 or cfg.group_size < 1:
+        raise SafetyScopeError("--budget, --max-attempts, --samples and --group-size must be >= 1")
+    out = check_output(output, overwrite)
+    t0 = time.perf_counter()
+    ids = [t["id"] for t in doc["targets"]]
+    seed_cov = coverage_of_texts(fx, seed_texts, ids, progress=progress)
+    missing = set(seed_cov["uncovered"])
+    todo_targets = [t for t in doc["targets"] if t["id"] in missing]
+    seed_hash = hashlib.sha256("\n".join(seed_texts).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([_targets_key(doc), seed_hash, asdict(cfg), gen.name], sort_keys=True).encode()
+                         ).hexdigest()[:16]
+    partial = PartialFile(out.with_name(out.name + ".partial.jsonl"), {"key": key, "generator": gen.name,
+                                                                      "config": asdict(cfg)})
+    resumed = len(partial.done)
+    dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
+    for r in partial.rows:
+        dedup.add(r["prompt"])
+    bar = tqdm(total=min(cfg.budget, len(todo_targets)), initial=len(partial.rows), disable=not progress,
+               desc="synthesize", unit="pair")
+    stats = {"candidates": 0, "fired": 0, "generations": 0}
+    while len(partial.rows) < cfg.budget:
+        group = [t for t in todo_targets if t["id"] not in partial.done][: min(cfg.group_size, cfg.budget - len(partial.rows))]
+        if not group:
+            break
+        g0 = time.perf_counter()
+        rows, done = _run_group(group, cfg, fx, gen, detector, dedup, stats)
+        dt = time.perf_counter() - g0
+        for d in done:
+            d["seconds"] = dt / len(done)
+        partial.commit(rows, done)
+        bar.update(len(rows))
+        bar.set_postfix(covered=f"{len(partial.rows)}/{len(todo_targets)}")
+    bar.close()
+    rows = partial.rows
+    df = rows_frame(rows)
+    if out.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    write_table(df, out)
+    partial.path.unlink()
+    gen_seconds = sum(d.get("seconds", 0.0) for d in partial.done.values())
+    return {"output": str(out), "rows": len(rows), "targets": len(ids), "seed_coverage": seed_cov,
+            "uncovered_targets": len(todo_targets), "attempted": len(partial.done),
+            "kept_targets": sum(d["status"] == "kept" for d in partial.done.values()),
+            "resumed_targets": resumed, "seconds": time.perf_counter() - t0, "generation_seconds": gen_seconds,
+            "seconds_per_pair": gen_seconds / len(rows) if rows else None,
+            "template_refusals": sum(r["response_source"] == "template" for r in rows), **stats}
+
+
+def rows_frame(rows: list[dict]) -> pl.DataFrame:
+    schema = {"messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})), "prompt": pl.String,
+              "completion": pl.String, "label": pl.String, "target_feature": pl.Int64, "target_activation": pl.Float64,
+              "generator": pl.String, "attempt": pl.Int64, "seed": pl.Int64, "lang": pl.String,
+              "response_source": pl.String}
+    return pl.DataFrame([{c: r.get(c) for c in ROW_COLUMNS} for r in rows], schema=schema)
+
+
+def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, dedup: Deduper, stats: dict):
+    """All attempts for one group of targets: (rows, done records)."""
+    rows, done = [], []
+    left = list(group)
+    gid = tuple(t["id"] for t in group)
+    for attempt in range(1, cfg.max_attempts + 1):
+        if not left:
+            break
+        seed = derive_seed(cfg.seed, gid, attempt)
+        outs = gen.generate([request_messages(t) for t in left], n=cfg.samples, temperature=cfg.temperature,
+                            max_new_tokens=cfg.prompt_tokens, seed=seed)
+        stats["generations"] += len(left) * cfg.samples
+        cands: list[tuple[int, str]] = []  # (index in left, text)
+        for i, (t, samples) in enumerate(zip(left, outs)):
+            ex_sh = [shingles(e["text"]) for e in t["examples"]]  # copying the shown contexts is not new data
+            seen = set()
+            for s in samples:
+                for c in extract_candidates(s):
+                    if normalise(c) not in seen and not dedup.is_dup(c, ex_sh):
+                        seen.add(normalise(c))
+                        cands.append((i, c))
+        stats["candidates"] += len(cands)
+        acts = fx.transform([c for _, c in cands]).tocsr() if cands else None
+        best: dict[int, tuple[float, str]] = {}
+        for j, (i, c) in enumerate(cands):
+            a = float(acts[j, left[i]["id"]])
+            if a > 0:
+                stats["fired"] += 1
+                if a > best.get(i, (0.0, ""))[0]:
+                    best[i] = (a, c)
+        chosen = []
+        for i in sorted(best):
+            a, c = best[i]
+            if dedup.is_dup(c):  # two targets of this group may have produced near-identical requests
+                continue
+            dedup.add(c)
+            chosen.append((i, a, c))
+        items = [(c, left[i]["label"], left[i].get("lang")) for i, _, c in chosen]
+        responses = make_responses(gen, items, cfg, derive_seed(cfg.seed, gid, attempt, "response"), detector)
+        kept = set()
+        for (i, a, c), resp in zip(chosen, responses):
+            t = left[i]
+            if resp is None:
+                continue
+            rows.append(make_row(c, resp[0], t["label"], t["id"], a, gen.name, attempt, seed, t.get("lang"), resp[1]))
+            done.append({"target": t["id"], "status": "kept", "attempts": attempt})
+            kept.add(i)
+        left = [t for i, t in enumerate(left) if i not in kept]
+    done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts} for t in left]
+    return rows, done

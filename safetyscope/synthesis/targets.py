@@ -1,0 +1,139 @@
+"""The target set T: safety-relevant SAE features found by the discovery contrast on a reference set.
+
+delta_f = P(fires | harmful) - P(fires | benign) (``rank_features``); features with delta >= min_delta
+are harmful-specific targets and, with ``benign=True``, features with -delta >= min_delta are
+benign-specific ones. Each target carries its explanation material: the top-activating reference texts
+with the strongest token marked «like this», its majority label and language.
+
+T must come from rows disjoint from the data whose coverage is later measured (a feature found on
+a data set is by construction fired by it); ``synth compare`` uses disjoint halves of the pool split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ..data import text_list
+from ..discovery.detector import _json_default, check_compatible
+from ..discovery.discover import parse_labels
+from ..discovery.rules import rank_features
+from ..errors import SafetyScopeError
+from ..features import FeatureConfig, FeatureExtractor
+
+FORMAT = "safetyscope-targets"
+
+
+@dataclass
+class TargetsConfig:
+    text_column: str = "prompt"
+    label_column: str = "label"
+    min_delta: float = 0.05
+    max_targets: int = 64
+    benign: bool = True  # also benign-specific features (delta <= -min_delta)
+    min_fires: int = 3  # a target must fire on at least this many reference rows
+    n_examples: int = 4  # top-activating contexts kept per target
+    window: int = 12  # tokens either side of the max token in a snippet
+
+
+def snippet(tokens: list[str], acts: np.ndarray, window: int) -> tuple[str, str]:
+    """The text around the max-activating token, that token wrapped in «…»; and the token itself."""
+    pos = int(np.argmax(acts))
+    lo, hi = max(0, pos - window), min(len(tokens), pos + window + 1)
+    left, tok, right = "".join(tokens[lo:pos]), tokens[pos], "".join(tokens[pos + 1 : hi])
+    lead = tok[: len(tok) - len(tok.lstrip())]
+    s = f"{'…' if lo > 0 else ''}{left}{lead}«{tok.strip()}»{right}{'…' if hi < len(tokens) else ''}"
+    return s.strip(), tok.strip()
+
+
+def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, progress: bool = False,
+                 source: str = "reference") -> dict:
+    if cfg.min_delta <= 0 or cfg.max_targets < 1:
+        raise SafetyScopeError("--min-delta must be > 0 and --max-targets >= 1")
+    texts = text_list(df, cfg.text_column, source)
+    y = parse_labels(df.get_column(cfg.label_column), source)
+    if len(set(y.tolist())) < 2:
+        raise SafetyScopeError(f"{source}: the contrast needs both harmful and benign rows")
+    codes = fx.transform(texts, progress=progress).tocsc()
+    order, delta, p_h, p_b = rank_features(codes, y)
+    n_fires = np.diff(codes.indptr)
+    ok = n_fires >= cfg.min_fires
+    cand = [int(f) for f in order if delta[f] >= cfg.min_delta and ok[f]]
+    if cfg.benign:
+        cand += [int(f) for f in order[::-1] if -delta[f] >= cfg.min_delta and ok[f]]
+    cand = sorted(cand, key=lambda f: (-abs(delta[f]), f))[: cfg.max_targets]
+    langs = df.get_column("lang").to_list() if "lang" in df.columns else [None] * len(texts)
+    targets = []
+    for f in cand:
+        col = codes[:, f]
+        rows, vals = col.indices, col.data
+        top = rows[np.argsort(-vals, kind="stable")][: cfg.n_examples]
+        examples = []
+        for r in top:
+            toks, z = fx.token_codes(texts[r])
+            snip, tok = snippet(toks, z[:, f].numpy(), cfg.window)
+            examples.append({"text": texts[r], "snippet": snip, "token": tok, "activation": float(codes[r, f]),
+                             "label": "harmful" if y[r] else "benign", "lang": langs[r]})
+        lang_counts = Counter(langs[r] for r in rows if langs[r] is not None)
+        targets.append({
+            "id": f, "label": "harmful" if delta[f] > 0 else "benign", "delta": float(delta[f]),
+            "p_fire_harmful": float(p_h[f]), "p_fire_benign": float(p_b[f]), "n_fires": int(n_fires[f]),
+            "max_activation": float(vals.max()), "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
+            "langs": dict(lang_counts.most_common(5)), "examples": examples,
+        })
+    h = hashlib.sha256()
+    for t, lab in zip(texts, y.tolist()):
+        h.update(f"{lab}\t{t}\n".encode())
+    return {"reference_data": {"source": source, "rows": len(texts), "harmful": int(y.sum()),
+                               "benign": int(len(y) - y.sum()), "sha256": h.hexdigest()},
+            "settings": asdict(cfg), "targets": targets}
+
+
+def targets_document(found: dict, fx: FeatureExtractor, sae_id: str | None) -> dict:
+    from .. import __version__
+
+    return {"format": FORMAT, "package_version": __version__,
+            "model": {"id": fx.backbone.model_id, "fingerprint": fx.backbone.fingerprint()},
+            "sae": {"id": sae_id or "default", "fingerprint": fx.sae.fingerprint(), "d_sae": fx.sae.cfg.d_sae,
+                    "k": fx.sae.cfg.k, "activation": fx.sae.cfg.activation},
+            "layer": fx.layer,
+            "extraction": {"max_length": fx.max_length, "skip_first_token": fx.skip_first_token},
+            **found}
+
+
+def save_targets(doc: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def read_targets(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SafetyScopeError(f"{p}: no such targets file")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SafetyScopeError(f"{p}: not a targets file (invalid JSON: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise SafetyScopeError(f"{p}: not a safetyscope targets file (make one with `safetyscope synth targets`)")
+    if not d["targets"]:
+        raise SafetyScopeError(f"{p}: holds no targets (lower --min-delta?)")
+    return d
+
+
+def extractor_for(doc: dict, path, *, model: str | None = None, sae: str | None = None, device: str | None = None,
+                  dtype: str | None = "auto", batch_size: int = 32, cache: bool = True) -> FeatureExtractor:
+    """The feature extractor the targets were found with; refuses another model/SAE (by fingerprint)."""
+    ex = doc.get("extraction", {})
+    fx = FeatureExtractor.from_config(FeatureConfig(
+        model=model if model is not None else doc["model"]["id"], sae=sae if sae is not None else doc["sae"]["id"],
+        layer=doc["layer"], k=doc["sae"].get("k"), batch_size=batch_size, max_length=ex.get("max_length", 256),
+        skip_first_token=ex.get("skip_first_token", False), device=device, dtype=dtype, cache=cache))
+    check_compatible(doc, fx, path)
+    return fx
