@@ -86,11 +86,12 @@ def synth_group():
 @click.option("--max-targets", type=int, default=64, show_default=True)
 @click.option("--harmful-only", is_flag=True, help="Only harmful-specific features (no benign-specific ones).")
 @click.option("--min-fires", type=int, default=3, show_default=True, help="A target fires on at least this many rows.")
+@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of rows.")
 @click.option("--examples", type=int, default=4, show_default=True, help="Top-activating contexts kept per target.")
 @model_options
 @user_errors
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
-                examples, **kw):
+                max_fire_rate, examples, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.discover import DiscoverConfig, load_labelled
     from ..features import FeatureExtractor
@@ -100,7 +101,8 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
                                                   langs=list(langs) or None))
     cfg = TargetsConfig(text_column=text_column, label_column=label_column, min_delta=min_delta,
-                        max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, n_examples=examples)
+                        max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, max_fire_rate=max_fire_rate,
+                        n_examples=examples)
     fx = FeatureExtractor.from_config(fcfg)
     found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
     doc = targets_document(found, fx, fcfg.sae)
@@ -184,6 +186,7 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @click.option("--max-ref-rows", type=int, default=800, show_default=True, help="Subsample the reference rows (CPU time).")
 @click.option("--min-delta", type=float, default=0.05, show_default=True)
 @click.option("--max-targets", type=int, default=32, show_default=True)
+@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of reference rows.")
 @generator_options
 @extractor_options
 @user_errors
@@ -196,7 +199,8 @@ def compare_cmd(data, output_dir, classifier, **kw):
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
                        max_seed_rows=kw.pop("max_seed_rows"), max_ref_rows=kw.pop("max_ref_rows"),
-                       min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"))
+                       min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"),
+                       max_fire_rate=kw.pop("max_fire_rate"))
     cfg, gcfg = synth_config(kw), generator_config(kw)
     det = load_detector(classifier, kw)
     res = run_compare(cc, cfg, gcfg, det, kw)

@@ -44,6 +44,7 @@ class CompareConfig:
     max_ref_rows: int = 800
     min_delta: float = 0.05
     max_targets: int = 32
+    max_fire_rate: float = 1.0
     sample_seed: int = 0
 
 
@@ -123,7 +124,8 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     seed_df, ref_df, nat_df = split_rows(df, cc)
     fx = FeatureExtractor.from_config(FeatureConfig(model=kw["model"], sae=kw["sae"], batch_size=kw["batch_size"],
                                                     device=kw["device"], dtype=kw["dtype"], cache=not kw["no_cache"]))
-    found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets), fx,
+    found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets,
+                                                      max_fire_rate=cc.max_fire_rate), fx,
                          progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")
     doc = targets_document(found, fx, kw["sae"])
     save_targets(doc, out / "targets.json")

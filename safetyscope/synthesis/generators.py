@@ -109,7 +109,9 @@ class VLLMGenerator:
         self.name, path = resolve_model(cfg.model)
         on_cpu = cfg.device == "cpu" or not _cuda()
         dtype = "bfloat16" if cfg.dtype in (None, "auto") else cfg.dtype
-        self.llm = LLM(model=path, dtype=dtype, enforce_eager=on_cpu, seed=0)
+        # on CPU this fraction is of host memory (KV cache): keep it small beside other processes
+        mem = {"gpu_memory_utilization": 0.2} if on_cpu else {}
+        self.llm = LLM(model=path, dtype=dtype, enforce_eager=on_cpu, seed=0, **mem)
 
     def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
         from vllm import SamplingParams

@@ -38,6 +38,7 @@ class TargetsConfig:
     max_targets: int = 64
     benign: bool = True  # also benign-specific features (delta <= -min_delta)
     min_fires: int = 3  # a target must fire on at least this many reference rows
+    max_fire_rate: float = 1.0  # ... and on at most this share of them (specific features, not generic ones)
     n_examples: int = 4  # top-activating contexts kept per target
     window: int = 12  # tokens either side of the max token in a snippet
 
@@ -63,7 +64,7 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
     codes = fx.transform(texts, progress=progress).tocsc()
     order, delta, p_h, p_b = rank_features(codes, y)
     n_fires = np.diff(codes.indptr)
-    ok = n_fires >= cfg.min_fires
+    ok = (n_fires >= cfg.min_fires) & (n_fires <= cfg.max_fire_rate * len(texts))
     cand = [int(f) for f in order if delta[f] >= cfg.min_delta and ok[f]]
     if cfg.benign:
         cand += [int(f) for f in order[::-1] if -delta[f] >= cfg.min_delta and ok[f]]
