@@ -114,7 +114,6 @@ def _register_subcommands() -> None:
     main.add_command(sae_group)
     register_discovery(main)
     main.add_command(eval_command)
-    __import__("safetyscope.synthesis.cli", fromlist=["register"]).register(main)
     main.add_command(overlap_command)
 
 
