@@ -38,7 +38,8 @@ def model_options(fn):
         click.option("--k", type=int, default=None, help="Override k of a TopK SAE (Qwen-Scope files do not store it)."),
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--max-length", type=int, default=256, show_default=True, help="Tokens kept per text."),
-        click.option("--skip-first-token", is_flag=True, help="Leave out position 0 (attention sink) when pooling."),
+        click.option("--skip-first-token/--keep-first-token", default=None,
+                     help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
         click.option("--dtype", default="auto", show_default=True, help="auto (bf16), float32, bfloat16, float16."),
         click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
@@ -114,6 +115,7 @@ def _register_subcommands() -> None:
     main.add_command(sae_group)
     register_discovery(main)
     main.add_command(eval_command)
+    __import__("safetyscope.synthesis.cli", fromlist=["register"]).register(main)
     main.add_command(overlap_command)
 
 
