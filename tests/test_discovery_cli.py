@@ -65,6 +65,37 @@ def test_discover_writes_a_complete_classifier_file(classifier, tiny_backbone, t
     assert "text" not in json.dumps(d["rule"])  # statistics only, no data
 
 
+def test_layer_scan_keeps_the_best_layer_and_scores_the_multi_layer_variant(tmp_path, tiny_model_dir,
+                                                                           qwen_scope_sae_dir, tiny_backbone):
+    import numpy as np
+
+    from safetyscope.discovery.rules import rank_features
+    from safetyscope.features import FeatureExtractor
+    from safetyscope.sae import load_sae
+
+    out = tmp_path / "scan.json"
+    res = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+                "--scan-layers", ",".join(map(str, SAE_LAYERS)), "--dtype", "float32", "--no-cache"])
+    d = json.loads(out.read_text())
+    scan = d["layer_scan"]
+    # recompute each layer's best single-feature delta directly
+    texts = [t for t in CORPUS * 4]
+    y = np.array([int(any(w in t for w in TOXIC_WORDS)) for t in texts])
+    best = {}
+    for layer in SAE_LAYERS:
+        fx = FeatureExtractor(tiny_backbone, load_sae(str(qwen_scope_sae_dir), layer=layer), layer, cache=False)
+        order, delta, _, _ = rank_features(fx.transform(texts, progress=False), y)
+        best[layer] = float(delta[order[0]])
+        assert scan["layers"][str(layer)]["best_feature"] == int(order[0])
+        assert scan["layers"][str(layer)]["best_delta"] == pytest.approx(best[layer])
+    assert d["layer"] == scan["chosen"] == max(best, key=lambda la: (best[la], -la))
+    multi = scan["multi_layer"]
+    assert [m["m"] for m in multi] == list(range(1, len(SAE_LAYERS) + 1))
+    assert [f[0] for f in multi[-1]["features"]] == sorted(best, key=lambda la: (-best[la], la))
+    assert all(0 <= m["holdout_f1"] <= 1 for m in multi)
+    assert "multi-layer variant" in res.output
+
+
 def test_lang_filter_and_numeric_labels(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     out = tmp_path / "en.json"
     _run(["discover", _labelled(tmp_path, "int"), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..cli import feature_config, model_options, user_errors
+from ..ray_engine import ray_options
 
 
 def _fpr_cap(value: str) -> float | None:
@@ -46,6 +47,12 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
     for f in r["features"][:10]:
         click.echo("  feature " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items()), err=True)
+    scan = det.meta.get("layer_scan")
+    if scan:
+        click.echo("layer scan (best single-feature delta): " + ", ".join(
+            f"{la}: {v['best_delta']:.3f}" for la, v in scan["layers"].items()) + f"; kept layer {scan['chosen']}", err=True)
+        click.echo("multi-layer variant (best feature of each of the top m layers, OR-ed; hold-out F1): " + ", ".join(
+            f"m={v['m']}: {v['holdout_f1']:.3f}" for v in scan["multi_layer"]), err=True)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -77,13 +84,24 @@ def runtime_options(fn):
 @click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 @runtime_options
+@ray_options
 @user_errors
-def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, **kw):
+def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, engine, address, workers,
+             gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
     from .classify import classify_file
 
-    det = _detector(classifier, kw)
-    s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)
+    if engine == "ray":
+        from ..ray_engine import run_classify_ray
+
+        s = run_classify_ray(input_path, output, classifier=None if classifier in (None, "default") else classifier,
+                             model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
+                             batch_size=kw["batch_size"], cache=not kw["no_cache"], text_column=text_column,
+                             chunk_rows=chunk_rows, overwrite=overwrite, address=address, workers=workers,
+                             gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
+    else:
+        det = _detector(classifier, kw)
+        s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)
     click.echo(f"wrote {s['rows']} rows to {output}: {s['toxic']} toxic, {s['skipped']} without text"
                + (f" (resumed after {s['resumed_chunks']} chunk(s))" if s["resumed_chunks"] else ""), err=True)
 

@@ -101,7 +101,7 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         scan = None
     else:  # one backbone, one SAE per layer; keep the layer whose best single feature separates most
         backbone = Backbone.from_pretrained(fcfg.model, device=fcfg.device, dtype=fcfg.dtype)
-        scan, best = {}, None
+        scan, best, by_layer = {}, None, {}
         for layer in layers:
             sae = load_sae(fcfg.sae, layer=layer, k=fcfg.k)
             fx_l = FeatureExtractor(backbone, sae, layer, batch_size=fcfg.batch_size, max_length=fcfg.max_length,
@@ -109,6 +109,7 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
             codes_l = fx_l.transform(texts, progress=progress)
             order, delta, _, _ = rank_features(codes_l, y, cfg.threshold)
             scan[layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}
+            by_layer[layer] = codes_l
             if best is None or scan[layer]["best_delta"] > scan[best[0]]["best_delta"]:
                 best = (layer, fx_l, codes_l)
         _, fx, codes = best
@@ -116,5 +117,28 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "settings": {"kind": cfg.kind, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed}}
     if scan:
-        meta["layer_scan"] = scan
+        meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
+                              "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
     return Detector(fx, rule, meta)
+
+
+def multi_layer_scan(codes_by_layer: dict, y: np.ndarray, scan: dict, threshold: float, seed: int,
+                     holdout: float = 0.25) -> list[dict]:
+    """The report's multi-layer variant: the best single feature of each of the top-m layers (by best
+    delta), OR-ed. Features are ranked on the fitting part and F1 is measured on a stratified hold-out
+    of the discovery data, for m = 1 .. number of layers, so it can be set beside the single-layer rule."""
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import train_test_split
+
+    idx_fit, idx_val = train_test_split(np.arange(len(y)), test_size=holdout, stratify=y, random_state=seed)
+    ranked = sorted(scan, key=lambda layer: (-scan[layer]["best_delta"], layer))
+    fires, feats, out = np.zeros(len(idx_val), dtype=bool), [], []
+    for layer in ranked:
+        X = codes_by_layer[layer]
+        order, _, _, _ = rank_features(X[idx_fit], y[idx_fit], threshold)
+        f = int(order[0])
+        feats.append([int(layer), f])
+        fires |= np.asarray((X[idx_val][:, f] > threshold).todense()).ravel()
+        out.append({"m": len(feats), "features": list(feats),
+                    "holdout_f1": float(f1_score(y[idx_val], fires.astype(int), zero_division=0))})
+    return out
