@@ -19,14 +19,13 @@ contribute all they have. Deterministic: the same inputs and arguments give the 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from pathlib import Path
 
 import polars as pl
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from build_sae_corpus import DATA, discovery_splits  # the same rule for which toxicity rows may be used
 
 
 def _balanced(df: pl.DataFrame, by: str, cap: int, seed: int) -> pl.DataFrame:
@@ -50,13 +49,9 @@ def _balanced(df: pl.DataFrame, by: str, cap: int, seed: int) -> pl.DataFrame:
 
 def toxicity_rows(data: Path, cap: int, seed: int) -> pl.DataFrame:
     frames = []
-    for f in sorted(glob.glob(str(data / "toxicity" / "*.parquet"))):
-        if Path(f).name == "ci_sample.parquet":
-            continue
-        df = pl.read_parquet(f).filter(pl.col("split") == "discovery")
-        assert set(df["split"].unique()) <= {"discovery"}
+    for stem, df in discovery_splits(data):
         df = _balanced(df.select("text", "label", "lang"), "label", cap, seed)
-        frames.append(df.select("text", pl.lit("toxicity:" + Path(f).stem).alias("source"), "lang"))
+        frames.append(df.select("text", pl.lit("toxicity:" + stem).alias("source"), "lang"))
     return pl.concat(frames)
 
 

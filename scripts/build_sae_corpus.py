@@ -30,15 +30,21 @@ import polars as pl
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def toxicity_rows(data: Path) -> pl.DataFrame:
-    frames = []
+def discovery_splits(data: Path) -> list[tuple[str, pl.DataFrame]]:
+    """(language file stem, its `discovery` rows) per toxicity file; never `test`, never the CI sample
+    (it repeats rows of the other files)."""
+    out = []
     for f in sorted(glob.glob(str(data / "toxicity" / "*.parquet"))):
         if Path(f).name == "ci_sample.parquet":
             continue
         df = pl.read_parquet(f).filter(pl.col("split") == "discovery")
-        assert set(df["split"].unique()) <= {"discovery"}
-        frames.append(df.select(pl.col("text"), pl.lit("toxicity:" + Path(f).stem).alias("source")))
-    return pl.concat(frames)
+        out.append((Path(f).stem, df))
+    return out
+
+
+def toxicity_rows(data: Path) -> pl.DataFrame:
+    return pl.concat([df.select(pl.col("text"), pl.lit("toxicity:" + stem).alias("source"))
+                      for stem, df in discovery_splits(data)])
 
 
 def safety_rows(data: Path) -> pl.DataFrame:
