@@ -335,3 +335,87 @@ def test_end_to_end_with_the_embedded_default(tmp_path, tiny_model_dir):
           "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none"])
     df = pl.read_ndjson(out)
     assert df.height <= 2 and (df["target_activation"] > 0).all()
+
+
+@pytest.fixture
+def safety_table(tmp_path):
+    """A tiny safety prompts table: pool rows (both labels) for T and the natural arm, and a few seed rows of one
+    source that cannot fire everything (so T_miss is not empty)."""
+    rows = []
+    for v in range(4):
+        for i, t in enumerate(CORPUS):
+            harmful = any(w in t for w in TOXIC_WORDS)
+            rows.append({"id": f"pool:{v}-{i}", "prompt": t if v == 0 else f"{t} {CORPUS[(i + v) % len(CORPUS)].split()[-1]}",
+                         "label": "harmful" if harmful else "benign", "lang": "en", "source": "pool_src",
+                         "category": "insults" if harmful else "", "split": "pool"})
+    for i, t in enumerate(["thank you so much for your help today", "my cat sleeps on the sofa every afternoon",
+                           "go away you worthless piece of garbage"]):
+        rows.append({"id": f"seed:{i}", "prompt": t, "label": "harmful" if "garbage" in t else "benign", "lang": "en",
+                     "source": "seed_src", "category": "", "split": "seed"})
+    rows.append({"id": "other:0", "prompt": "what is the capital city of france ?", "label": "benign", "lang": "en",
+                 "source": "other_src", "category": "", "split": "seed"})  # not in the --seed-source subset
+    p = tmp_path / "prompts.parquet"
+    pl.DataFrame(rows).write_parquet(p)
+    return p
+
+
+def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir):
+    from safetyscope.synthesis.compare import _half
+    from safetyscope.synthesis.targets import extractor_for, read_targets
+
+    out = tmp_path / "cmp"
+    budget = 6
+    res = _run(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
+                "--max-targets", 16, "--budget", budget, "--samples", 4, "--max-attempts", 3, "--group-size", 3,
+                "--prompt-tokens", 16, "--response-tokens", 6, "--generator", tiny_model_dir, "--classifier", "none",
+                *model_args])
+    r = json.loads((out / "compare.json").read_text())
+    for f in ("compare.md", "compare.png", "targets.json", "targeted.jsonl", "random.jsonl", "natural.jsonl"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.partial.jsonl"))
+    assert [a["arm"] for a in r["arms"]] == ["targeted synthesis", "random synthesis", "natural sampling"]
+    assert r["rows"]["seed"] == 3 and r["generator"]["backend"] == "transformers"
+    assert r["features"]["layer"] == SAE_LAYERS[0] and "| targeted synthesis |" in res.output
+
+    # T comes from the reference half of pool only; the natural arm from the other half
+    doc = read_targets(out / "targets.json")
+    fx = extractor_for(doc, out / "targets.json", dtype="float32")
+    ids = [t["id"] for t in doc["targets"]]
+    assert len(ids) == r["targets"]["T"] > 0 and doc["reference_data"]["rows"] == r["rows"]["reference"]
+    nat = pl.read_ndjson(out / "natural.jsonl")
+    assert nat.height == budget and all(_half(i) == 1 for i in nat["id"]) and set(nat["split"]) == {"pool"}
+
+    # T_miss = the targets that the seed subset does not fire (re-encoded here)
+    seed = pl.read_parquet(safety_table).filter(pl.col("source") == "seed_src")["prompt"].to_list()
+    codes = fx.transform(seed).toarray()
+    miss = [t for t in ids if codes[:, t].max() <= 0]
+    assert r["targets"]["T_miss_ids"] == miss and r["targets"]["T_miss"] == len(miss) > 0
+
+    # every arm's numbers = coverage recomputed on the data the arm wrote
+    files = {"targeted synthesis": "targeted.jsonl", "random synthesis": "random.jsonl", "natural sampling": "natural.jsonl"}
+    for arm in r["arms"]:
+        texts = pl.read_ndjson(out / files[arm["arm"]])["prompt"].to_list() if arm["rows"] else []
+        assert arm["rows"] == len(texts) <= budget
+        c = fx.transform(texts).toarray() if texts else np.zeros((0, fx.sae.cfg.d_sae))
+        fired = {t for t in ids if len(texts) and c[:, t].max() > 0}
+        assert arm["T_coverage"] == pytest.approx(len(fired) / len(ids))
+        assert arm["T_miss_covered"] == len(fired & set(miss))
+        assert arm["T_miss_coverage"] == pytest.approx(len(fired & set(miss)) / len(miss))
+        assert set(arm["T_miss_uncovered"]) == set(miss) - fired
+        union = {t for t in ids if np.vstack([codes, c]).max(axis=0)[t] > 0}
+        assert arm["seed_plus_arm_T_coverage"] == pytest.approx(len(union) / len(ids))
+
+    # targeted rows: each fires its own (distinct) T_miss target, with the recorded activation
+    tgt = pl.read_ndjson(out / "targeted.jsonl")
+    assert tgt.height > 0 and tgt["target_feature"].n_unique() == tgt.height
+    assert set(tgt["target_feature"]) <= set(miss)
+    c = fx.transform(tgt["prompt"].to_list())
+    for j, (t, a) in enumerate(zip(tgt["target_feature"], tgt["target_activation"])):
+        assert c[j, t] > 0 and c[j, t] == pytest.approx(a, rel=1e-4)
+    assert r["arms"][0]["T_miss_covered"] >= tgt.height
+    assert r["timing"]["targeted synthesis"]["seconds_per_pair"] > 0
+    rnd = pl.read_ndjson(out / "random.jsonl")
+    assert rnd.height > 0 and rnd["target_feature"].is_null().all()
+    assert all(m[0]["role"] == "user" and m[1]["role"] == "assistant" for m in rnd["messages"].to_list())
+    assert (out / "compare.md").read_text() == r["markdown"]

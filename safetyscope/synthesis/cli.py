@@ -57,7 +57,8 @@ def generator_config(kw: dict):
     from .generators import GeneratorConfig
 
     return GeneratorConfig(backend=kw.pop("backend"), model=kw.pop("generator"), endpoint=kw.pop("endpoint"),
-                           batch_size=kw.pop("gen_batch_size"), device=kw.get("device"))
+                           batch_size=kw.pop("gen_batch_size"), device=kw.get("device"),
+                           dtype=kw.get("dtype") or "auto")
 
 
 def load_detector(classifier: str | None, kw: dict):
@@ -94,8 +95,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
                 max_fire_rate, examples, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.discover import DiscoverConfig, load_labelled
-    from ..features import FeatureExtractor
-    from .targets import TargetsConfig, find_targets, save_targets, targets_document
+    from .targets import TargetsConfig, build_extractor, find_targets, save_targets, targets_document
 
     fcfg = feature_config(kw)
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
@@ -103,7 +103,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     cfg = TargetsConfig(text_column=text_column, label_column=label_column, min_delta=min_delta,
                         max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, max_fire_rate=max_fire_rate,
                         n_examples=examples)
-    fx = FeatureExtractor.from_config(fcfg)
+    fx = build_extractor(fcfg)
     found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
     doc = targets_document(found, fx, fcfg.sae)
     save_targets(doc, output)
@@ -187,23 +187,25 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @click.option("--min-delta", type=float, default=0.05, show_default=True)
 @click.option("--max-targets", type=int, default=32, show_default=True)
 @click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of reference rows.")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the row subsampling and natural draw.")
 @generator_options
-@extractor_options
+@model_options
 @user_errors
 def compare_cmd(data, output_dir, classifier, **kw):
     """Targeted synthesis vs random safety synthesis vs natural sampling, at a matched budget.
 
-    DATA is the safety prompts table (prompt, label, lang, source, category, split seed/pool)."""
+    DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
     from .compare import CompareConfig, run_compare
 
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
                        max_seed_rows=kw.pop("max_seed_rows"), max_ref_rows=kw.pop("max_ref_rows"),
                        min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"),
-                       max_fire_rate=kw.pop("max_fire_rate"))
+                       max_fire_rate=kw.pop("max_fire_rate"), sample_seed=kw.pop("sample_seed"))
     cfg, gcfg = synth_config(kw), generator_config(kw)
     det = load_detector(classifier, kw)
-    res = run_compare(cc, cfg, gcfg, det, kw)
+    fcfg = feature_config(kw)
+    res = run_compare(cc, cfg, gcfg, det, fcfg)
     click.echo(res["markdown"])
     click.echo(f"wrote {output_dir}/compare.json, compare.md, compare.png", err=True)
 

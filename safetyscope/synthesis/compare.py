@@ -22,12 +22,12 @@ import polars as pl
 
 from ..data import read_table, write_table
 from ..errors import SafetyScopeError
-from ..features import FeatureConfig, FeatureExtractor
+from ..features import FeatureConfig
 from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
                          rows_frame, synthesize)
-from .targets import TargetsConfig, find_targets, save_targets, targets_document
+from .targets import TargetsConfig, build_extractor, find_targets, save_targets, targets_document
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
                  "learning a language", "home repair", "science homework", "writing an email", "pet care")
@@ -116,18 +116,17 @@ def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg:
     return rows, stats
 
 
-def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, kw: dict) -> dict:
+def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, fcfg: FeatureConfig) -> dict:
     out = Path(cc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
     seed_df, ref_df, nat_df = split_rows(df, cc)
-    fx = FeatureExtractor.from_config(FeatureConfig(model=kw["model"], sae=kw["sae"], batch_size=kw["batch_size"],
-                                                    device=kw["device"], dtype=kw["dtype"], cache=not kw["no_cache"]))
+    fx = build_extractor(fcfg)
     found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets,
                                                       max_fire_rate=cc.max_fire_rate), fx,
                          progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")
-    doc = targets_document(found, fx, kw["sae"])
+    doc = targets_document(found, fx, fcfg.sae)
     save_targets(doc, out / "targets.json")
     ids = [t["id"] for t in doc["targets"]]
     seed_texts = seed_df["prompt"].to_list()
@@ -164,6 +163,9 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
                       "T_coverage": c_all["coverage"], "seed_plus_arm_T_coverage": c_union["coverage"],
                       "T_miss_uncovered": c_miss["uncovered"] if c_miss else []})
     res = {"config": asdict(cc), "synthesis": asdict(cfg), "generator": {"backend": gcfg.backend, "model": gen.name},
+           "features": {"model": fx.backbone.model_id, "sae": fcfg.sae or "default", "layer": fx.layer,
+                        "d_sae": fx.sae.cfg.d_sae, "k": fx.sae.cfg.k, "skip_first_token": fx.skip_first_token,
+                        "max_length": fx.max_length},
            "rows": {"seed": seed_df.height, "reference": ref_df.height, "natural_pool": nat_df.height},
            "targets": {"T": len(ids), "harmful": sum(t["label"] == "harmful" for t in doc["targets"]),
                        "benign": sum(t["label"] == "benign" for t in doc["targets"]), "T_miss": len(miss),

@@ -128,6 +128,19 @@ def read_targets(path: str | Path) -> dict:
     return d
 
 
+def build_extractor(fcfg: FeatureConfig) -> FeatureExtractor:
+    """``FeatureExtractor.from_config``, with ``skip_first_token=None`` meaning "as the SAE was trained":
+    skip position 0 when the SAE's training record says it was left out (the embedded SAEs)."""
+    from dataclasses import replace
+
+    skip = fcfg.skip_first_token
+    fx = FeatureExtractor.from_config(replace(fcfg, skip_first_token=bool(skip)))
+    if skip is None and fx.sae.cfg.extra.get("position_0_excluded"):
+        fx = FeatureExtractor(fx.backbone, fx.sae, fx.layer, batch_size=fcfg.batch_size, max_length=fcfg.max_length,
+                              skip_first_token=True, pool=fcfg.pool, cache=fcfg.cache)
+    return fx
+
+
 def extractor_for(doc: dict, path, *, model: str | None = None, sae: str | None = None, device: str | None = None,
                   dtype: str | None = "auto", batch_size: int = 32, cache: bool = True) -> FeatureExtractor:
     """The feature extractor the targets were found with; refuses another model/SAE (by fingerprint)."""
