@@ -10,6 +10,7 @@ import sys
 import click
 
 from .errors import SafetyScopeError
+from .ray_engine import ray_options
 
 
 def user_errors(fn):
@@ -79,8 +80,10 @@ def main():
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
 @click.option("--text-column", default="text", show_default=True)
 @model_options
+@ray_options
 @user_errors
-def features(input_path, output, text_column, **kw):
+def features(input_path, output, text_column, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
+             **kw):
     """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
     import polars as pl
 
@@ -88,6 +91,14 @@ def features(input_path, output, text_column, **kw):
     from .features import FeatureExtractor
 
     cfg = feature_config(kw)
+    if engine == "ray":
+        from .ray_engine import run_features_ray
+
+        s = run_features_ray(input_path, output, cfg, text_column=text_column, address=address, workers=workers,
+                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
+        click.echo(f"wrote {s['rows']} rows to {output} (ray, {workers} worker(s)): "
+                   f"mean {s['mean_features']:.1f} features per text", err=True)
+        return
     df = read_table(input_path, columns=[text_column])
     texts = text_list(df, text_column, input_path)
     fx = FeatureExtractor.from_config(cfg)

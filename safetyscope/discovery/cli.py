@@ -87,7 +87,7 @@ def runtime_options(fn):
 @ray_options
 @user_errors
 def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, engine, address, workers,
-             gpus_per_worker, ray_batch_size, **kw):
+             cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
     from .classify import classify_file
 
@@ -98,7 +98,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, overwrite,
                              model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
                              batch_size=kw["batch_size"], cache=not kw["no_cache"], text_column=text_column,
                              chunk_rows=chunk_rows, overwrite=overwrite, address=address, workers=workers,
-                             gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
+                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
     else:
         det = _detector(classifier, kw)
         s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)

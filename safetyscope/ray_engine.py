@@ -1,0 +1,386 @@
+"""`features` and `classify` on a Ray cluster through Ray Data (``--engine ray``; ``pip install 'safetyscope[ray]'``).
+
+The input is read as a Ray dataset, given a row index 0..n-1 in file order (per-block offsets), cut into
+blocks of exactly ``batch_rows`` rows and mapped by a pool of actors, each of which loads the model,
+SAE and classifier once and runs the local engine's own code (``FeatureExtractor.extract``,
+``classify_chunk``) on whole aligned chunks, so a ``classify`` chunk holds the same rows as the local
+engine's ``--chunk-rows`` chunk and the values are bitwise the same. Results stream back to the driver
+as parquet shards in row order (``preserve_order``); the driver checks the index is exactly 0..n-1 (a
+restarted actor can neither lose nor duplicate rows unnoticed; shards out of order would be sorted), drops
+it and writes OUTPUT with the local engine's writer, one shard in memory at a time for ``classify``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import click
+import polars as pl
+
+from .errors import SafetyScopeError
+
+ROW = "__safetyscope_row"
+READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".ndjson": "read_json", ".json": "read_json"}
+MAX_RESTARTS = 4  # per actor: a dead actor is restarted and its batch retried, this many times
+CRASH_ONCE_ENV = "SAFETYSCOPE_RAY_CRASH_ONCE"  # tests: path of a marker file; the first batch to create it kills its actor
+
+
+def ray_options(fn):
+    """--engine and the Ray knobs, shared by `features` and `classify`."""
+    for opt in reversed([
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="ray: Ray Data actor pool on a Ray cluster (pip install 'safetyscope[ray]')."),
+        click.option("--address", default=None, help="Ray address: ray://host:10001, auto, ... [default: start or join a local Ray]."),
+        click.option("--workers", type=int, default=1, show_default=True, help="Ray actors, each holding one model copy."),
+        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+                     help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
+        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+                     help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
+        click.option("--ray-batch-size", type=int, default=None, help="Rows per Ray batch [default: --chunk-rows for classify, 1024 for features]."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise SafetyScopeError("--engine ray needs Ray: pip install 'safetyscope[ray]'") from None
+    return ray
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join the given/running Ray or start a local one; True when we started it (and must shut it down)."""
+    _check_reachable(address)
+    if ray.is_initialized():
+        return False
+    import logging
+
+    kw = {"include_dashboard": False} if address in (None, "local") else {}
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kw)
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError ... depending on the address form
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SafetyScopeError(f"cannot reach Ray at {address or 'a local instance'}: {msg}") from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on host:port / ray://host:port that nothing listens on (ray.init would retry for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise SafetyScopeError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
+
+
+def _env() -> dict:
+    """Settings the actors must share with the driver (cache location, offline hub ...)."""
+    keys = [k for k in os.environ if k.startswith(("SAFETYSCOPE_", "HF_"))] + ["TRANSFORMERS_OFFLINE"]
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def _read(ray, path: str, text_column: str):
+    suffix = Path(path).suffix.lower()
+    if suffix not in READERS and "://" not in path and Path(path).is_dir() and any(Path(path).glob("*.parquet")):
+        suffix = ".parquet"  # a directory of parquet files
+    if suffix not in READERS:
+        raise SafetyScopeError(f"{path}: --engine ray reads .parquet, .csv and .jsonl files (or a directory of parquet files)")
+    if "://" not in path and not Path(path).exists():
+        raise SafetyScopeError(f"{path}: no such file or directory")
+    try:
+        ds = getattr(ray.data, READERS[suffix])(path)
+        names = ds.schema().names
+    except Exception as e:
+        raise SafetyScopeError(f"{path}: Ray cannot read it: {str(e).strip().splitlines()[0]}") from None
+    if text_column not in names:
+        raise SafetyScopeError(f"{path}: missing column(s) {[text_column]}; columns present: {names}")
+    if ROW in names:
+        raise SafetyScopeError(f"{path}: column {ROW!r} is reserved by --engine ray")
+    return ds
+
+
+def _run(ray, ds, actor, ctor_kwargs: dict, *, batch_rows: int, workers: int, cpus: float, gpus: float,
+         shards: Path) -> tuple[list[Path], int]:
+    """Index, map with the actor pool, stream the results to parquet shards under ``shards``.
+
+    Returns the shard files (still holding ROW) in row order and the input row count, after checking that
+    their ROW column is exactly 0..n-1: no row lost, none duplicated (whatever actors died on the way)."""
+    if batch_rows < 1 or workers < 1 or cpus <= 0 or gpus < 0:
+        raise SafetyScopeError("--ray-batch-size and --workers must be >= 1, --cpus-per-worker > 0, "
+                               "--gpus-per-worker >= 0")
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # blocks come back in file order
+    try:  # read everything before the actors start: they hold a CPU each, and read tasks queued behind
+        # them on a small cluster would wait forever. The texts sit in the object store (spilled if large).
+        refs = ds.to_arrow_refs()
+        counts = ray.get([ray.remote(_num_rows).remote(r) for r in refs])
+    except Exception as e:
+        raise SafetyScopeError(f"Ray cannot read the input: {str(e).strip().splitlines()[0]}") from None
+    n = sum(counts)
+    if n == 0:
+        raise SafetyScopeError("the input has no rows")
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    index = ray.remote(_add_index)
+    ds = ray.data.from_arrow_refs([index.remote(r, o) for r, o, c in zip(refs, offsets, counts) if c])
+    try:  # blocks of exactly batch_rows rows, so each actor call sees whole aligned chunks
+        ds = ds.repartition(target_num_rows_per_block=batch_rows, strict=True)
+    except TypeError:  # older Ray: still correct (the actor splits by chunk), values then match to rounding
+        pass
+    ds = ds.materialize()  # repartition too runs before the actors take the CPUs
+    with warnings.catch_warnings():  # Ray 2.60 flags max_restarts/max_task_retries as "ray_remote_args"
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(actor, fn_constructor_kwargs={**ctor_kwargs, "chunk_rows": batch_rows},
+                            batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=cpus, num_gpus=gpus or None, max_restarts=MAX_RESTARTS,
+                            max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": _env()})
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir(parents=True)
+    files, expected, in_order = [], 0, True
+    try:
+        for i, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            if not table.num_rows:
+                continue
+            rows = table.column(ROW).to_numpy()
+            if in_order and np.array_equal(rows, np.arange(expected, expected + len(rows))):
+                expected += len(rows)  # the usual case: shards arrive in row order (preserve_order)
+            else:
+                in_order = False
+            files.append(shards / f"shard-{i:06d}.parquet")
+            pq.write_table(table, files[-1])
+    except Exception as e:
+        raise _user_error(e) or e
+    if in_order and expected == n:
+        return files, n
+    # out of order (not expected with preserve_order): sort in memory, then check the index is exactly 0..n-1
+    df = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed").sort(ROW) if files else None
+    got = 0 if df is None else df.height
+    if got != n or not df.get_column(ROW).equals(pl.Series(ROW, range(n), dtype=df.schema[ROW])):
+        raise SafetyScopeError(f"Ray returned {got} rows for {n} input rows (or a broken row index); nothing written")
+    for f in files:
+        f.unlink()
+    files = [shards / "sorted.parquet"]
+    df.write_parquet(files[0])
+    return files, n
+
+
+def _parts(files: list[Path], stats=None):
+    """Rewrite the ordered shards without ROW, one in memory at a time; ``stats(df)`` sees each."""
+    # blocks read from several csv/jsonl files may infer different types (null vs string ...): one schema for all
+    schema = pl.concat([pl.read_parquet(f, n_rows=0) for f in files], how="vertical_relaxed").schema
+    out = []
+    for f in files:
+        df = pl.read_parquet(f).drop(ROW)
+        df = df.cast({c: t for c, t in schema.items() if c in df.columns and df.schema[c] != t})
+        if stats:
+            stats(df)
+        part = f.with_name(f.stem + ".part.parquet")
+        df.write_parquet(part)
+        f.unlink()
+        out.append(part)
+    return out
+
+
+def _num_rows(table) -> int:
+    return table.num_rows
+
+
+def _add_index(table, offset: int):
+    import pyarrow as pa
+
+    return table.append_column(ROW, pa.array(range(offset, offset + table.num_rows), pa.int64()))
+
+
+def _user_error(e: BaseException) -> SafetyScopeError | None:
+    """A SafetyScopeError raised inside an actor, however Ray wrapped it, as a one-line error here."""
+    seen, first = set(), e
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, SafetyScopeError) and not str(e).lstrip().startswith(("ray::", "Traceback")):
+            return SafetyScopeError(str(e).strip().splitlines()[-1])
+        e = getattr(e, "cause", None) or e.__cause__
+    tag = "SafetyScopeError: "
+    lines = [ln for ln in str(first).splitlines() if tag in ln]
+    return SafetyScopeError(lines[-1].split(tag, 1)[1].strip()) if lines else None
+
+
+def _with_ray(fn, address, *args, **kwargs):
+    ray = _ray()
+    started = _connect(ray, address)
+    try:
+        return fn(ray, *args, **kwargs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "text", address: str | None = None,
+                     workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                     batch_rows: int | None = None) -> dict:
+    """`features` on Ray: writes OUTPUT (id?, feature_ids, feature_acts) as the local engine does."""
+    from .data import table_format, write_table
+
+    table_format(output, for_writing=True)
+
+    def go(ray):
+        ds = _read(ray, input_path, text_column)
+        with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=Path(output).resolve().parent) as tmp:
+            files, n = _run(ray, ds, _FeatureActor, {"cfg": cfg, "text_column": text_column},
+                            batch_rows=batch_rows or 1024, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker,
+                            shards=Path(tmp) / "shards")
+            df = pl.concat([pl.read_parquet(f).drop(ROW) for f in files], how="vertical_relaxed")  # as local: all in memory
+        write_table(df, output)
+        return {"rows": n, "mean_features": df.get_column("feature_ids").list.len().mean()}
+
+    Path(output).resolve().parent.mkdir(parents=True, exist_ok=True)
+    return _with_ray(go, address)
+
+
+def run_classify_ray(input_path: str, output: str, *, classifier: str | None = None, model: str | None = None,
+                     sae: str | None = None, device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
+                     cache: bool = True, text_column: str = "text", chunk_rows: int = 1024, overwrite: bool = False,
+                     address: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
+                     gpus_per_worker: float = 0.0, batch_rows: int | None = None) -> dict:
+    """`classify` on Ray: the same OUTPUT and stats as `classify_file` (no resume: Ray retries instead)."""
+    from .data import table_format
+    from .discovery.classify import _assemble
+    from .discovery.detector import read_classifier
+
+    out = Path(output)
+    fmt = table_format(out, for_writing=True)
+    if out.exists() and not overwrite:
+        raise SafetyScopeError(f"{out} already exists; pass --overwrite to replace it")
+    if "://" not in input_path and out.resolve() == Path(input_path).resolve():
+        raise SafetyScopeError("the output must not be the input file")
+    clf = read_classifier(classifier)  # validated here; its text travels to the actors (no shared disk needed)
+    import json
+
+    ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier, "text_column": text_column,
+            "load": {"model": model, "sae": sae, "device": device, "dtype": dtype, "batch_size": batch_size, "cache": cache}}
+
+    def go(ray):
+        t0 = time.perf_counter()
+        ds = _read(ray, input_path, text_column)
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=out.resolve().parent) as tmp:
+            files, n = _run(ray, ds, _ClassifyActor, ctor, batch_rows=batch_rows or chunk_rows, workers=workers,
+                            cpus=cpus_per_worker, gpus=gpus_per_worker, shards=Path(tmp) / "shards")
+            counts = [0, 0]
+
+            def count(df):
+                counts[0] += int(df.get_column("toxic").sum() or 0)
+                counts[1] += int((df.get_column("status") != "ok").sum())
+
+            # streamed, one shard in memory at a time, through the local engine's own writer (same bytes per format)
+            _assemble(_parts(files, count), out, fmt)
+            toxic, skipped = counts
+        return {"rows": n, "resumed_chunks": 0, "toxic": int(toxic), "skipped": int(skipped),
+                "seconds": time.perf_counter() - t0}
+
+    return _with_ray(go, address)
+
+
+# -- actors (one model copy each) ------------------------------------------------------------------
+def _chunks(table, chunk_rows: int):
+    """The batch as polars frames, one per aligned chunk (row index // chunk_rows), in row order."""
+    df = pl.from_arrow(table).sort(ROW)
+    if df.height == 0:
+        return []
+    return df.with_columns((pl.col(ROW) // chunk_rows).alias("__chunk")).partition_by("__chunk", maintain_order=True,
+                                                                                     include_key=False)
+
+
+def _maybe_crash() -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)  # an abrupt death (like an OOM kill): Ray restarts the actor and retries the batch
+
+
+class _FeatureActor:
+    # The model loads on the first batch, once per actor: an error there (a SafetyScopeError) is then a
+    # task error that reaches the driver as one line, where a failed constructor would be retried.
+    def __init__(self, cfg, text_column: str, chunk_rows: int):
+        self.cfg, self.fx, self.text_column, self.chunk_rows = cfg, None, text_column, chunk_rows
+
+    def __call__(self, table):
+        from .features import FeatureExtractor
+
+        _maybe_crash()
+        if self.fx is None:
+            self.fx = FeatureExtractor.from_config(self.cfg)
+        outs = []
+        for df in _chunks(table, self.chunk_rows):
+            texts = df.get_column(self.text_column)
+            if texts.dtype != pl.String and texts.dtype != pl.Null:
+                raise SafetyScopeError(f"column {self.text_column!r} holds {texts.dtype}, not text")
+            texts = texts.to_list()
+            bad = [r for r, t in zip(df.get_column(ROW).to_list(), texts) if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise SafetyScopeError(f"{len(bad)}+ text(s) are null or empty (rows {bad[:10]}); drop them first")
+            codes = self.fx.extract(texts).codes
+            # the same frame as the local `features` command builds
+            ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+            acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+            out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
+                               schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+            if "id" in df.columns:
+                out = out.insert_column(0, df.get_column("id"))
+            outs.append(out.insert_column(0, df.get_column(ROW)))
+        return pl.concat(outs).to_arrow() if outs else table.select([ROW])
+
+
+class _ClassifyActor:
+    def __init__(self, classifier_json: str | None, classifier_name: str | None, text_column: str, chunk_rows: int,
+                 load: dict):
+        self.clf, self.name, self.load, self.det = classifier_json, classifier_name, load, None
+        self.text_column, self.chunk_rows = text_column, chunk_rows
+
+    def _load(self):
+        from .discovery.detector import Detector
+
+        path = None
+        if self.clf is not None:
+            fd, path = tempfile.mkstemp(suffix=".json", prefix="safetyscope-classifier-")
+            with os.fdopen(fd, "w") as f:
+                f.write(self.clf)
+        try:
+            return Detector.load(path, **self.load)
+        except SafetyScopeError as e:
+            raise SafetyScopeError(str(e).replace(str(path), str(self.name))) from None
+        finally:
+            if path:
+                os.unlink(path)
+
+    def __call__(self, table):
+        from .discovery.classify import classify_chunk
+
+        _maybe_crash()
+        if self.det is None:
+            self.det = self._load()
+        outs = [classify_chunk(self.det, df, self.text_column) for df in _chunks(table, self.chunk_rows)]
+        return pl.concat(outs).to_arrow() if outs else table
