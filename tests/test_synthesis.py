@@ -203,6 +203,23 @@ def test_verification_keeps_only_rows_that_fire_their_target(tmp_path, targets, 
     assert all(m[0]["role"] == "user" and m[1]["role"] == "assistant" for m in df["messages"].to_list())
     assert df.columns[:9] == ["messages", "prompt", "completion", "label", "target_feature", "target_activation",
                               "generator", "attempt", "seed"]
+    miss = s["seed_coverage"]["uncovered"]
+    dense = codes.toarray()
+    assert s["output_coverage"]["covered"] == [t for t in miss if dense[:, t].max() > 0]
+    assert s["kept_targets"] == df.height and s["output_coverage"]["n_covered"] >= df.height
+
+    # one target per group: no pair is made for a target that an earlier pair already fires
+    seed_texts = pl.read_ndjson(seed_data)["prompt"].to_list()
+    one = synthesize(doc, seed_texts, SynthConfig(budget=10, samples=3, group_size=1), fx, Canned(), None,
+                     tmp_path / "one.jsonl", progress=False)
+    d1 = pl.read_ndjson(tmp_path / "one.jsonl")
+    c1 = fx.transform(d1["prompt"].to_list()).toarray()
+    for j, t in enumerate(d1["target_feature"]):
+        assert j == 0 or c1[:j, t].max() <= 0
+    assert one["incidental_targets"] > 0 and one["output_coverage"]["n_covered"] >= one["kept_targets"] + one["incidental_targets"]
+    every = synthesize(doc, seed_texts, SynthConfig(budget=10, samples=3, group_size=1, skip_covered=False), fx,
+                       Canned(), None, tmp_path / "every.jsonl", progress=False)
+    assert every["incidental_targets"] == 0 and every["rows"] >= one["rows"]
 
 
 def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, classifier):

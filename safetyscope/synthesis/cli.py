@@ -40,6 +40,8 @@ def generator_options(fn):
         click.option("--response-tokens", type=int, default=96, show_default=True, help="Max new tokens per response."),
         click.option("--group-size", type=int, default=8, show_default=True, help="Targets per batch (unit of durable output)."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--skip-covered/--no-skip-covered", default=True, show_default=True,
+                     help="Do not generate for a target that an earlier kept pair already fires."),
     ]):
         fn = opt(fn)
     return fn
@@ -50,7 +52,8 @@ def synth_config(kw: dict):
 
     return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
-                       response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"))
+                       response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
+                       skip_covered=kw.pop("skip_covered"))
 
 
 def generator_config(kw: dict):
@@ -170,7 +173,8 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
     s = run(doc, seed_texts, cfg, fx, gen, det, output, overwrite=overwrite)
     click.echo(f"seed data covers {s['seed_coverage']['n_covered']}/{s['targets']} targets; "
                f"{s['kept_targets']}/{s['uncovered_targets']} uncovered targets now have a verified pair "
-               f"({s['attempted']} attempted); wrote {s['rows']} rows to {output}"
+               f"({s['attempted']} attempted), {s['output_coverage']['n_covered']}/{s['uncovered_targets']} fire on "
+               f"the output; wrote {s['rows']} rows to {output}"
                + (f" (resumed after {s['resumed_targets']} target(s))" if s["resumed_targets"] else ""), err=True)
 
 

@@ -141,7 +141,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     arms["targeted synthesis"] = tgt["prompt"].to_list()
     timing["targeted synthesis"] = {k: s[k] for k in ("seconds", "generation_seconds", "seconds_per_pair", "candidates",
                                                       "fired", "generations", "template_refusals", "kept_targets",
-                                                      "attempted")}
+                                                      "incidental_targets", "attempted")}
     miss_labels = [t["label"] for t in doc["targets"] if t["id"] in set(miss)] or ["harmful"]
     cats = sorted({c for c in ref_df.filter(pl.col("label") == "harmful")["category"].to_list() if c}) or ["harmful activities"]
     rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts)

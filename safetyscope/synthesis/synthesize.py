@@ -52,6 +52,7 @@ class SynthConfig:
     group_size: int = 8  # targets per generation batch (the unit of durable output)
     near_dup: float = 0.8  # character 5-gram Jaccard above which a candidate is a near duplicate
     seed: int = 0
+    skip_covered: bool = True  # a target that a kept pair already fires is not generated for again
 
 
 # -- text helpers ------------------------------------------------------------------------------
@@ -265,13 +266,21 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
         if not group:
             break
         g0 = time.perf_counter()
-        rows, done = _run_group(group, cfg, fx, gen, detector, dedup, stats)
+        rows, done, fired = _run_group(group, cfg, fx, gen, detector, dedup, stats)
         dt = time.perf_counter() - g0
         for d in done:
             d["seconds"] = dt / len(done)
+        if cfg.skip_covered:  # targets fired by this group's pairs (not only their own target) are covered now
+            for d in done:
+                if d["status"] == "failed" and d["target"] in fired:
+                    d["status"] = "covered"
+            own = {d["target"] for d in done}
+            done += [{"target": t["id"], "status": "covered", "attempts": 0, "seconds": 0.0} for t in todo_targets
+                     if t["id"] in fired and t["id"] not in own and t["id"] not in partial.done]
         partial.commit(rows, done)
         bar.update(len(rows))
-        bar.set_postfix(covered=f"{len(partial.rows)}/{len(todo_targets)}")
+        n_cov = sum(d["status"] in ("kept", "covered") for d in partial.done.values())
+        bar.set_postfix(covered=f"{n_cov}/{len(todo_targets)}")
     bar.close()
     rows = partial.rows
     df = rows_frame(rows)
@@ -281,10 +290,13 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     write_table(df, out)
     partial.path.unlink()
+    out_cov = coverage_of_texts(fx, [r["prompt"] for r in rows], [t["id"] for t in todo_targets])
     gen_seconds = sum(d.get("seconds", 0.0) for d in partial.done.values())
     return {"output": str(out), "rows": len(rows), "targets": len(ids), "seed_coverage": seed_cov,
-            "uncovered_targets": len(todo_targets), "attempted": len(partial.done),
+            "uncovered_targets": len(todo_targets), "attempted": sum(d["attempts"] > 0 for d in partial.done.values()),
             "kept_targets": sum(d["status"] == "kept" for d in partial.done.values()),
+            "incidental_targets": sum(d["status"] == "covered" for d in partial.done.values()),
+            "output_coverage": out_cov,
             "resumed_targets": resumed, "seconds": time.perf_counter() - t0, "generation_seconds": gen_seconds,
             "seconds_per_pair": gen_seconds / len(rows) if rows else None,
             "template_refusals": sum(r["response_source"] == "template" for r in rows), **stats}
@@ -299,8 +311,8 @@ def rows_frame(rows: list[dict]) -> pl.DataFrame:
 
 
 def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, dedup: Deduper, stats: dict):
-    """All attempts for one group of targets: (rows, done records)."""
-    rows, done = [], []
+    """All attempts for one group of targets: (rows, done records, features fired by the kept prompts)."""
+    rows, done, fired = [], [], set()
     left = list(group)
     gid = tuple(t["id"] for t in group)
     for attempt in range(1, cfg.max_attempts + 1):
@@ -321,30 +333,32 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, dedup: De
                         cands.append((i, c))
         stats["candidates"] += len(cands)
         acts = fx.transform([c for _, c in cands]).tocsr() if cands else None
-        best: dict[int, tuple[float, str]] = {}
+        best: dict[int, tuple[float, str, int]] = {}
         for j, (i, c) in enumerate(cands):
             a = float(acts[j, left[i]["id"]])
             if a > 0:
                 stats["fired"] += 1
-                if a > best.get(i, (0.0, ""))[0]:
-                    best[i] = (a, c)
+                if a > best.get(i, (0.0, "", -1))[0]:
+                    best[i] = (a, c, j)
         chosen = []
         for i in sorted(best):
-            a, c = best[i]
+            a, c, j = best[i]
             if dedup.is_dup(c):  # two targets of this group may have produced near-identical requests
                 continue
             dedup.add(c)
-            chosen.append((i, a, c))
-        items = [(c, left[i]["label"], left[i].get("lang")) for i, _, c in chosen]
+            chosen.append((i, a, c, j))
+        items = [(c, left[i]["label"], left[i].get("lang")) for i, _, c, _ in chosen]
         responses = make_responses(gen, items, cfg, derive_seed(cfg.seed, gid, attempt, "response"), detector)
         kept = set()
-        for (i, a, c), resp in zip(chosen, responses):
+        for (i, a, c, j), resp in zip(chosen, responses):
             t = left[i]
             if resp is None:
                 continue
             rows.append(make_row(c, resp[0], t["label"], t["id"], a, gen.name, attempt, seed, t.get("lang"), resp[1]))
             done.append({"target": t["id"], "status": "kept", "attempts": attempt})
             kept.add(i)
+            lo, hi = acts.indptr[j], acts.indptr[j + 1]
+            fired.update(int(f) for f, v in zip(acts.indices[lo:hi], acts.data[lo:hi]) if v > 0)
         left = [t for i, t in enumerate(left) if i not in kept]
     done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts} for t in left]
-    return rows, done
+    return rows, done, fired
