@@ -32,7 +32,9 @@ class FeatureConfig:
     k: int | None = None  # override a TopK SAE's k
     batch_size: int = 32
     max_length: int = 256
-    skip_first_token: bool = False  # the first position is an attention sink with outlier norms
+    # the first position is an attention sink with outlier norms; None = as the SAE was trained
+    # (left out when its training record says position 0 was excluded, as for the embedded SAEs)
+    skip_first_token: bool | None = None
     pool: str = "max"  # "max": max over tokens (fires anywhere); "last": the last token's code only
     device: str | None = None
     dtype: str | None = "auto"
@@ -50,7 +52,7 @@ class Extraction:
 
 class FeatureExtractor:
     def __init__(self, backbone: Backbone, sae: SAE, layer: int, *, batch_size: int = 32, max_length: int = 256,
-                 skip_first_token: bool = False, pool: str = "max", cache: bool = True):
+                 skip_first_token: bool | None = None, pool: str = "max", cache: bool = True):
         if sae.cfg.d_model != backbone.d_model:
             raise SafetyScopeError(f"SAE width mismatch: the SAE reads d_model={sae.cfg.d_model} but "
                                    f"{backbone.model_id} has hidden size {backbone.d_model}")
@@ -60,6 +62,8 @@ class FeatureExtractor:
             raise SafetyScopeError(f"pool must be 'max' or 'last', not {pool!r}")
         if batch_size < 1 or max_length < 2:
             raise SafetyScopeError("batch_size must be >= 1 and max_length >= 2")
+        if skip_first_token is None:  # encode the tokens the SAE was trained on
+            skip_first_token = bool(sae.cfg.extra.get("position_0_excluded", False))
         self.backbone, self.sae, self.layer = backbone, sae.to(backbone.device), layer
         self.batch_size, self.max_length, self.skip_first_token = batch_size, max_length, skip_first_token
         self.pool = pool
