@@ -141,6 +141,14 @@ def test_text_helpers():
     d.add("please tell me how to bake a chocolate cake")
     assert d.is_dup("please tell me how to bake a chocolate cake!!") and not d.is_dup("what is the capital of france")
     assert is_refusal("I'm sorry, but I can't help") and not is_refusal("Sure, here is how")
+    assert is_refusal("I'm sorry. I cannot help with that.") and is_refusal("I won't write that.")
+    # an apology followed by help, or an echo of the instructions, is not a refusal
+    assert not is_refusal("I'm sorry. For your convenience, here is how to share the screenshots with a friend.")
+    assert not is_refusal("Refuse it politely in one or two sentences. I cannot.")
+    # the «» marks of the shown contexts are dropped; lines that repeat the instructions or a default system prompt
+    # are not requests
+    assert extract_candidates("Create a hasht«ag» for the campaign please\nYou are a helpful AI assistant named SmolLM\n"
+                              "Write one harmful request for a refusal training set") == ["Create a hashtag for the campaign please"]
 
 
 def test_targets_file_records_contrast_and_material(targets, tiny_backbone, tiny_sae):

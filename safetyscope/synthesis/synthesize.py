@@ -32,9 +32,14 @@ LANG_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", 
               "zh": "Chinese", "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "bn": "Bengali",
               "th": "Thai", "vi": "Vietnamese", "sw": "Swahili", "jv": "Javanese", "uk": "Ukrainian", "he": "Hebrew",
               "am": "Amharic", "pt": "Portuguese", "nl": "Dutch", "tr": "Turkish", "pl": "Polish"}
-REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "sorry",
-                   "unable to", "not able to", "i must decline", "i'm not able", "cannot help", "can't help",
-                   "not appropriate", "i don't feel comfortable", "i do not")
+DECLINE_MARKERS = ("can't", "cannot", "can not", "won't", "will not", "unable to", "not able to", "decline",
+                   "refuse", "not going to", "not comfortable", "must not", "should not", "shouldn't")
+# text of the generation prompts (and of chat templates' default system prompts): a generation that repeats it
+# is an echo of the instructions, not a user request or an answer
+ECHO_MARKERS = ("harmful request", "harmless request", "refusal training set", "user request", "the request only",
+                "safe assistant", "share one concept", "key word is marked", "ai assistant named", "trained by hugging face",
+                "refuse it politely", "requested information", "the user's request is", "start with \"i'm sorry\"",
+                "answer the user's request")
 TEMPLATE_REFUSAL = ("I'm sorry, but I can't help with that. It could cause harm. If you are dealing with a difficult "
                     "situation, I'm happy to help you find safe and legal ways to address it.")
 ROW_COLUMNS = ("messages", "prompt", "completion", "label", "target_feature", "target_activation", "generator",
@@ -91,14 +96,20 @@ class Deduper:
 _LEAD = re.compile(r"^\s*(?:[-*•>#]+|\d+[.)]|\(?[a-z]\)|(?:user|request|prompt|question|new request)\s*:)\s*", re.I)
 
 
+def echoes_instructions(text: str) -> bool:
+    t = text.casefold().replace("’", "'")
+    return any(m in t for m in ECHO_MARKERS)
+
+
 def extract_candidates(text: str, max_lines: int = 3) -> list[str]:
-    """User requests in a generation: its first lines, without list markers, labels and quotes."""
+    """User requests in a generation: its first lines, without list markers, labels, quotes and the «» marks of the
+    shown contexts; lines that repeat the generation instructions are not requests."""
     out = []
     for line in text.splitlines():
-        line = line.strip()
+        line = line.replace("«", "").replace("»", "").strip()
         for _ in range(3):
-            line = _LEAD.sub("", line).strip().strip('"“”«»\'`*').strip()
-        if len(line) < 12 or len(line) > 400 or line.endswith(":"):
+            line = _LEAD.sub("", line).strip().strip('"“”\'`*').strip()
+        if len(line) < 12 or len(line) > 400 or line.endswith(":") or echoes_instructions(line):
             continue
         out.append(line)
         if len(out) >= max_lines:
@@ -107,8 +118,12 @@ def extract_candidates(text: str, max_lines: int = 3) -> list[str]:
 
 
 def is_refusal(text: str) -> bool:
-    t = text.casefold().replace("’", "'")
-    return any(m in t[:200] for m in REFUSAL_MARKERS)
+    """A decline ("can't", "won't", "unable to" ...) in the opening sentence (the first two when the first is a bare
+    apology such as "I'm sorry."): "I'm sorry, but here is how ..." is not a refusal."""
+    t = text.casefold().replace("’", "'").strip()
+    parts = re.split(r"(?<=[.!?])\s+|\n+", t, maxsplit=2)
+    opening = parts[0] if len(parts[0]) >= 30 or len(parts) == 1 else " ".join(parts[:2])
+    return any(m in opening[:250] for m in DECLINE_MARKERS) and not echoes_instructions(t)
 
 
 # -- generation prompts --------------------------------------------------------------------------
@@ -163,7 +178,8 @@ def make_responses(gen, items: list[tuple[str, str, str | None]], cfg: SynthConf
     for k, (p, lab, lang) in enumerate(items):
         pick = None
         for j, o in enumerate(outs[k]):
-            if o.strip() and not toxic[2 * k + j] and (lab != "harmful" or is_refusal(o)):
+            if (o.strip() and not toxic[2 * k + j] and not echoes_instructions(o)
+                    and (lab != "harmful" or is_refusal(o))):
                 pick = (o.strip(), "generated")
                 break
         if pick is None and lab == "harmful" and not toxic[-1]:
