@@ -3,8 +3,10 @@
 The input is read as a Ray dataset, given a row index 0..n-1 in file order (per-block offsets), cut into
 blocks of exactly ``batch_rows`` rows and mapped by a pool of actors, each of which loads the model,
 SAE and classifier once and runs the local engine's own code (``FeatureExtractor.extract``,
-``classify_chunk``) on whole aligned chunks, so a ``classify`` chunk holds the same rows as the local
-engine's ``--chunk-rows`` chunk and the values are bitwise the same. Results stream back to the driver
+``classify_chunk``) on whole aligned chunks: a ``classify`` block holds whole ``--chunk-rows`` chunks of the
+local engine; for ``features`` the rows are first sorted by token count as the local engine batches them,
+and a block holds whole ``--batch-size`` model batches. So the model sees the same batches and the values
+are bitwise the same. Results stream back to the driver
 as parquet shards in row order (``preserve_order``); the driver checks the index is exactly 0..n-1 (a
 restarted actor can neither lose nor duplicate rows unnoticed; shards out of order would be sorted), drops
 it and writes OUTPUT with the local engine's writer, one shard in memory at a time for ``classify``.
@@ -12,6 +14,7 @@ it and writes OUTPUT with the local engine's writer, one shard in memory at a ti
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -25,6 +28,7 @@ import polars as pl
 from .errors import SafetyScopeError
 
 ROW = "__safetyscope_row"
+LEN = "__safetyscope_tokens"  # features: tokens per text (after truncation), the local engine's batching key
 READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".ndjson": "read_json", ".json": "read_json"}
 MAX_RESTARTS = 4  # per actor: a dead actor is restarted and its batch retried, this many times
 CRASH_ONCE_ENV = "SAFETYSCOPE_RAY_CRASH_ONCE"  # tests: path of a marker file; the first batch to create it kills its actor
@@ -41,7 +45,8 @@ def ray_options(fn):
                      help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
         click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
                      help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
-        click.option("--ray-batch-size", type=int, default=None, help="Rows per Ray batch [default: --chunk-rows for classify, 1024 for features]."),
+        click.option("--ray-batch-size", type=int, default=None, help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
+                          "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
     ]):
         fn = opt(fn)
     return fn
@@ -112,42 +117,43 @@ def _read(ray, path: str, text_column: str):
         raise SafetyScopeError(f"{path}: Ray cannot read it: {str(e).strip().splitlines()[0]}") from None
     if text_column not in names:
         raise SafetyScopeError(f"{path}: missing column(s) {[text_column]}; columns present: {names}")
-    if ROW in names:
-        raise SafetyScopeError(f"{path}: column {ROW!r} is reserved by --engine ray")
+    if ROW in names or LEN in names:
+        raise SafetyScopeError(f"{path}: columns {ROW!r} and {LEN!r} are reserved by --engine ray")
     return ds
 
 
 def _run(ray, ds, actor, ctor_kwargs: dict, *, batch_rows: int, workers: int, cpus: float, gpus: float,
-         shards: Path) -> tuple[list[Path], int]:
-    """Index, map with the actor pool, stream the results to parquet shards under ``shards``.
+         shards: Path, prepare=None) -> tuple[list[Path], int]:
+    """Index and cut into ``batch_rows`` blocks, ``prepare`` (features: sort by length), map with the actor pool,
+    stream the results to parquet shards under ``shards``.
 
     Returns the shard files (still holding ROW) in row order and the input row count, after checking that
     their ROW column is exactly 0..n-1: no row lost, none duplicated (whatever actors died on the way)."""
-    if batch_rows < 1 or workers < 1 or cpus <= 0 or gpus < 0:
-        raise SafetyScopeError("--ray-batch-size and --workers must be >= 1, --cpus-per-worker > 0, "
-                               "--gpus-per-worker >= 0")
+    if batch_rows < 1:
+        raise SafetyScopeError("--ray-batch-size must be >= 1")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # blocks come back in file order
     try:  # read everything before the actors start: they hold a CPU each, and read tasks queued behind
         # them on a small cluster would wait forever. The texts sit in the object store (spilled if large).
-        refs = ds.to_arrow_refs()
-        counts = ray.get([ray.remote(_num_rows).remote(r) for r in refs])
+        refs, counts = _refs_and_counts(ray, ds)
     except Exception as e:
         raise SafetyScopeError(f"Ray cannot read the input: {str(e).strip().splitlines()[0]}") from None
     n = sum(counts)
     if n == 0:
         raise SafetyScopeError("the input has no rows")
-    offsets = [sum(counts[:i]) for i in range(len(counts))]
-    index = ray.remote(_add_index)
-    ds = ray.data.from_arrow_refs([index.remote(r, o) for r, o, c in zip(refs, offsets, counts) if c])
-    try:  # blocks of exactly batch_rows rows, so each actor call sees whole aligned chunks
-        ds = ds.repartition(target_num_rows_per_block=batch_rows, strict=True)
-    except TypeError:  # older Ray: still correct (the actor splits by chunk), values then match to rounding
-        pass
-    ds = ds.materialize()  # repartition too runs before the actors take the CPUs
+    # blocks of exactly batch_rows rows (the last one fewer), holding ROW = the row number in file order
+    refs = _rechunk(ray, refs, counts, batch_rows, index=True)
+    if prepare is not None:  # then re-cut into batch_rows blocks in the new order
+        try:
+            refs, counts = _refs_and_counts(ray, prepare(ray.data.from_arrow_refs(refs)))
+        except Exception as e:
+            raise _user_error(e) or e
+        refs = _rechunk(ray, refs, counts, batch_rows, index=False)
+    # each actor call (batch_size = batch_rows) then gets exactly one of these blocks
+    ds = ray.data.from_arrow_refs(refs)
     with warnings.catch_warnings():  # Ray 2.60 flags max_restarts/max_task_retries as "ray_remote_args"
         warnings.simplefilter("ignore")
-        ds = ds.map_batches(actor, fn_constructor_kwargs={**ctor_kwargs, "chunk_rows": batch_rows},
+        ds = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs,
                             batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=cpus, num_gpus=gpus or None, max_restarts=MAX_RESTARTS,
                             max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": _env()})
@@ -172,7 +178,7 @@ def _run(ray, ds, actor, ctor_kwargs: dict, *, batch_rows: int, workers: int, cp
         raise _user_error(e) or e
     if in_order and expected == n:
         return files, n
-    # out of order (not expected with preserve_order): sort in memory, then check the index is exactly 0..n-1
+    # out of row order (features: processed in length order): sort in memory, check the index is exactly 0..n-1
     df = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed").sort(ROW) if files else None
     got = 0 if df is None else df.height
     if got != n or not df.get_column(ROW).equals(pl.Series(ROW, range(n), dtype=df.schema[ROW])):
@@ -205,10 +211,42 @@ def _num_rows(table) -> int:
     return table.num_rows
 
 
-def _add_index(table, offset: int):
+def _refs_and_counts(ray, ds) -> tuple[list, list[int]]:
+    refs = ds.to_arrow_refs()
+    num_rows = ray.remote(_num_rows)
+    return refs, ray.get([num_rows.remote(r) for r in refs])
+
+
+def _rechunk(ray, refs: list, counts: list[int], rows: int, *, index: bool) -> list:
+    """The same rows, in the same order, as blocks of exactly ``rows`` rows (the last one fewer).
+
+    Done here rather than with Dataset.repartition, which guarantees exact block sizes only in recent Ray
+    (``strict=True``): an actor call must see whole aligned chunks for the values to be the local engine's."""
+    offsets = [0, *itertools.accumulate(counts)]
+    cut = ray.remote(_cut)
+    out, j = [], 0
+    for lo in range(0, offsets[-1], rows):
+        hi = min(lo + rows, offsets[-1])
+        while offsets[j + 1] <= lo:
+            j += 1
+        spec, parts, k = [], [], j
+        while k < len(counts) and offsets[k] < hi:
+            if counts[k]:
+                spec.append((max(lo, offsets[k]) - offsets[k], min(hi, offsets[k + 1]) - offsets[k]))
+                parts.append(refs[k])
+            k += 1
+        out.append(cut.remote(spec, lo if index else None, *parts))
+    return out
+
+
+def _cut(spec, first_row, *tables):
+    """Concatenate ``tables[i][a:b]`` for (a, b) in spec; with ``first_row``, add ROW = first_row, first_row+1 ..."""
     import pyarrow as pa
 
-    return table.append_column(ROW, pa.array(range(offset, offset + table.num_rows), pa.int64()))
+    t = pa.concat_tables([tb.slice(a, b - a) for tb, (a, b) in zip(tables, spec)], promote_options="permissive")
+    if first_row is not None:
+        t = t.append_column(ROW, pa.array(range(first_row, first_row + t.num_rows), pa.int64()))
+    return t.combine_chunks()
 
 
 def _user_error(e: BaseException) -> SafetyScopeError | None:
@@ -224,11 +262,27 @@ def _user_error(e: BaseException) -> SafetyScopeError | None:
     return SafetyScopeError(lines[-1].split(tag, 1)[1].strip()) if lines else None
 
 
-def _with_ray(fn, address, *args, **kwargs):
+def _check_resources(ray, started: bool, workers: int, cpus: float, gpus: float) -> None:
+    """An actor pool larger than the cluster would wait forever: an error on a Ray we started (its size is
+    fixed), a warning on a joined cluster (an autoscaler may still add nodes)."""
+    if workers < 1 or cpus <= 0 or gpus < 0:
+        raise SafetyScopeError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+    have = ray.cluster_resources()
+    short = [f"{workers} x {per:g} {kind} (the cluster has {have.get(kind, 0):g})"
+             for kind, per in (("CPU", cpus), ("GPU", gpus)) if per and workers * per > have.get(kind, 0) + 1e-9]
+    if short:
+        msg = f"the actor pool needs {' and '.join(short)}"
+        if started:
+            raise SafetyScopeError(f"{msg}; lower --workers or the per-worker resources")
+        click.echo(f"warning: {msg}; it waits until an autoscaler adds nodes", err=True)
+
+
+def _with_ray(fn, address, *, workers: int, cpus: float, gpus: float):
     ray = _ray()
     started = _connect(ray, address)
     try:
-        return fn(ray, *args, **kwargs)
+        _check_resources(ray, started, workers, cpus, gpus)
+        return fn(ray)
     finally:
         if started:
             ray.shutdown()
@@ -237,23 +291,37 @@ def _with_ray(fn, address, *args, **kwargs):
 def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "text", address: str | None = None,
                      workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                      batch_rows: int | None = None) -> dict:
-    """`features` on Ray: writes OUTPUT (id?, feature_ids, feature_acts) as the local engine does."""
+    """`features` on Ray: writes OUTPUT (id?, feature_ids, feature_acts) as the local engine does.
+
+    The local engine runs the model on batches of ``cfg.batch_size`` texts taken in one global order (longest
+    first, ties in row order); padding and batch shapes change the values (bf16: even which features fire).
+    So the rows are sorted by that key first and cut into Ray batches of a multiple of ``cfg.batch_size``:
+    every model batch then holds the same texts as the local engine's, and the values are bitwise the same."""
     from .data import table_format, write_table
 
     table_format(output, for_writing=True)
+    if cfg.batch_size < 1:
+        raise SafetyScopeError("--batch-size must be >= 1")
+    rows = batch_rows or 1024
+    rows = -(-rows // cfg.batch_size) * cfg.batch_size  # whole model batches per Ray batch
+
+    def by_length(ds):
+        return ds.map_batches(_token_lengths, fn_kwargs={"model": cfg.model, "max_length": cfg.max_length,
+                                                         "text_column": text_column},
+                              batch_format="pyarrow", runtime_env={"env_vars": _env()}).sort([LEN, ROW], descending=[True, False])
 
     def go(ray):
         ds = _read(ray, input_path, text_column)
         with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=Path(output).resolve().parent) as tmp:
-            files, n = _run(ray, ds, _FeatureActor, {"cfg": cfg, "text_column": text_column},
-                            batch_rows=batch_rows or 1024, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker,
-                            shards=Path(tmp) / "shards")
+            files, n = _run(ray, ds, _FeatureActor, {"cfg": cfg, "text_column": text_column}, batch_rows=rows,
+                            workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker, shards=Path(tmp) / "shards",
+                            prepare=by_length)
             df = pl.concat([pl.read_parquet(f).drop(ROW) for f in files], how="vertical_relaxed")  # as local: all in memory
         write_table(df, output)
         return {"rows": n, "mean_features": df.get_column("feature_ids").list.len().mean()}
 
     Path(output).resolve().parent.mkdir(parents=True, exist_ok=True)
-    return _with_ray(go, address)
+    return _with_ray(go, address, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
 
 
 def run_classify_ray(input_path: str, output: str, *, classifier: str | None = None, model: str | None = None,
@@ -275,7 +343,12 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     clf = read_classifier(classifier)  # validated here; its text travels to the actors (no shared disk needed)
     import json
 
-    ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier, "text_column": text_column,
+    if chunk_rows < 1:
+        raise SafetyScopeError("--chunk-rows must be >= 1")
+    rows = batch_rows or chunk_rows
+    rows = -(-rows // chunk_rows) * chunk_rows  # whole --chunk-rows chunks per Ray batch
+    ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier,
+            "text_column": text_column, "chunk_rows": chunk_rows,
             "load": {"model": model, "sae": sae, "device": device, "dtype": dtype, "batch_size": batch_size, "cache": cache}}
 
     def go(ray):
@@ -283,7 +356,7 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
         ds = _read(ray, input_path, text_column)
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=out.resolve().parent) as tmp:
-            files, n = _run(ray, ds, _ClassifyActor, ctor, batch_rows=batch_rows or chunk_rows, workers=workers,
+            files, n = _run(ray, ds, _ClassifyActor, ctor, batch_rows=rows, workers=workers,
                             cpus=cpus_per_worker, gpus=gpus_per_worker, shards=Path(tmp) / "shards")
             counts = [0, 0]
 
@@ -297,7 +370,7 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
         return {"rows": n, "resumed_chunks": 0, "toxic": int(toxic), "skipped": int(skipped),
                 "seconds": time.perf_counter() - t0}
 
-    return _with_ray(go, address)
+    return _with_ray(go, address, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
 
 
 # -- actors (one model copy each) ------------------------------------------------------------------
@@ -308,6 +381,40 @@ def _chunks(table, chunk_rows: int):
         return []
     return df.with_columns((pl.col(ROW) // chunk_rows).alias("__chunk")).partition_by("__chunk", maintain_order=True,
                                                                                      include_key=False)
+
+
+_TOKENIZERS: dict = {}  # per Ray worker process: tasks reuse it
+
+
+def _prepare_model(model) -> str:
+    """resolve_model under a per-node file lock: actors and tasks on one node start together, and the first
+    use of a GGUF model (the embedded default) converts it into the shared cache, which two processes must not
+    do at once. Later calls find the converted copy at once; the loads themselves then run in parallel."""
+    import fcntl
+
+    from .backbone import cache_dir, resolve_model
+
+    with open(cache_dir() / ".ray-model.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when fh closes
+        return resolve_model(model)[1]
+
+
+def _token_lengths(table, model, max_length: int, text_column: str):
+    """LEN for each row as FeatureExtractor.tokenize counts it (null/empty texts: 0; the actor rejects them)."""
+    import pyarrow as pa
+
+    if model not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(_prepare_model(model))
+    texts = table.column(text_column).to_pylist()
+    ok = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    lens = [0] * len(texts)
+    if ok:
+        ids = _TOKENIZERS[model]([texts[i] for i in ok], add_special_tokens=True)["input_ids"]
+        for i, x in zip(ok, ids):
+            lens[i] = min(len(x), max_length)
+    return table.append_column(LEN, pa.array(lens, pa.int64()))
 
 
 def _maybe_crash() -> None:
@@ -324,34 +431,37 @@ def _maybe_crash() -> None:
 class _FeatureActor:
     # The model loads on the first batch, once per actor: an error there (a SafetyScopeError) is then a
     # task error that reaches the driver as one line, where a failed constructor would be retried.
-    def __init__(self, cfg, text_column: str, chunk_rows: int):
-        self.cfg, self.fx, self.text_column, self.chunk_rows = cfg, None, text_column, chunk_rows
+    def __init__(self, cfg, text_column: str):
+        self.cfg, self.fx, self.text_column = cfg, None, text_column
 
     def __call__(self, table):
         from .features import FeatureExtractor
 
         _maybe_crash()
         if self.fx is None:
+            _prepare_model(self.cfg.model)
             self.fx = FeatureExtractor.from_config(self.cfg)
-        outs = []
-        for df in _chunks(table, self.chunk_rows):
-            texts = df.get_column(self.text_column)
-            if texts.dtype != pl.String and texts.dtype != pl.Null:
-                raise SafetyScopeError(f"column {self.text_column!r} holds {texts.dtype}, not text")
-            texts = texts.to_list()
-            bad = [r for r, t in zip(df.get_column(ROW).to_list(), texts) if not isinstance(t, str) or not t.strip()]
-            if bad:
-                raise SafetyScopeError(f"{len(bad)}+ text(s) are null or empty (rows {bad[:10]}); drop them first")
-            codes = self.fx.extract(texts).codes
-            # the same frame as the local `features` command builds
-            ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-            acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-            out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
-                               schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
-            if "id" in df.columns:
-                out = out.insert_column(0, df.get_column("id"))
-            outs.append(out.insert_column(0, df.get_column(ROW)))
-        return pl.concat(outs).to_arrow() if outs else table.select([ROW])
+        # rows come sorted by (LEN desc, ROW), the batch starting at a multiple of batch_size in that order:
+        # extract()'s own stable sort by length keeps it, so its model batches are the local engine's
+        df = pl.from_arrow(table)
+        if df.height == 0:
+            return table.select([ROW])
+        texts = df.get_column(self.text_column)
+        if texts.dtype != pl.String and texts.dtype != pl.Null:
+            raise SafetyScopeError(f"column {self.text_column!r} holds {texts.dtype}, not text")
+        texts = texts.to_list()
+        bad = sorted(r for r, t in zip(df.get_column(ROW).to_list(), texts) if not isinstance(t, str) or not t.strip())
+        if bad:
+            raise SafetyScopeError(f"{len(bad)}+ text(s) are null or empty (rows {bad[:10]}); drop them first")
+        codes = self.fx.extract(texts).codes
+        # the same frame as the local `features` command builds
+        ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+        acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
+        out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
+                           schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+        if "id" in df.columns:
+            out = out.insert_column(0, df.get_column("id"))
+        return out.insert_column(0, df.get_column(ROW)).to_arrow()
 
 
 class _ClassifyActor:
@@ -361,8 +471,12 @@ class _ClassifyActor:
         self.text_column, self.chunk_rows = text_column, chunk_rows
 
     def _load(self):
-        from .discovery.detector import Detector
+        import json
 
+        from .discovery.detector import Detector, read_classifier
+
+        clf = json.loads(self.clf) if self.clf is not None else read_classifier(None)
+        _prepare_model(self.load["model"] if self.load["model"] is not None else clf["model"]["id"])
         path = None
         if self.clf is not None:
             fd, path = tempfile.mkstemp(suffix=".json", prefix="safetyscope-classifier-")

@@ -32,6 +32,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """Ray actors run torch with OMP_NUM_THREADS = --cpus-per-worker (1 here); float32 sums may be split
+    differently with another thread count (last-bit differences), so the local reference runs with 1 too."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
     d = tmp_path_factory.mktemp("ray-clf")
@@ -52,7 +64,7 @@ def _generated(path, with_gaps=True):
     return path
 
 
-def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, classifier, tmp_path, monkeypatch):
+def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, one_thread, classifier, tmp_path, monkeypatch):
     inp = _generated(tmp_path / "in.jsonl")
     common = ["-c", classifier, "--chunk-rows", 16, "--no-cache", "--dtype", "float32"]
     _run(["classify", inp, "-o", tmp_path / "local.parquet", *common])
@@ -67,15 +79,15 @@ def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, classif
     assert a.equals(b) and a.schema == b.schema
 
 
-def test_features_ray_matches_local(ray_local, tiny_model_dir, qwen_scope_sae_dir, tmp_path):
+def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_scope_sae_dir, tmp_path):
     inp = _generated(tmp_path / "in.parquet", with_gaps=False)
     common = ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32",
-              "--no-cache"]
+              "--no-cache", "--batch-size", 8]
     _run(["features", inp, "-o", tmp_path / "local.parquet", *common])
-    # one Ray batch = the whole file: the same length-sorted model batches as the local engine, so bitwise equal
-    # and one actor holding both CPUs of the local Ray (2 torch threads, as the local engine here)
-    _run(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 1000,
-          "--cpus-per-worker", 2])
+    # 20 rows per Ray batch -> 24 (whole model batches of 8), 4 batches over 2 actors: the rows are sorted by
+    # token count first, so every model batch holds the texts the local engine batches together
+    _run(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 20,
+          "--workers", 2])
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
     assert a.equals(b) and a.schema == b.schema
     # an error inside an actor (here: a null text) reaches the user as one line, nothing written
@@ -85,7 +97,7 @@ def test_features_ray_matches_local(ray_local, tiny_model_dir, qwen_scope_sae_di
     assert not (tmp_path / "bad-out.parquet").exists()
 
 
-def test_classify_ray_on_ci_sample(ray_local, classifier, shared_data, tmp_path):
+def test_classify_ray_on_ci_sample(ray_local, one_thread, classifier, shared_data, tmp_path):
     inp = shared_data / "toxicity" / "ci_sample.parquet"
     common = ["-c", classifier, "--chunk-rows", 100, "--no-cache", "--dtype", "float32"]
     _run(["classify", inp, "-o", tmp_path / "local.parquet", *common])
@@ -103,3 +115,33 @@ def test_ray_missing_or_unreachable_is_a_one_line_error(classifier, tmp_path, mo
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     res = _run(["classify", inp, "-o", tmp_path / "o.parquet", "-c", classifier, "--engine", "ray"], ok=False)
     assert res.exit_code == 2 and "pip install 'safetyscope[ray]'" in res.output
+
+
+def test_rechunk_cuts_exact_blocks_in_order(ray_local):
+    import pyarrow as pa
+
+    from safetyscope.ray_engine import ROW, _rechunk
+
+    tables = [pa.table({"x": list(range(a, b))}) for a, b in ((0, 5), (5, 5), (5, 17), (17, 18), (18, 30))]
+    refs = [ray.put(t) for t in tables]
+    out = ray.get(_rechunk(ray, refs, [t.num_rows for t in tables], 7, index=True))
+    assert [t.num_rows for t in out] == [7, 7, 7, 7, 2]
+    assert sum((t.column("x").to_pylist() for t in out), []) == list(range(30))
+    assert sum((t.column(ROW).to_pylist() for t in out), []) == list(range(30))
+
+
+def test_pool_larger_than_the_cluster(monkeypatch):
+    from safetyscope.errors import SafetyScopeError
+    from safetyscope.ray_engine import _check_resources
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 2.0}
+
+    _check_resources(FakeRay, True, 2, 1.0, 0.0)  # fits
+    with pytest.raises(SafetyScopeError, match=r"3 x 1 CPU \(the cluster has 2\)"):
+        _check_resources(FakeRay, True, 3, 1.0, 0.0)  # a Ray we started: it would wait forever
+    with pytest.raises(SafetyScopeError, match="GPU"):
+        _check_resources(FakeRay, True, 1, 1.0, 1.0)
+    _check_resources(FakeRay, False, 3, 1.0, 0.0)  # a joined cluster may autoscale: only a warning
