@@ -6,7 +6,7 @@ Runs on the embedded default model (SmolLM2-135M-Instruct, 30 layers, d_model 57
 TopK SAE (width 4608, k 32) at ``--layer``: the time and memory of extraction do not depend on the
 trained weights, only on the shapes. Everything runs in one process, one pipeline after the other:
 
-  (a) safetyscope   FeatureExtractor, cache off, dtype auto (bf16): texts sorted by length, the
+  (a) safetyscope   FeatureExtractor, cache off, bf16 (what dtype auto picks on CPUs with native bf16): texts sorted by length, the
                     forward stops after the captured layer, only real tokens are SAE-encoded (TopK
                     sparse), max-pooled with a scatter.
   (b) naive         the full model (all layers, final norm, LM head) with output_hidden_states=True in
@@ -35,6 +35,7 @@ import psutil
 import torch
 
 from safetyscope import SAE, Backbone, FeatureExtractor, SAEConfig
+from safetyscope.backbone import cpu_has_native_bf16
 
 SHARED_EN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "toxicity" / "en.parquet"
 
@@ -165,7 +166,8 @@ def main():
     print(f"SAE: random TopK, width {args.d_sae}, k {args.k} (timing depends on shapes only, not on trained weights)")
     print(f"texts: {len(texts)} from {source}; {n_tok} tokens (min {lengths.min()}, median {int(np.median(lengths))}, "
           f"max {lengths.max()}), batch size {args.batch_size}, max length {args.max_length}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs, "
+          f"native bf16: {cpu_has_native_bf16()} (dtype auto = {'bf16' if cpu_has_native_bf16() else 'fp32'} here)")
 
     def fx(bb):
         return FeatureExtractor(bb, sae, args.layer, batch_size=args.batch_size, max_length=args.max_length, cache=False)
@@ -180,7 +182,7 @@ def main():
         "naive fp32 (full model, dense SAE)":
             lambda: naive_extract(bb32.model, tok, sae, texts, args.layer, args.batch_size, args.max_length),
         "safetyscope fp32": lambda: fx32.extract(texts).codes.toarray(),
-        "safetyscope auto (bf16)": lambda: fx16.extract(texts).codes.toarray(),
+        "safetyscope bf16": lambda: fx16.extract(texts).codes.toarray(),
     }
     load0 = os.getloadavg()[0]
     runs: dict[str, tuple] = {}
@@ -200,9 +202,9 @@ def main():
         same, jac = firing_agreement(codes, naive_codes)
         print(f"{name:<36} {secs:>8.2f} {n_tok / secs:>9.0f} {mib:>14.0f} {naive_s / secs:>8.2f}x "
               f"{100 * same:>15.1f}% {jac:>13.4f}")
-    s16, s32 = runs["safetyscope auto (bf16)"][1], runs["safetyscope fp32"][1]
+    s16, s32 = runs["safetyscope bf16"][1], runs["safetyscope fp32"][1]
     print()
-    print(f"ratio safetyscope/naive tokens/s: {naive_s / s16:.2f}x (bf16 default), {naive_s / s32:.2f}x (fp32: "
+    print(f"ratio safetyscope/naive tokens/s: {naive_s / s16:.2f}x (bf16), {naive_s / s32:.2f}x (fp32: "
           f"structural gain), bf16/fp32 dtype gain {s32 / s16:.2f}x")
     print("agreement = texts whose set of firing features (max activation > 0) equals the naive pipeline's")
 

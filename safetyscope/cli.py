@@ -42,12 +42,29 @@ def model_options(fn):
         click.option("--skip-first-token/--keep-first-token", default=None,
                      help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
-        click.option("--dtype", default="auto", show_default=True, help="auto (bf16), float32, bfloat16, float16."),
+        click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
         click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def recorded_model_options(what: str):
+    """Options of commands that read a saved artefact (a classifier, a targets file): where to find its
+    model/SAE if they moved (checked against its fingerprints) and the extraction knobs."""
+    def deco(fn):
+        for opt in reversed([
+            click.option("--model", default=None, help=f"Where to find the {what}'s model, if not where it was recorded."),
+            click.option("--sae", default=None, help=f"Where to find the {what}'s SAE, if not where it was recorded."),
+            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--device", default=None),
+            click.option("--dtype", default="auto", show_default=True),
+            click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return deco
 
 
 def feature_config(kw: dict):
@@ -85,10 +102,8 @@ def main():
 def features(input_path, output, text_column, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
              **kw):
     """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
-    import polars as pl
-
     from .data import read_table, text_list, write_table
-    from .features import FeatureExtractor
+    from .features import FeatureExtractor, codes_frame
 
     cfg = feature_config(kw)
     if engine == "ray":
@@ -104,12 +119,7 @@ def features(input_path, output, text_column, engine, address, workers, cpus_per
     fx = FeatureExtractor.from_config(cfg)
     ex = fx.extract(texts, progress=True)
     codes = ex.codes
-    ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-    acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-    out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
-                       schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
-    if "id" in df.columns:
-        out = out.insert_column(0, df.get_column("id"))
+    out = codes_frame(codes, df.get_column("id") if "id" in df.columns else None)
     write_table(out, output)
     click.echo(f"wrote {out.height} rows to {output}: {int(ex.n_tokens.sum())} tokens, "
                f"{ex.n_truncated} text(s) truncated at {cfg.max_length} tokens, {ex.n_cached} from cache, "

@@ -187,6 +187,18 @@ class FeatureExtractor:
         return tokens, codes
 
 
+def codes_frame(codes: sp.csr_matrix, ids=None):
+    """The `features` command's output table: per text, the ids and pooled activations of the features
+    that fired (one row per CSR row), after the input's ``id`` column when it has one."""
+    import polars as pl
+
+    rows = range(codes.shape[0])
+    out = pl.DataFrame({"feature_ids": [codes.indices[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows],
+                        "feature_acts": [codes.data[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows]},
+                       schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+    return out if ids is None else out.insert_column(0, ids)
+
+
 def _rows_to_csr(rows, d_sae: int) -> sp.csr_matrix:
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r[0]) for r in rows], out=indptr[1:])

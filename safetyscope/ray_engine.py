@@ -435,7 +435,7 @@ class _FeatureActor:
         self.cfg, self.fx, self.text_column = cfg, None, text_column
 
     def __call__(self, table):
-        from .features import FeatureExtractor
+        from .features import FeatureExtractor, codes_frame
 
         _maybe_crash()
         if self.fx is None:
@@ -453,14 +453,7 @@ class _FeatureActor:
         bad = sorted(r for r, t in zip(df.get_column(ROW).to_list(), texts) if not isinstance(t, str) or not t.strip())
         if bad:
             raise SafetyScopeError(f"{len(bad)}+ text(s) are null or empty (rows {bad[:10]}); drop them first")
-        codes = self.fx.extract(texts).codes
-        # the same frame as the local `features` command builds
-        ids = [codes.indices[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-        acts = [codes.data[codes.indptr[i] : codes.indptr[i + 1]].tolist() for i in range(codes.shape[0])]
-        out = pl.DataFrame({"feature_ids": ids, "feature_acts": acts},
-                           schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
-        if "id" in df.columns:
-            out = out.insert_column(0, df.get_column("id"))
+        out = codes_frame(self.fx.extract(texts).codes, df.get_column("id") if "id" in df.columns else None)
         return out.insert_column(0, df.get_column(ROW)).to_arrow()
 
 

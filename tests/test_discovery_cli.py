@@ -128,7 +128,7 @@ def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scop
     other = tmp_path / "other.json"
     other.write_text(json.dumps(d))
     res = _run(["explain", other, "hello"], ok=False)
-    assert res.exit_code == 2 and "discovered with model" in res.output
+    assert res.exit_code == 2 and "made with model" in res.output
 
 
 def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):

@@ -262,11 +262,15 @@ def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, cla
 
 @pytest.fixture
 def classifier(tmp_path, model_args):
-    rows = [{"text": t, "label": "toxic" if any(w in t for w in TOXIC_WORDS) else "clean"} for t in CORPUS * 4]
+    # toxic = exactly what FakeChatServer(toxic_responses=True) answers, clean = the benign corpus and the
+    # refusal: every feature firing on that answer has P(fires | toxic) = 1, so with threshold 0 the top ones
+    # flag it on any CPU (a random tiny model's features for other toxic words vary with the float kernels)
+    clean = [t for t in CORPUS if not any(w in t for w in TOXIC_WORDS)] + ["I'm sorry, but I can't help with that."]
+    rows = [{"text": "you are a stupid idiot", "label": "toxic"}] * len(clean) + [{"text": t, "label": "clean"} for t in clean]
     p = tmp_path / "tox.csv"
-    pl.DataFrame(rows).write_csv(p)
+    pl.DataFrame(rows * 2).write_csv(p)
     out = tmp_path / "clf.json"
-    _run(["discover", p, "-o", out, *model_args, "--max-features", 3])
+    _run(["discover", p, "-o", out, *model_args, "--max-features", 3, "--fpr-cap", "none"])
     return out
 
 

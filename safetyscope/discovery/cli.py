@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, user_errors
+from ..cli import feature_config, model_options, recorded_model_options, user_errors
 from ..ray_engine import ray_options
 
 
@@ -63,19 +63,6 @@ def _detector(classifier, kw):
                          device=kw["device"], dtype=kw["dtype"], batch_size=kw["batch_size"], cache=not kw["no_cache"])
 
 
-def runtime_options(fn):
-    for opt in reversed([
-        click.option("--model", default=None, help="Where to find the classifier's model, if not where it was recorded."),
-        click.option("--sae", default=None, help="Where to find the classifier's SAE, if not where it was recorded."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--device", default=None),
-        click.option("--dtype", default="auto", show_default=True),
-        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
@@ -83,7 +70,7 @@ def runtime_options(fn):
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
-@runtime_options
+@recorded_model_options("classifier")
 @ray_options
 @user_errors
 def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, engine, address, workers,
@@ -113,7 +100,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, overwrite,
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--limit", type=int, default=20, show_default=True, help="At most this many texts from --input.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
-@runtime_options
+@recorded_model_options("classifier")
 @user_errors
 def explain(classifier, texts, input_path, text_column, limit, as_json, **kw):
     """Per text: the verdict, which selected features fired, at which tokens and how strongly.

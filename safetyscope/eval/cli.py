@@ -66,7 +66,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     fx = FeatureExtractor.from_config(cfg)
     shipped = None
     if classifier:
-        from ..discovery.detector import check_compatible, read_classifier
+        from ..discovery.detector import read_classifier
+        from ..provenance import check_compatible
         from ..discovery.rules import classifier_from_dict
 
         d = read_classifier(None if classifier == "default" else classifier)

@@ -6,21 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, user_errors
-
-
-def extractor_options(fn):
-    """Where to find the targets file's model/SAE (checked against its fingerprints) and extraction knobs."""
-    for opt in reversed([
-        click.option("--model", default=None, help="Where to find the targets' model, if not where it was recorded."),
-        click.option("--sae", default=None, help="Where to find the targets' SAE, if not where it was recorded."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--device", default=None),
-        click.option("--dtype", default="auto", show_default=True),
-        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
-    ]):
-        fn = opt(fn)
-    return fn
+from ..cli import feature_config, model_options, recorded_model_options, user_errors
 
 
 def generator_options(fn):
@@ -98,7 +84,8 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
                 max_fire_rate, examples, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.discover import DiscoverConfig, load_labelled
-    from .targets import TargetsConfig, build_extractor, find_targets, save_targets, targets_document
+    from ..features import FeatureExtractor
+    from .targets import TargetsConfig, find_targets, save_targets, targets_document
 
     fcfg = feature_config(kw)
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
@@ -106,7 +93,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     cfg = TargetsConfig(text_column=text_column, label_column=label_column, min_delta=min_delta,
                         max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, max_fire_rate=max_fire_rate,
                         n_examples=examples)
-    fx = build_extractor(fcfg)
+    fx = FeatureExtractor.from_config(fcfg)
     found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
     doc = targets_document(found, fx, fcfg.sae)
     save_targets(doc, output)
@@ -123,7 +110,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 @click.option("--targets", "targets_path", required=True, help="Targets JSON (from `synth targets`).")
 @click.option("-o", "--output", default=None, help="Write the report as JSON here.")
 @click.option("--text-column", default="prompt", show_default=True)
-@extractor_options
+@recorded_model_options("targets file")
 @user_errors
 def coverage(data, targets_path, output, text_column, **kw):
     """Share of the target features that fire on at least one row of DATA."""
@@ -151,7 +138,7 @@ def coverage(data, targets_path, output, text_column, **kw):
 @click.option("--text-column", default="prompt", show_default=True, help="Prompt column of --seed-data.")
 @click.option("--overwrite", is_flag=True)
 @generator_options
-@extractor_options
+@recorded_model_options("targets file")
 @user_errors
 def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""

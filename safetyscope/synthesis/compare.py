@@ -22,12 +22,12 @@ import polars as pl
 
 from ..data import read_table, write_table
 from ..errors import SafetyScopeError
-from ..features import FeatureConfig
+from ..features import FeatureConfig, FeatureExtractor
 from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
                          rows_frame, synthesize)
-from .targets import TargetsConfig, build_extractor, find_targets, save_targets, targets_document
+from .targets import TargetsConfig, find_targets, save_targets, targets_document
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
                  "learning a language", "home repair", "science homework", "writing an email", "pet care")
@@ -122,7 +122,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
     seed_df, ref_df, nat_df = split_rows(df, cc)
-    fx = build_extractor(fcfg)
+    fx = FeatureExtractor.from_config(fcfg)
     found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets,
                                                       max_fire_rate=cc.max_fire_rate), fx,
                          progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")

@@ -12,7 +12,6 @@ a data set is by construction fired by it); ``synth compare`` uses disjoint halv
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ import numpy as np
 import polars as pl
 
 from ..data import text_list
-from ..discovery.detector import _json_default, check_compatible
 from ..discovery.discover import parse_labels
 from ..discovery.rules import rank_features
 from ..errors import SafetyScopeError
-from ..features import FeatureConfig, FeatureExtractor
+from ..features import FeatureExtractor
+from ..provenance import extractor_from_record, extractor_record, read_document, write_document
 
 FORMAT = "safetyscope-targets"
 
@@ -97,57 +96,20 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
 
 
 def targets_document(found: dict, fx: FeatureExtractor, sae_id: str | None) -> dict:
-    from .. import __version__
-
-    return {"format": FORMAT, "package_version": __version__,
-            "model": {"id": fx.backbone.model_id, "fingerprint": fx.backbone.fingerprint()},
-            "sae": {"id": sae_id or "default", "fingerprint": fx.sae.fingerprint(), "d_sae": fx.sae.cfg.d_sae,
-                    "k": fx.sae.cfg.k, "activation": fx.sae.cfg.activation},
-            "layer": fx.layer,
-            "extraction": {"max_length": fx.max_length, "skip_first_token": fx.skip_first_token},
-            **found}
+    return {"format": FORMAT, **extractor_record(fx, sae_id), **found}
 
 
 def save_targets(doc: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    write_document(doc, path)
 
 
 def read_targets(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SafetyScopeError(f"{p}: no such targets file")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SafetyScopeError(f"{p}: not a targets file (invalid JSON: {e})") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise SafetyScopeError(f"{p}: not a safetyscope targets file (make one with `safetyscope synth targets`)")
+    d = read_document(path, FORMAT, "targets", " (make one with `safetyscope synth targets`)")
     if not d["targets"]:
-        raise SafetyScopeError(f"{p}: holds no targets (lower --min-delta?)")
+        raise SafetyScopeError(f"{path}: holds no targets (lower --min-delta?)")
     return d
 
 
-def build_extractor(fcfg: FeatureConfig) -> FeatureExtractor:
-    """``FeatureExtractor.from_config``, with ``skip_first_token=None`` meaning "as the SAE was trained":
-    skip position 0 when the SAE's training record says it was left out (the embedded SAEs)."""
-    from dataclasses import replace
-
-    skip = fcfg.skip_first_token
-    fx = FeatureExtractor.from_config(replace(fcfg, skip_first_token=bool(skip)))
-    if skip is None and fx.sae.cfg.extra.get("position_0_excluded"):
-        fx = FeatureExtractor(fx.backbone, fx.sae, fx.layer, batch_size=fcfg.batch_size, max_length=fcfg.max_length,
-                              skip_first_token=True, pool=fcfg.pool, cache=fcfg.cache)
-    return fx
-
-
-def extractor_for(doc: dict, path, *, model: str | None = None, sae: str | None = None, device: str | None = None,
-                  dtype: str | None = "auto", batch_size: int = 32, cache: bool = True) -> FeatureExtractor:
+def extractor_for(doc: dict, path, **kw) -> FeatureExtractor:
     """The feature extractor the targets were found with; refuses another model/SAE (by fingerprint)."""
-    ex = doc.get("extraction", {})
-    fx = FeatureExtractor.from_config(FeatureConfig(
-        model=model if model is not None else doc["model"]["id"], sae=sae if sae is not None else doc["sae"]["id"],
-        layer=doc["layer"], k=doc["sae"].get("k"), batch_size=batch_size, max_length=ex.get("max_length", 256),
-        skip_first_token=ex.get("skip_first_token", False), device=device, dtype=dtype, cache=cache))
-    check_compatible(doc, fx, path)
-    return fx
+    return extractor_from_record(doc, path, **kw)

@@ -1,0 +1,84 @@
+"""Provenance of a saved feature-level artefact (a classifier, a targets file).
+
+Feature ids only mean something for the SAE they were found in, on the model and layer it reads. Every
+JSON document safetyscope writes about features therefore records the model and SAE (ids and weight
+fingerprints), the layer and the extraction settings; loading it rebuilds that extractor and refuses
+another model or SAE. One place for the record, the checks and the JSON reading and writing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SafetyScopeError
+from .features import FeatureConfig, FeatureExtractor
+
+
+def extractor_record(fx: FeatureExtractor, sae_id: str | None) -> dict:
+    """The header every document carries: package version, model, SAE, layer, extraction settings."""
+    from . import __version__
+
+    return {"package_version": __version__,
+            "model": {"id": fx.backbone.model_id, "fingerprint": fx.backbone.fingerprint()},
+            "sae": {"id": sae_id or "default", "fingerprint": fx.sae.fingerprint(), "d_sae": fx.sae.cfg.d_sae,
+                    "k": fx.sae.cfg.k, "activation": fx.sae.cfg.activation},
+            "layer": fx.layer,
+            "extraction": {"max_length": fx.max_length, "skip_first_token": fx.skip_first_token}}
+
+
+def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
+    m_fp, s_fp = fx.backbone.fingerprint(), fx.sae.fingerprint()
+    if d["model"]["fingerprint"] != m_fp:
+        raise SafetyScopeError(f"{path}: made with model {d['model']['id']} (fingerprint {d['model']['fingerprint']}) "
+                               f"but {fx.backbone.model_id} (fingerprint {m_fp}) was loaded; its features mean nothing here")
+    if d["sae"]["fingerprint"] != s_fp:
+        raise SafetyScopeError(f"{path}: made with SAE {d['sae']['id']} (fingerprint {d['sae']['fingerprint']}) "
+                               f"but a different SAE (fingerprint {s_fp}) was loaded; its feature ids mean nothing here")
+    if d["layer"] != fx.layer:
+        raise SafetyScopeError(f"{path}: made at layer {d['layer']}, not {fx.layer}")
+
+
+def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str | None = None,
+                          device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
+                          cache: bool = True) -> FeatureExtractor:
+    """The extractor a document was made with. ``model``/``sae`` override where the recorded ones are found
+    (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+    ex = d.get("extraction", {})
+    fx = FeatureExtractor.from_config(FeatureConfig(
+        model=model if model is not None else d["model"]["id"], sae=sae if sae is not None else d["sae"]["id"],
+        layer=d["layer"], k=d["sae"].get("k"), batch_size=batch_size, max_length=ex.get("max_length", 256),
+        skip_first_token=ex.get("skip_first_token", False), device=device, dtype=dtype, cache=cache))
+    check_compatible(d, fx, path)
+    return fx
+
+
+def read_document(path: str | Path, fmt: str, kind: str, hint: str = "") -> dict:
+    """A JSON document whose ``format`` is ``fmt``; a clear error for anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise SafetyScopeError(f"{p}: no such {kind} file")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetyScopeError(f"{p}: not a {kind} file (invalid JSON: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise SafetyScopeError(f"{p}: not a safetyscope {kind} file{hint}")
+    return d
+
+
+def write_document(doc: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
