@@ -1,0 +1,50 @@
+"""How the OR-rule's per-feature firing cap trades off on every language (cached features of `safetyscope eval`).
+
+For each language: fit the OR-rule (K from {1, 2, 5, 10} on a 25% hold-out) on its discovery split with each
+per-feature clean-FPR cap in {2%, 5%, 10%, 20%, none}, test on its test split; `sel` picks the cap with the best
+hold-out F1 (discovery data only). Prints test F1 per language and the macro means.
+
+    python scripts/or_rule_cap_sweep.py gemma3-270m safetyscope/assets/sae-gemma3-270m
+    python scripts/or_rule_cap_sweep.py default default
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.metrics import f1_score
+
+from safetyscope.discovery.discover import parse_labels
+from safetyscope.discovery.rules import OrRuleClassifier
+from safetyscope.features import FeatureConfig, FeatureExtractor
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
+CAPS = [0.02, 0.05, 0.1, 0.2, None]
+
+
+def main(model: str, sae: str) -> None:
+    files = sorted(f for f in DATA.glob("*.parquet") if f.name != "ci_sample.parquet")  # ci_sample repeats rows
+    df = pl.concat([pl.read_parquet(f).select("text", "label", "lang", "split") for f in files])
+    fx = FeatureExtractor.from_config(FeatureConfig(model=None if model == "default" else model,
+                                                    sae=None if sae == "default" else sae))
+    X = fx.transform(df["text"].to_list(), progress=True)  # the eval's settings: served from its cache
+    y = parse_labels(df["label"], "toxicity data")
+    lang, split = df["lang"].to_numpy(), df["split"].to_numpy()
+    res = {c: [] for c in CAPS} | {"sel": []}
+    for lg in sorted(set(lang)):
+        d, t = np.flatnonzero((lang == lg) & (split == "discovery")), np.flatnonzero((lang == lg) & (split == "test"))
+        best = None
+        for c in CAPS:
+            m = OrRuleClassifier(fpr_cap=c).fit(X[d], y[d])
+            res[c].append(f1_score(y[t], m.predict(X[t])))
+            if best is None or max(m.k_scores_.values()) > best[0]:
+                best = (max(m.k_scores_.values()), res[c][-1], c)
+        res["sel"].append(best[1])
+        print(lg, {str(c): round(res[c][-1], 3) for c in CAPS}, "sel", best[2], round(best[1], 3), flush=True)
+    print("macro", {str(k): round(float(np.mean(v)), 3) for k, v in res.items()})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
