@@ -12,6 +12,8 @@ import click
 from .errors import SafetyScopeError
 from .ray_engine import ray_options
 
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
 
 def user_errors(fn):
     """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2."""
@@ -24,7 +26,7 @@ def user_errors(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(130)
 
     return wrapper
@@ -85,7 +87,19 @@ def quiet_libraries() -> None:
     logging.getLogger("datasets").setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C is not a crash: one line and exit code 130 wherever it lands (click would print "Aborted!" and
+    exit 1 for an interrupt that reaches it, e.g. one raised while a command unwinds)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="safetyscope")
 def main():
     """SAE features of language models as safety and toxicity data tools."""

@@ -106,6 +106,8 @@ def _read(ray, path: str, text_column: str):
     suffix = Path(path).suffix.lower()
     if suffix not in READERS and "://" not in path and Path(path).is_dir() and any(Path(path).glob("*.parquet")):
         suffix = ".parquet"  # a directory of parquet files
+    elif not suffix and "://" in path:
+        suffix = ".parquet"  # a remote prefix (s3://bucket/data/): read as parquet files
     if suffix not in READERS:
         raise SafetyScopeError(f"{path}: --engine ray reads .parquet, .csv and .jsonl files (or a directory of parquet files)")
     if "://" not in path and not Path(path).exists():
