@@ -75,6 +75,19 @@ def test_efficiency_curve_reaches_full_f1_with_little_data():
     assert eff["macro"]["full_f1"] == pytest.approx(np.mean([eff["langs"][la]["full_f1"] for la in ("a", "c")]))
 
 
+def test_layer_sweep_picks_the_layer_that_carries_the_signal():
+    from safetyscope.eval.per_language import layer_sweep
+
+    df, y, X = _planted()
+    noise = sp.csr_matrix((np.random.default_rng(1).random(X.shape) < 0.08).astype(float))
+    sweep = layer_sweep(df, {4: noise, 9: X}, langs=["a", "b", "c"])
+    assert sweep["layers"] == [4, 9] and sweep["chosen"] == {"a": 9, "b": 9, "c": 9}
+    for lang in "abc":
+        assert sweep["best_delta"][lang][9] > 0.8 > 0.3 > sweep["best_delta"][lang][4]
+        assert sweep["f1"][lang][9] > 0.9 and sweep["f1"][lang][4] < sweep["f1"][lang][9]
+    assert sweep["macro_f1_chosen"] == pytest.approx(sweep["macro_f1"][9])
+
+
 def test_per_language_rows_include_baselines_on_the_same_split():
     df, y, codes = _planted()
     means = codes.toarray().astype(np.float32)  # stands in for raw activations
@@ -117,7 +130,7 @@ def test_eval_command_writes_reports_with_embedded_images(tmp_path, tiny_model_d
     out = tmp_path / "report"
     res = CliRunner().invoke(main, ["eval", str(data), "-o", str(out), "--model", str(tiny_model_dir), "--sae",
                                     str(qwen_scope_sae_dir), "--layer", str(SAE_LAYERS[0]), "--seeds", "0,1",
-                                    "--fractions", "10,50,100"])
+                                    "--fractions", "10,50,100", "--scan-layers", ",".join(map(str, SAE_LAYERS))])
     assert res.exit_code == 0, res.output + repr(res.exception)
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["langs"] == ["de", "en"] and results["transfer"]["langs"] == ["de", "en"]
@@ -130,7 +143,14 @@ def test_eval_command_writes_reports_with_embedded_images(tmp_path, tiny_model_d
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in html and "probe_raw" in html
     md = (out / "report.md").read_text()
-    assert "Cross-lingual transfer" in md and "Data efficiency" in md
+    assert "Cross-lingual transfer" in md and "Data efficiency" in md and "Layer sweep" in md
+    sweep = results["layer_sweep"]  # JSON keys are strings
+    assert sweep["layers"] == list(SAE_LAYERS) and set(sweep["f1"]) == {"de", "en"}
+    or_rule = {r["lang"]: r["f1"] for r in results["per_language"] if r["method"] == "or_rule"}
+    for lang, by_layer in sweep["f1"].items():  # the sweep at the main layer is the per-language OR-rule
+        assert by_layer[str(SAE_LAYERS[0])] == pytest.approx(or_rule[lang])
+        deltas = sweep["best_delta"][lang]
+        assert sweep["chosen"][lang] == int(max(deltas, key=lambda la: (deltas[la], -int(la))))
     for png in ("per_language_f1.png", "transfer_f1.png", "efficiency.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -29,9 +29,12 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
 @click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
 @click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency.")
+@click.option("--scan-layers", default=None,
+              help="Comma-separated layers (an SAE source with one SAE per layer, e.g. a Qwen-Scope directory): "
+                   "OR-rule F1 and best single-feature delta per language and layer.")
 @model_options
 @user_errors
-def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, **kw):
+def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, **kw):
     """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split;
     transfer across languages; F1 against the share of discovery data.
 
@@ -45,7 +48,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
     from . import report
-    from .per_language import evaluate_languages, markdown_table, methods
+    from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
     from .transfer import efficiency_curves, transfer_matrix
 
     cfg = feature_config(kw)
@@ -82,6 +85,20 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     eff = None if "efficiency" in skip else efficiency_curves(
         df, y, ex.codes, lang_list, fractions=_floats(fractions), seeds=tuple(int(s) for s in seeds.split(",")))
 
+    sweep = None
+    if scan_layers:
+        from dataclasses import replace
+
+        try:
+            scan = sorted({int(v) for v in scan_layers.split(",")})
+        except ValueError:
+            raise SafetyScopeError(f"--scan-layers takes comma-separated integers, not {scan_layers!r}") from None
+        codes = {fx.layer: ex.codes}
+        for layer in (la for la in scan if la != fx.layer):  # one extraction per extra layer, cached like the main one
+            codes[layer] = FeatureExtractor.from_config(replace(cfg, layer=layer)).extract(
+                df.get_column("text").to_list(), progress=True).codes
+        sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
@@ -91,7 +108,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
               "data_sha256": _frame_hash(df)}
     results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "transfer": transfer,
-               "efficiency": eff}
+               "efficiency": eff, "layer_sweep": sweep}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     images = [out / "per_language_f1.png"]
@@ -128,6 +145,14 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
                      _pct(eff["macro"]["smallest_fraction_99pct"])])
         md += ["## Data efficiency (mean test F1 over seeds)", "", _md(header, body), ""]
         sections.append(("Data efficiency (mean F1 over seeds)", report.html_table(header, body)))
+    if sweep and sweep["f1"]:
+        header = ["lang"] + [f"layer {la}: F1 (best delta)" for la in sweep["layers"]] + ["chosen by delta"]
+        body = [[g] + [f"{sweep['f1'][g][la]:.3f} ({sweep['best_delta'][g][la]:.3f})" for la in sweep["layers"]]
+                + [sweep["chosen"][g]] for g in sweep["f1"]]
+        body.append(["macro F1"] + [sweep["macro_f1"][la] for la in sweep["layers"]] + [sweep["macro_f1_chosen"]])
+        md += [f"## Layer sweep (OR-rule test F1; best single-feature delta on discovery; main analyses use layer "
+               f"{fx.layer})", "", _md(header, body), ""]
+        sections.append(("Layer sweep (OR-rule F1, best delta)", report.html_table(header, body)))
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     (out / "report.md").write_text("\n".join(md) + "\n")
     report.write_html(out / "report.html", f"safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}",

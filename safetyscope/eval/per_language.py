@@ -18,7 +18,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..discovery.discover import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier, rank_features
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -89,3 +89,28 @@ def markdown_table(rows: list[dict], methods_order: list[str], metric: str = "f1
                 cells.append(f"{r[metric]:.3f}" if r and metric in r else "")
         lines.append(f"| {lang} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def layer_sweep(df: pl.DataFrame, codes_by_layer: dict, *, langs: list[str], seed: int = 0) -> dict:
+    """Per language and layer: the best single-feature delta on the discovery split (the report's layer
+    criterion) and the OR-rule's test F1; the layer each language's delta picks, and its F1."""
+    y = parse_labels(df.get_column("label"), "evaluation data")
+    layers = sorted(codes_by_layer)
+    out = {"layers": layers, "best_delta": {}, "f1": {}, "chosen": {}}
+    for lang in langs:
+        d_idx, t_idx = split_indices(df, lang)
+        if len(d_idx) == 0 or len(t_idx) == 0 or len(set(y[d_idx])) < 2:
+            continue
+        deltas, f1s = {}, {}
+        for layer in layers:
+            X = codes_by_layer[layer]
+            _, delta, _, _ = rank_features(X[d_idx], y[d_idx])
+            deltas[layer] = float(delta.max())
+            est = OrRuleClassifier(random_state=seed).fit(X[d_idx], y[d_idx])
+            f1s[layer] = binary_metrics(y[t_idx], est.predict(X[t_idx]))["f1"]
+        out["best_delta"][lang], out["f1"][lang] = deltas, f1s
+        out["chosen"][lang] = max(layers, key=lambda la: (deltas[la], -la))
+    if out["f1"]:
+        out["macro_f1"] = {la: float(np.mean([v[la] for v in out["f1"].values()])) for la in layers}
+        out["macro_f1_chosen"] = float(np.mean([out["f1"][g][out["chosen"][g]] for g in out["f1"]]))
+    return out
