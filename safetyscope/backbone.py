@@ -136,8 +136,9 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        # bf16 agrees with fp32 hidden states to cosine 0.9998 and is ~2x faster on CPUs with native bf16
-        # (AVX512-BF16/AMX); on others (e.g. AVX2 only) torch emulates it and it is ~10x *slower* than fp32.
+        # bf16 agrees with fp32 hidden states to cosine 0.9998 and is ~1.5x faster on CPUs with native bf16
+        # (AVX512-BF16/AMX); on an AVX2-only CPU it gained nothing on short texts and ran the long texts of the
+        # toxicity eval ~5x slower than fp32 (benchmarks/README.md).
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else torch.float32

@@ -69,6 +69,12 @@ def recorded_model_options(what: str):
     return deco
 
 
+def recorded_kwargs(kw: dict) -> dict:
+    """The values of ``recorded_model_options`` as keyword arguments of ``extractor_from_record``/``Detector.load``."""
+    return {"model": kw["model"], "sae": kw["sae"], "device": kw["device"], "dtype": kw["dtype"],
+            "batch_size": kw["batch_size"], "cache": not kw["no_cache"]}
+
+
 def feature_config(kw: dict):
     from .features import FeatureConfig
 

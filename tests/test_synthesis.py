@@ -118,10 +118,11 @@ def seed_data(tmp_path):
 
 
 def _fx(targets):
-    from safetyscope.synthesis.targets import extractor_for, read_targets
+    from safetyscope.provenance import extractor_from_record
+    from safetyscope.synthesis.targets import read_targets
 
     doc = read_targets(targets)
-    return doc, extractor_for(doc, targets, dtype="float32")
+    return doc, extractor_from_record(doc, targets, dtype="float32")
 
 
 def test_coverage_on_hand_built_codes():
@@ -389,8 +390,9 @@ def safety_table(tmp_path):
 
 
 def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir):
+    from safetyscope.provenance import extractor_from_record
     from safetyscope.synthesis.compare import _half
-    from safetyscope.synthesis.targets import extractor_for, read_targets
+    from safetyscope.synthesis.targets import read_targets
 
     out = tmp_path / "cmp"
     budget = 6
@@ -409,7 +411,7 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
 
     # T comes from the reference half of pool only; the natural arm from the other half
     doc = read_targets(out / "targets.json")
-    fx = extractor_for(doc, out / "targets.json", dtype="float32")
+    fx = extractor_from_record(doc, out / "targets.json", dtype="float32")
     ids = [t["id"] for t in doc["targets"]]
     assert len(ids) == r["targets"]["T"] > 0 and doc["reference_data"]["rows"] == r["rows"]["reference"]
     nat = pl.read_ndjson(out / "natural.jsonl")

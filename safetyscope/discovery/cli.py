@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, recorded_model_options, user_errors
+from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 from ..ray_engine import ray_options
 
 
@@ -59,8 +59,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
 def _detector(classifier, kw):
     from .detector import Detector
 
-    return Detector.load(None if classifier in (None, "default") else classifier, model=kw["model"], sae=kw["sae"],
-                         device=kw["device"], dtype=kw["dtype"], batch_size=kw["batch_size"], cache=not kw["no_cache"])
+    return Detector.load(None if classifier in (None, "default") else classifier, **recorded_kwargs(kw))
 
 
 @click.command()

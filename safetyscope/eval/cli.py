@@ -47,6 +47,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     from ..discovery.discover import parse_labels
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
+    from ..sae import load_sae
     from . import report
     from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
     from .transfer import efficiency_curves, transfer_matrix
@@ -66,7 +67,15 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     y = parse_labels(df.get_column("label"), "evaluation data")
     skip = {s.strip() for s in skip.split(",") if s.strip()}
 
+    try:  # checked before the long extraction, not after it
+        scan = sorted({int(v) for v in scan_layers.split(",")}) if scan_layers else []
+    except ValueError:
+        raise SafetyScopeError(f"--scan-layers takes comma-separated integers, not {scan_layers!r}") from None
     fx = FeatureExtractor.from_config(cfg)
+    # the sweep's extractors share the loaded model; built now so that a bad layer or a missing SAE fails early
+    scan_fx = {la: FeatureExtractor(fx.backbone, load_sae(cfg.sae, layer=la, k=cfg.k), la, batch_size=cfg.batch_size,
+                                    max_length=cfg.max_length, skip_first_token=cfg.skip_first_token, pool=cfg.pool,
+                                    cache=cfg.cache) for la in scan if la != fx.layer}
     shipped = None
     if classifier:
         from ..discovery.detector import read_classifier
@@ -86,17 +95,10 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         df, y, ex.codes, lang_list, fractions=_floats(fractions), seeds=tuple(int(s) for s in seeds.split(",")))
 
     sweep = None
-    if scan_layers:
-        from dataclasses import replace
-
-        try:
-            scan = sorted({int(v) for v in scan_layers.split(",")})
-        except ValueError:
-            raise SafetyScopeError(f"--scan-layers takes comma-separated integers, not {scan_layers!r}") from None
+    if scan:
         codes = {fx.layer: ex.codes}
-        for layer in (la for la in scan if la != fx.layer):  # one extraction per extra layer, cached like the main one
-            codes[layer] = FeatureExtractor.from_config(replace(cfg, layer=layer)).extract(
-                df.get_column("text").to_list(), progress=True).codes
+        for layer, sfx in scan_fx.items():  # one extraction per extra layer, cached like the main one
+            codes[layer] = sfx.extract(df.get_column("text").to_list(), progress=True).codes
         sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
 
     out = Path(output)

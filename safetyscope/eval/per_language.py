@@ -18,7 +18,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..discovery.discover import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier, rank_features
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -104,9 +104,8 @@ def layer_sweep(df: pl.DataFrame, codes_by_layer: dict, *, langs: list[str], see
         deltas, f1s = {}, {}
         for layer in layers:
             X = codes_by_layer[layer]
-            _, delta, _, _ = rank_features(X[d_idx], y[d_idx])
-            deltas[layer] = float(delta.max())
             est = OrRuleClassifier(random_state=seed).fit(X[d_idx], y[d_idx])
+            deltas[layer] = float(est.delta_[0])  # its features are ranked by delta on all of X[d_idx]: the best
             f1s[layer] = binary_metrics(y[t_idx], est.predict(X[t_idx]))["f1"]
         out["best_delta"][lang], out["f1"][lang] = deltas, f1s
         out["chosen"][lang] = max(layers, key=lambda la: (deltas[la], -la))

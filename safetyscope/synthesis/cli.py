@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, recorded_model_options, user_errors
+from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
@@ -85,7 +85,8 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.discover import DiscoverConfig, load_labelled
     from ..features import FeatureExtractor
-    from .targets import TargetsConfig, find_targets, save_targets, targets_document
+    from ..provenance import write_document
+    from .targets import TargetsConfig, find_targets, targets_document
 
     fcfg = feature_config(kw)
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
@@ -96,7 +97,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     fx = FeatureExtractor.from_config(fcfg)
     found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
     doc = targets_document(found, fx, fcfg.sae)
-    save_targets(doc, output)
+    write_document(doc, output)
     t = doc["targets"]
     click.echo(f"{len(t)} target(s) from {found['reference_data']['rows']} rows "
                f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, {sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
@@ -116,12 +117,12 @@ def coverage(data, targets_path, output, text_column, **kw):
     """Share of the target features that fire on at least one row of DATA."""
     from ..data import read_table, text_list
     from .coverage import coverage_of_texts, format_coverage
-    from .targets import extractor_for, read_targets
+    from ..provenance import extractor_from_record
+    from .targets import read_targets
 
     doc = read_targets(targets_path)
     texts = [t for t in text_list(read_table(data, columns=[text_column]), text_column, data) if t and t.strip()]
-    fx = extractor_for(doc, targets_path, model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
-                       batch_size=kw["batch_size"], cache=not kw["no_cache"])
+    fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
     rep = coverage_of_texts(fx, texts, [t["id"] for t in doc["targets"]], progress=True)
     click.echo(format_coverage(rep, data))
     if output:
@@ -146,15 +147,15 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
     from .generators import make_generator
     from .synthesize import check_output
     from .synthesize import synthesize as run
-    from .targets import extractor_for, read_targets
+    from ..provenance import extractor_from_record
+    from .targets import read_targets
 
     check_output(output, overwrite)
     doc = read_targets(targets_path)
     seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
                   if t and t.strip()]
     cfg, gcfg = synth_config(kw), generator_config(kw)
-    fx = extractor_for(doc, targets_path, model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
-                       batch_size=kw["batch_size"], cache=not kw["no_cache"])
+    fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
     det = load_detector(classifier, kw)
     gen = make_generator(gcfg)
     s = run(doc, seed_texts, cfg, fx, gen, det, output, overwrite=overwrite)

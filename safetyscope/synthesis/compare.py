@@ -27,7 +27,8 @@ from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
                          rows_frame, synthesize)
-from .targets import TargetsConfig, find_targets, save_targets, targets_document
+from ..provenance import write_document
+from .targets import TargetsConfig, find_targets, targets_document
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
                  "learning a language", "home repair", "science homework", "writing an email", "pet care")
@@ -127,7 +128,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
                                                       max_fire_rate=cc.max_fire_rate), fx,
                          progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")
     doc = targets_document(found, fx, fcfg.sae)
-    save_targets(doc, out / "targets.json")
+    write_document(doc, out / "targets.json")
     ids = [t["id"] for t in doc["targets"]]
     seed_texts = seed_df["prompt"].to_list()
     seed_cov = coverage_of_texts(fx, seed_texts, ids)

@@ -24,7 +24,7 @@ from ..discovery.discover import parse_labels
 from ..discovery.rules import rank_features
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
-from ..provenance import extractor_from_record, extractor_record, read_document, write_document
+from ..provenance import extractor_record, read_document
 
 FORMAT = "safetyscope-targets"
 
@@ -99,17 +99,8 @@ def targets_document(found: dict, fx: FeatureExtractor, sae_id: str | None) -> d
     return {"format": FORMAT, **extractor_record(fx, sae_id), **found}
 
 
-def save_targets(doc: dict, path: str | Path) -> None:
-    write_document(doc, path)
-
-
 def read_targets(path: str | Path) -> dict:
     d = read_document(path, FORMAT, "targets", " (make one with `safetyscope synth targets`)")
     if not d["targets"]:
         raise SafetyScopeError(f"{path}: holds no targets (lower --min-delta?)")
     return d
-
-
-def extractor_for(doc: dict, path, **kw) -> FeatureExtractor:
-    """The feature extractor the targets were found with; refuses another model/SAE (by fingerprint)."""
-    return extractor_from_record(doc, path, **kw)
