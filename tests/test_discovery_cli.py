@@ -55,7 +55,7 @@ def test_discover_writes_a_complete_classifier_file(classifier, tiny_backbone, t
     assert d["layer"] == SAE_LAYERS[0]
     assert d["rule"]["kind"] == "or_rule" and d["rule"]["k"] == 3 and d["rule"]["k_selection"] == "fixed"
     f = d["rule"]["features"]
-    assert [x["delta"] for x in f] == sorted((x["delta"] for x in f), reverse=True)
+    assert d["settings"]["selection"] == "greedy" and len({x["id"] for x in f}) == 3
     for x in f:
         assert x["delta"] == pytest.approx(x["p_fire_toxic"] - x["p_fire_clean"])
     n_tox = sum(any(w in t for w in TOXIC_WORDS) for t in CORPUS) * 4
@@ -63,6 +63,21 @@ def test_discover_writes_a_complete_classifier_file(classifier, tiny_backbone, t
     assert data["toxic"] == n_tox and data["clean"] == len(CORPUS) * 4 - n_tox
     assert set(data["per_lang"]) == {"en", "xx"} and len(data["sha256"]) == 64
     assert "text" not in json.dumps(d["rule"])  # statistics only, no data
+
+
+def test_discover_with_delta_selection_keeps_the_top_features_by_delta(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    out = tmp_path / "delta.json"
+    _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+          "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3, "--selection", "delta",
+          "--fpr-cap", "none"])
+    d = json.loads(out.read_text())
+    f = d["rule"]["features"]
+    assert d["settings"]["selection"] == "delta" and d["rule"]["params"]["fpr_cap"] is None
+    assert [x["delta"] for x in f] == sorted((x["delta"] for x in f), reverse=True)
+    assert all(x["threshold"] == 0.0 for x in f)
+    bad = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+                "--layer", SAE_LAYERS[0], "--fpr-cap", "lots"], ok=False)
+    assert bad.exit_code == 2 and "--fpr-cap" in bad.output and "Traceback" not in bad.output
 
 
 def test_layer_scan_keeps_the_best_layer_and_scores_the_multi_layer_variant(tmp_path, tiny_model_dir,

@@ -10,6 +10,7 @@ from safetyscope.discovery.rules import (
     classifier_from_dict,
     firing_rates,
     fpr_thresholds,
+    greedy_select,
     rank_features,
 )
 from safetyscope.errors import SafetyScopeError
@@ -51,7 +52,7 @@ def test_threshold_changes_what_fires():
 
 def test_or_rule_with_fixed_k_predicts_any_feature():
     X, y = _hand_matrix()
-    clf = OrRuleClassifier(max_features=2, fpr_cap=None).fit(X, y)
+    clf = OrRuleClassifier(max_features=2, selection="delta", fpr_cap=None).fit(X, y)
     assert clf.features_.tolist() == [0, 1]
     # row 4 (clean) fires f1 -> predicted toxic; every toxic row fires f0
     assert clf.predict(X).tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
@@ -83,11 +84,81 @@ def test_k_chosen_on_holdout_prefers_the_informative_features():
         dense[part, j] = 1.0 + rng.random(len(part))
     # noise features fire at random on both classes, less often
     dense[:, 3:] = (rng.random((n, 27)) < 0.05) * rng.random((n, 27))
-    clf = OrRuleClassifier(fpr_cap=None, random_state=0).fit(sp.csr_matrix(dense), y)
+    clf = OrRuleClassifier(selection="delta", fpr_cap=None, random_state=0).fit(sp.csr_matrix(dense), y)
     # K=1 or 2 misses a third of the toxic texts; K=5 catches all three planted features
     assert clf.k_scores_[5] > clf.k_scores_[2] > clf.k_scores_[1]
     assert len(clf.features_) == 5 and set(clf.features_[:3]) == {0, 1, 2}
-    assert clf.k_selection_.startswith("F1 on a 25%")
+    assert clf.k_selection_.startswith("mean F1 on 3 stratified 25% hold-outs")
+
+
+def _redundant_matrix(seed=3, n=400):
+    """f0 and f1 fire on the same 60% of toxic texts (delta 0.6 each); f2 fires on the other 40% and on
+    10% of clean texts (delta 0.3). f3 fires on every toxic text strongly and on 30% of clean ones weakly."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n // 2), np.zeros(n // 2)].astype(int)
+    tox, clean = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    head, tail = tox[: int(0.6 * len(tox))], tox[int(0.6 * len(tox)):]
+    dense = np.zeros((n, 4))
+    dense[head, 0] = 1 + rng.random(len(head))
+    dense[head, 1] = 1 + rng.random(len(head))
+    dense[tail, 2] = 1 + rng.random(len(tail))
+    dense[clean[: len(clean) // 10], 2] = 1 + rng.random(len(clean) // 10)
+    return y, dense
+
+
+def test_greedy_picks_the_feature_that_covers_what_the_first_misses():
+    y, dense = _redundant_matrix()
+    X = sp.csr_matrix(dense[:, :3])
+    delta = OrRuleClassifier(max_features=2, selection="delta", fpr_cap=None).fit(X, y)
+    greedy = OrRuleClassifier(max_features=2, selection="greedy", fpr_cap=None).fit(X, y)
+    assert delta.features_.tolist() == [0, 1]  # the top two by delta fire on the same texts
+    assert sorted(greedy.features_.tolist()) in ([0, 2], [1, 2])
+    assert delta.score(X, y) == pytest.approx(0.8)  # 40% of toxic missed
+    assert greedy.score(X, y) == pytest.approx(0.95)  # every toxic text caught, 10% of clean flagged
+    from sklearn.metrics import f1_score
+    assert f1_score(y, greedy.predict(X)) > f1_score(y, delta.predict(X))
+
+
+def test_greedy_threshold_separates_strong_toxic_from_weak_clean_firing():
+    rng = np.random.default_rng(4)
+    n = 400
+    y = np.r_[np.ones(n // 2), np.zeros(n // 2)].astype(int)
+    f = np.zeros(n)
+    f[: n // 2] = 3 + rng.random(n // 2)
+    f[n // 2: n // 2 + 60] = rng.random(60)  # 30% of clean texts, weakly
+    X = sp.csr_matrix(f[:, None])
+    clf = OrRuleClassifier(max_features=1).fit(X, y)
+    assert f[n // 2:].max() <= clf.thresholds_[0] < 3.0
+    assert clf.score(X, y) == 1.0
+    # with the cap at 0.5%, the only thresholds allowed are still above every clean activation
+    feats, thr = greedy_select(X, y, 1, 0.0, 0.005)
+    assert feats.tolist() == [0] and thr[0] >= f[n // 2:].max() - 1e-9
+
+
+def test_greedy_selection_prefixes_are_the_smaller_rules():
+    rng = np.random.default_rng(5)
+    n = 300
+    y = rng.integers(0, 2, n)
+    dense = (rng.random((n, 40)) < 0.2) * rng.random((n, 40))
+    dense[y == 1, :5] += (rng.random(((y == 1).sum(), 5)) < 0.3) * 2
+    X = sp.csr_matrix(dense)
+    f5, t5 = greedy_select(X, y, 5, 0.0, 0.2)
+    f2, t2 = greedy_select(X, y, 2, 0.0, 0.2)
+    assert f5[:2].tolist() == f2.tolist() and np.allclose(t5[:2], t2)
+    assert len(set(f5.tolist())) == 5  # no feature twice
+    # the training F1 of the OR of the first k never drops as k grows (each step takes the best)
+    f1s = []
+    from sklearn.metrics import f1_score
+    for k in range(1, 6):
+        pred = (dense[:, f5[:k]] > t5[:k]).any(axis=1)
+        f1s.append(f1_score(y, pred))
+    assert all(b >= a - 1e-12 for a, b in zip(f1s, f1s[1:]))
+
+
+def test_unknown_selection_is_a_clear_error():
+    X, y = _hand_matrix()
+    with pytest.raises(SafetyScopeError, match="selection"):
+        OrRuleClassifier(selection="best").fit(X, y)
 
 
 def test_or_rule_round_trips_through_dict():
@@ -96,6 +167,10 @@ def test_or_rule_round_trips_through_dict():
     clone = classifier_from_dict(clf.to_dict())
     np.testing.assert_array_equal(clone.decision_function(X), clf.decision_function(X))
     assert clone.get_params() == clf.get_params()
+    # a file written before `selection` existed was a delta-ranked rule
+    old = clf.to_dict()
+    del old["params"]["selection"], old["params"]["max_candidates"]
+    assert classifier_from_dict(old).selection == "delta"
 
 
 def test_sparse_linear_keeps_few_weights_and_separates():

@@ -10,8 +10,18 @@ from ..cli import feature_config, model_options, recorded_kwargs, recorded_model
 from ..ray_engine import ray_options
 
 
-def _fpr_cap(value: str) -> float | None:
-    return None if value.lower() in ("none", "off", "0") else float(value)
+def _fpr_cap(value: str) -> float | None | str:
+    if value.lower() == "auto":
+        return "auto"
+    if value.lower() in ("none", "off", "0"):
+        return None
+    try:
+        cap = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a share (0-1), 'auto' or 'none'", param_hint="--fpr-cap") from None
+    if not 0 < cap <= 1:
+        raise click.BadParameter(f"{value} is not in (0, 1]", param_hint="--fpr-cap")
+    return cap
 
 
 @click.command()
@@ -22,14 +32,17 @@ def _fpr_cap(value: str) -> float | None:
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this, e.g. discovery.")
 @click.option("--kind", type=click.Choice(["or_rule", "sparse_linear"]), default="or_rule", show_default=True)
-@click.option("--max-features", type=int, default=None, help="K [default: chosen from 1,2,5,10 on held-back data; 64 for sparse_linear].")
-@click.option("--fpr-cap", default="0.02", show_default=True, help="Per-feature cap on clean firing rate ('none' = threshold 0 for all, as in the report).")
+@click.option("--max-features", type=int, default=None, help="K [default: chosen from 1,2,5,10 on held-back data; 128 for sparse_linear].")
+@click.option("--selection", type=click.Choice(["greedy", "delta"]), default="greedy", show_default=True,
+              help="or_rule: add the feature+threshold that most raises F1 (greedy) or keep the top K by delta (the report's rule).")
+@click.option("--fpr-cap", default="auto", show_default=True,
+              help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; 'none' with delta = threshold 0 for all, as in the report).")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
 @click.option("--scan-layers", default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
-def discover(data, output, text_column, label_column, langs, split, kind, max_features, fpr_cap, threshold,
+def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, threshold,
              scan_layers, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from .discover import DiscoverConfig
@@ -37,7 +50,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
 
     layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
-                         kind=kind, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
+                         kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
                          seed=seed, layers=layers)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)

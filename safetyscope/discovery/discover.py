@@ -27,9 +27,10 @@ class DiscoverConfig:
     langs: list[str] | None = None  # keep rows whose `lang` is one of these
     split: str | None = None  # keep rows whose `split` equals this (e.g. "discovery")
     kind: str = "or_rule"  # or "sparse_linear"
-    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 64 (sparse_linear)
+    selection: str = "greedy"  # or_rule: "greedy" or "delta" (the report's top-K by delta)
+    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 128 (sparse_linear)
     threshold: float = 0.0
-    fpr_cap: float | None = 0.02
+    fpr_cap: float | None | str = "auto"  # or_rule: 0.2 for greedy, 0.02 for delta (see OrRuleClassifier)
     seed: int = 0
     layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
 
@@ -81,10 +82,10 @@ def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: li
 
 def make_rule(cfg: DiscoverConfig):
     if cfg.kind == "or_rule":
-        return OrRuleClassifier(max_features=cfg.max_features, threshold=cfg.threshold, fpr_cap=cfg.fpr_cap,
-                                random_state=cfg.seed)
+        return OrRuleClassifier(max_features=cfg.max_features, selection=cfg.selection, threshold=cfg.threshold,
+                                fpr_cap=cfg.fpr_cap, random_state=cfg.seed)
     if cfg.kind == "sparse_linear":
-        return SparseLinearClassifier(max_features=cfg.max_features or 64, random_state=cfg.seed)
+        return SparseLinearClassifier(max_features=cfg.max_features or 128, random_state=cfg.seed)
     raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule or sparse_linear")
 
 
@@ -115,7 +116,7 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         _, fx, codes = best
     rule = make_rule(cfg).fit(codes, y)
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
-            "settings": {"kind": cfg.kind, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed}}
+            "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}

@@ -1,9 +1,12 @@
 """Classifiers over pooled SAE codes (CSR, texts x d_sae), scikit-learn style.
 
-- ``OrRuleClassifier``: the Qwen-Scope rule. Rank features by delta_f = P(fires | toxic) -
-  P(fires | clean), keep the top K, call a text toxic if any kept feature fires. Beyond the report,
-  each kept feature may get its own firing threshold, chosen on the fitting data so that the feature
-  alone fires on at most ``fpr_cap`` of the clean texts.
+- ``OrRuleClassifier``: the Qwen-Scope rule: a text is toxic if any of K selected features fires.
+  ``selection="delta"`` is the report's selection: rank features by delta_f = P(fires | toxic) -
+  P(fires | clean) and keep the top K. ``selection="greedy"`` (default, beyond the report) adds one
+  (feature, threshold) pair at a time, the one that most raises the F1 of the OR on the fitting data:
+  top-delta features fire on the same toxic texts, so the K-th adds little recall, while greedy picks
+  features that catch what the earlier ones miss. Thresholds come from capping each feature's own
+  firing rate on clean texts (``fpr_cap``).
 - ``SparseLinearClassifier``: L1 logistic regression on log1p(activations) with few non-zero
   weights; still explainable feature by feature (contribution = weight * log1p(act)).
 
@@ -16,11 +19,14 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from ..errors import SafetyScopeError
 
 K_CANDIDATES = (1, 2, 5, 10)
+# Clean firing rates greedy selection may give a single feature (those <= fpr_cap are tried).
+RATE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}
 
 
 def _check_Xy(X, y=None):
@@ -57,15 +63,51 @@ def fpr_thresholds(X, y, features, base: float, fpr_cap: float | None) -> np.nda
     """Per feature, the smallest threshold >= base at which it fires on at most fpr_cap of clean texts."""
     if fpr_cap is None:
         return np.full(len(features), base, dtype=np.float64)
-    clean = X[y == 0][:, features].toarray()
-    allowed = int(np.floor(fpr_cap * clean.shape[0]))
-    out = []
-    for j in range(len(features)):
-        acts = np.sort(clean[:, j])[::-1]
-        # firing means act > threshold, so threshold = the (allowed+1)-th largest clean activation
-        t = acts[allowed] if allowed < len(acts) else 0.0
-        out.append(max(base, float(t)))
-    return np.array(out)
+    return _rate_thresholds(X[y == 0][:, features].toarray(), base, fpr_cap)
+
+
+def _rate_thresholds(clean: np.ndarray, base: float, rate: float) -> np.ndarray:
+    """Per column of clean activations, the smallest threshold >= base firing on at most ``rate`` of rows."""
+    allowed = int(np.floor(rate * clean.shape[0]))
+    if allowed >= clean.shape[0]:
+        return np.full(clean.shape[1], base, dtype=np.float64)
+    # firing means act > threshold, so threshold = the (allowed+1)-th largest clean activation
+    kth = -np.partition(-clean, allowed, axis=0)[allowed]
+    return np.maximum(base, kth).astype(np.float64)
+
+
+def greedy_select(X, y, k: int, base: float, fpr_cap: float | None, max_candidates: int = 256):
+    """Forward selection of (feature, threshold) pairs for an OR-rule, best F1 on (X, y) at each step.
+
+    Candidates: the ``max_candidates`` features of highest delta (bounded memory: one dense
+    rows x candidates block), each at the thresholds capping its clean firing rate at every rate of
+    RATE_GRID up to ``fpr_cap`` (None: also the base threshold). Returns feature ids and thresholds in
+    the order they were added, so the first k' of them are the greedy rule of size k'.
+    """
+    order, _, _, _ = rank_features(X, y, base)
+    cols = order[:max_candidates]
+    A = X[:, cols].toarray()
+    toxic = y == 1
+    rates = [r for r in RATE_GRID if fpr_cap is None or r <= fpr_cap] + ([1.0] if fpr_cap is None else [])
+    thr_grid = np.stack([_rate_thresholds(A[~toxic], base, r) for r in rates])  # rates x candidates
+    covered = np.zeros(len(y), dtype=bool)
+    feats, thrs = [], []
+    for _ in range(min(k, len(cols))):
+        best = (-1.0, 0, 0)
+        for g, thr in enumerate(thr_grid):
+            fires = (A > thr[None, :]) | covered[:, None]
+            tp = fires[toxic].sum(axis=0)
+            fp = fires[~toxic].sum(axis=0)
+            f1 = 2 * tp / np.maximum(2 * tp + fp + (toxic.sum() - tp), 1)
+            f1[np.isin(cols, feats)] = -1.0  # each feature once
+            j = int(np.argmax(f1))  # ties: the higher-delta feature
+            if f1[j] > best[0]:
+                best = (float(f1[j]), g, j)
+        _, g, j = best
+        feats.append(int(cols[j]))
+        thrs.append(float(thr_grid[g, j]))
+        covered |= A[:, j] > thr_grid[g, j]
+    return np.array(feats, dtype=np.int64), np.array(thrs)
 
 
 class OrRuleClassifier(ClassifierMixin, BaseEstimator):
@@ -75,30 +117,50 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     ----------
     max_features : int or None
         K. None chooses K from ``k_candidates`` by F1 on a held-back part of the fitting data.
+    selection : "greedy" or "delta"
+        How the K features are picked (module docstring); "delta" is the Qwen-Scope report's ranking.
     threshold : float
         Base firing threshold (the report uses 0).
-    fpr_cap : float or None
-        Per-feature thresholds capping each feature's clean-text firing rate; None = report rule.
+    fpr_cap : float, None or "auto"
+        Largest share of clean texts one selected feature may fire on; its threshold is raised until it
+        does not fire on more. "delta" uses exactly this cap; "greedy" tries the rates of RATE_GRID up to
+        it. None: no cap (for "delta", threshold = ``threshold`` for all: the report's rule).
+        "auto": 0.2 for greedy, 0.02 for delta.
     holdout : float
         Share held back for choosing K.
+    n_splits : int
+        K is chosen by the mean hold-out F1 over this many seeded stratified splits: one small hold-out
+        is noisy enough to pick a K whose extra features only fit the sample.
     """
 
-    def __init__(self, max_features: int | None = None, threshold: float = 0.0, fpr_cap: float | None = 0.02,
-                 k_candidates: tuple[int, ...] = K_CANDIDATES, holdout: float = 0.25, random_state: int = 0):
+    def __init__(self, max_features: int | None = None, selection: str = "greedy", threshold: float = 0.0,
+                 fpr_cap: float | None | str = "auto", k_candidates: tuple[int, ...] = K_CANDIDATES,
+                 holdout: float = 0.25, n_splits: int = 3, max_candidates: int = 256, random_state: int = 0):
         self.max_features = max_features
+        self.selection = selection
         self.threshold = threshold
         self.fpr_cap = fpr_cap
         self.k_candidates = k_candidates
         self.holdout = holdout
+        self.n_splits = n_splits
+        self.max_candidates = max_candidates
         self.random_state = random_state
 
-    def _fit_k(self, X, y, k):
-        order, delta, p_tox, p_clean = rank_features(X, y, self.threshold)
-        feats = order[:k]
-        return feats, fpr_thresholds(X, y, feats, self.threshold, self.fpr_cap), delta, p_tox, p_clean
+    def _cap(self):
+        if self.selection not in DEFAULT_FPR_CAP:
+            raise SafetyScopeError(f"unknown selection {self.selection!r}; use greedy or delta")
+        return DEFAULT_FPR_CAP[self.selection] if self.fpr_cap == "auto" else self.fpr_cap
+
+    def _select(self, X, y, k):
+        """The first k features (in selection order) and their thresholds."""
+        if self.selection == "greedy":
+            return greedy_select(X, y, k, self.threshold, self._cap(), self.max_candidates)
+        feats = rank_features(X, y, self.threshold)[0][:k]
+        return feats, fpr_thresholds(X, y, feats, self.threshold, self._cap())
 
     def fit(self, X, y):
         X, y = _check_Xy(X, y)
+        self._cap()  # validates selection before any work
         self.classes_ = np.array([0, 1])
         self.k_scores_ = {}
         if self.max_features is not None:
@@ -107,17 +169,20 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             k = int(self.max_features)
             self.k_selection_ = "fixed"
         else:
-            idx_fit, idx_val = train_test_split(np.arange(len(y)), test_size=self.holdout, stratify=y,
-                                                random_state=self.random_state)
-            Xf, yf, Xv, yv = X[idx_fit], y[idx_fit], X[idx_val], y[idx_val]
-            order, _, _, _ = rank_features(Xf, yf, self.threshold)
-            for k in self.k_candidates:
-                feats = order[:k]
-                thr = fpr_thresholds(Xf, yf, feats, self.threshold, self.fpr_cap)
-                self.k_scores_[int(k)] = float(f1_score(yv, _or_predict(Xv, feats, thr), zero_division=0))
+            splits = StratifiedShuffleSplit(self.n_splits, test_size=self.holdout, random_state=self.random_state)
+            scores = {int(k): [] for k in self.k_candidates}
+            for idx_fit, idx_val in splits.split(np.zeros(len(y)), y):
+                Xv, yv = X[idx_val], y[idx_val]
+                # one selection of the largest K; its prefixes are the smaller rules (greedy and delta alike)
+                feats, thr = self._select(X[idx_fit], y[idx_fit], max(self.k_candidates))
+                for k in scores:
+                    scores[k].append(f1_score(yv, _or_predict(Xv, feats[:k], thr[:k]), zero_division=0))
+            self.k_scores_ = {k: float(np.mean(v)) for k, v in scores.items()}
             k = max(self.k_scores_, key=lambda kk: (self.k_scores_[kk], -kk))  # best F1, then fewer features
-            self.k_selection_ = f"F1 on a {self.holdout:.0%} stratified hold-out of the fitting data (seed {self.random_state})"
-        feats, thr, delta, p_tox, p_clean = self._fit_k(X, y, k)
+            self.k_selection_ = (f"mean F1 on {self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting "
+                                 f"data (seed {self.random_state})")
+        feats, thr = self._select(X, y, k)
+        _, delta, p_tox, p_clean = rank_features(X, y, self.threshold)
         self.features_, self.thresholds_ = feats.astype(np.int64), thr
         self.delta_, self.p_toxic_, self.p_clean_ = delta[feats], p_tox[feats], p_clean[feats]
         self.n_features_in_ = X.shape[1]
@@ -150,6 +215,7 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     def from_dict(cls, d: dict) -> "OrRuleClassifier":
         params = dict(d["params"])
         params["k_candidates"] = tuple(params.get("k_candidates", K_CANDIDATES))
+        params.setdefault("selection", "delta")  # files written before greedy selection existed
         clf = cls(**params)
         f = d["features"]
         clf.classes_ = np.array([0, 1])
@@ -174,7 +240,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
     ``max_features`` non-zero weights (``C`` fixes it instead).
     """
 
-    def __init__(self, max_features: int = 64, C: float | None = None, cv: int = 3, min_df: int = 3,
+    def __init__(self, max_features: int = 128, C: float | None = None, cv: int = 3, min_df: int = 3,
                  random_state: int = 0):
         self.max_features = max_features
         self.C = C
@@ -207,7 +273,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         else:
             skf = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
             self.C_scores_ = {}
-            for C in np.logspace(-2, 1, 7):
+            for C in np.logspace(-2, 1, 13):
                 nnz = np.count_nonzero(self._lr(C).fit(Xc, y).coef_)
                 if nnz > self.max_features or nnz == 0:
                     continue

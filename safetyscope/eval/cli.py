@@ -11,7 +11,7 @@ import click
 
 from ..cli import feature_config, model_options, user_errors
 
-MAIN_METHODS = ["shipped", "or_rule", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
+MAIN_METHODS = ["shipped", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -117,7 +117,10 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     report.plot_method_bars(rows, MAIN_METHODS, images[0])
     md = [f"# safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}", "",
           f"{df.height} texts, {len(lang_list)} language(s). Every method is fitted on a language's discovery split "
-          "and measured on its test split. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
+          "and measured on its test split. OR-rules: `or_rule` (greedy selection of feature + threshold pairs), "
+          "`or_rule_delta` (top K by delta, each feature capped at a 2% clean firing rate), `or_rule_report` "
+          "(the Qwen-Scope report's rule: top K by delta, threshold 0); K from 1, 2, 5, 10 on a hold-out of the "
+          "discovery split. `sparse_linear`: L1 logistic rule over <= 128 SAE features. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
           "`probe_raw` (logistic probe on mean-pooled raw activations), `majority`.", ""]
     sections = []
     for metric in ("f1", "precision", "recall", "roc_auc"):

@@ -1,10 +1,11 @@
 """Per-language evaluation: discover on a language's discovery split, test on its test split, beside baselines.
 
 Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on the same test split:
-- ``or_rule``: the Qwen-Scope rule with per-feature thresholds (clean FPR cap 2%), K chosen on held-back data;
-- ``or_rule_report``: the report's plain rule (threshold 0 for every feature);
-- ``or_rule_K=k``: the K sweep;
-- ``sparse_linear``: L1 logistic rule with at most 64 SAE features;
+- ``or_rule``: the OR-rule with greedy selection of (feature, threshold) pairs, K chosen on held-back data;
+- ``or_rule_delta``: top-K features by delta, each thresholded at a 2% clean firing rate;
+- ``or_rule_report``: the report's plain rule (top-K by delta, threshold 0 for every feature);
+- ``or_rule_K=k``: the K sweep of ``or_rule``;
+- ``sparse_linear``: L1 logistic rule with at most 128 SAE features;
 - ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
 - ``probe_raw``: logistic probe on mean-pooled raw residual activations of the same layer - a baseline;
 - ``majority``: the majority class of the discovery split - a baseline;
@@ -18,7 +19,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..discovery.discover import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier, rank_features
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -28,8 +29,9 @@ def methods(seed: int):
     """name -> (estimator factory, uses raw activations)."""
     out = {
         "or_rule": (lambda: OrRuleClassifier(random_state=seed), False),
-        "or_rule_report": (lambda: OrRuleClassifier(fpr_cap=None, random_state=seed), False),
-        "sparse_linear": (lambda: SparseLinearClassifier(max_features=64, random_state=seed), False),
+        "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), False),
+        "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), False),
+        "sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), False),
         "logreg_sae": (lambda: SparseLinearClassifier(max_features=10**9, random_state=seed), False),
         "probe_raw": (lambda: raw_activation_probe(seed), True),
     }
@@ -104,8 +106,9 @@ def layer_sweep(df: pl.DataFrame, codes_by_layer: dict, *, langs: list[str], see
         deltas, f1s = {}, {}
         for layer in layers:
             X = codes_by_layer[layer]
+            order, delta, _, _ = rank_features(X[d_idx], y[d_idx])
+            deltas[layer] = float(delta[order[0]])
             est = OrRuleClassifier(random_state=seed).fit(X[d_idx], y[d_idx])
-            deltas[layer] = float(est.delta_[0])  # its features are ranked by delta on all of X[d_idx]: the best
             f1s[layer] = binary_metrics(y[t_idx], est.predict(X[t_idx]))["f1"]
         out["best_delta"][lang], out["f1"][lang] = deltas, f1s
         out["chosen"][lang] = max(layers, key=lambda la: (deltas[la], -la))
