@@ -182,9 +182,11 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             self.k_selection_ = (f"mean F1 on {self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting "
                                  f"data (seed {self.random_state})")
         feats, thr = self._select(X, y, k)
-        _, delta, p_tox, p_clean = rank_features(X, y, self.threshold)
         self.features_, self.thresholds_ = feats.astype(np.int64), thr
-        self.delta_, self.p_toxic_, self.p_clean_ = delta[feats], p_tox[feats], p_clean[feats]
+        # firing rates of each selected feature at its own threshold: what the rule does with it
+        fires = X[:, self.features_].toarray() > thr[None, :]
+        self.p_toxic_, self.p_clean_ = fires[y == 1].mean(axis=0), fires[y == 0].mean(axis=0)
+        self.delta_ = self.p_toxic_ - self.p_clean_
         self.n_features_in_ = X.shape[1]
         return self
 
