@@ -56,7 +56,8 @@ def plot_method_bars(rows: list[dict], methods: list[str], path, metric: str = "
     look = {(r["lang"], r["method"]): r.get(metric, np.nan) for r in rows}
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(langs) * max(1, len(methods)) * 0.35 + 2), 4.5))
+    # at most 20 inches wide: 14 languages x 8 methods stays legible in the HTML page and on GitHub
+    fig, ax = plt.subplots(figsize=(min(20, max(7, 0.9 * len(langs) * max(1, len(methods)) * 0.35 + 2)), 5))
     x = np.arange(len(langs))
     for i, m in enumerate(methods):
         ax.bar(x + i * width, [look.get((la, m), np.nan) for la in langs], width, label=m)
@@ -64,7 +65,7 @@ def plot_method_bars(rows: list[dict], methods: list[str], path, metric: str = "
     ax.set_ylabel(f"test {metric}")
     ax.set_ylim(0, 1)
     ax.set_title("Per language: SAE rules beside baselines (same test split)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=8, ncol=min(len(methods), 8), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
