@@ -16,7 +16,7 @@ INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
 def user_errors(fn):
-    """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2."""
+    """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2 (Ctrl-C: ``_Group``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,9 +25,6 @@ def user_errors(fn):
         except SafetyScopeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo(INTERRUPTED, err=True)
-            sys.exit(130)
 
     return wrapper
 

@@ -70,8 +70,9 @@ class FeatureExtractor:
         self._cache = _FeatureCache(self.cache_key()) if cache else None
 
     @classmethod
-    def from_config(cls, cfg: FeatureConfig) -> "FeatureExtractor":
-        backbone = Backbone.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    def from_config(cls, cfg: FeatureConfig, backbone: Backbone | None = None) -> "FeatureExtractor":
+        """``backbone``: a model already loaded from ``cfg`` (several layers' extractors share one)."""
+        backbone = backbone or Backbone.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
         sae = load_sae(cfg.sae, layer=cfg.layer, k=cfg.k)
         layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
         if layer is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -12,7 +12,6 @@ from ..backbone import Backbone
 from ..data import read_table, require_columns, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
-from ..sae import load_sae
 from .detector import Detector
 from .rules import OrRuleClassifier, SparseLinearClassifier, rank_features
 
@@ -104,9 +103,7 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         backbone = Backbone.from_pretrained(fcfg.model, device=fcfg.device, dtype=fcfg.dtype)
         scan, best, by_layer = {}, None, {}
         for layer in layers:
-            sae = load_sae(fcfg.sae, layer=layer, k=fcfg.k)
-            fx_l = FeatureExtractor(backbone, sae, layer, batch_size=fcfg.batch_size, max_length=fcfg.max_length,
-                                    skip_first_token=fcfg.skip_first_token, cache=fcfg.cache)
+            fx_l = FeatureExtractor.from_config(replace(fcfg, layer=layer), backbone=backbone)
             codes_l = fx_l.transform(texts, progress=progress)
             order, delta, _, _ = rank_features(codes_l, y, cfg.threshold)
             scan[layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}

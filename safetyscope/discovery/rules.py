@@ -94,12 +94,13 @@ def greedy_select(X, y, k: int, base: float, fpr_cap: float | None, max_candidat
     feats, thrs = [], []
     for _ in range(min(k, len(cols))):
         best = (-1.0, 0, 0)
+        used = np.isin(cols, feats)  # each feature once
         for g, thr in enumerate(thr_grid):
             fires = (A > thr[None, :]) | covered[:, None]
             tp = fires[toxic].sum(axis=0)
             fp = fires[~toxic].sum(axis=0)
             f1 = 2 * tp / np.maximum(2 * tp + fp + (toxic.sum() - tp), 1)
-            f1[np.isin(cols, feats)] = -1.0  # each feature once
+            f1[used] = -1.0
             j = int(np.argmax(f1))  # ties: the higher-delta feature
             if f1[j] > best[0]:
                 best = (float(f1[j]), g, j)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -47,7 +48,6 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     from ..discovery.discover import parse_labels
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
-    from ..sae import load_sae
     from . import report
     from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
     from .transfer import efficiency_curves, transfer_matrix
@@ -73,9 +73,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         raise SafetyScopeError(f"--scan-layers takes comma-separated integers, not {scan_layers!r}") from None
     fx = FeatureExtractor.from_config(cfg)
     # the sweep's extractors share the loaded model; built now so that a bad layer or a missing SAE fails early
-    scan_fx = {la: FeatureExtractor(fx.backbone, load_sae(cfg.sae, layer=la, k=cfg.k), la, batch_size=cfg.batch_size,
-                                    max_length=cfg.max_length, skip_first_token=cfg.skip_first_token, pool=cfg.pool,
-                                    cache=cfg.cache) for la in scan if la != fx.layer}
+    scan_fx = {la: FeatureExtractor.from_config(replace(cfg, layer=la), backbone=fx.backbone)
+               for la in scan if la != fx.layer}
     shipped = None
     if classifier:
         from ..discovery.detector import read_classifier
@@ -119,8 +118,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
           f"{df.height} texts, {len(lang_list)} language(s). Every method is fitted on a language's discovery split "
           "and measured on its test split. OR-rules: `or_rule` (greedy selection of feature + threshold pairs), "
           "`or_rule_delta` (top K by delta, each feature capped at a 2% clean firing rate), `or_rule_report` "
-          "(the Qwen-Scope report's rule: top K by delta, threshold 0); K from 1, 2, 5, 10 on a hold-out of the "
-          "discovery split. `sparse_linear`: L1 logistic rule over <= 128 SAE features. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
+          "(the Qwen-Scope report's rule: top K by delta, threshold 0); K from 1, 2, 5, 10 by mean F1 on 3 hold-outs "
+          "of the discovery split. `sparse_linear`: L1 logistic rule over <= 128 SAE features. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
           "`probe_raw` (logistic probe on mean-pooled raw activations), `majority`.", ""]
     sections = []
     for metric in ("f1", "precision", "recall", "roc_auc"):
