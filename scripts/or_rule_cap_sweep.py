@@ -12,31 +12,21 @@ of feature + threshold pairs). Prints test F1 per language and the macro means.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 from sklearn.metrics import f1_score
 
-from safetyscope.discovery.discover import parse_labels
+from _toxicity import split_idx, toxicity_features
 from safetyscope.discovery.rules import OrRuleClassifier
-from safetyscope.features import FeatureConfig, FeatureExtractor
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
 CAPS = [0.02, 0.05, 0.1, 0.2, None]
 
 
 def main(model: str, sae: str) -> None:
-    files = sorted(f for f in DATA.glob("*.parquet") if f.name != "ci_sample.parquet")  # ci_sample repeats rows
-    df = pl.concat([pl.read_parquet(f).select("text", "label", "lang", "split") for f in files])
-    fx = FeatureExtractor.from_config(FeatureConfig(model=None if model == "default" else model,
-                                                    sae=None if sae == "default" else sae))
-    X = fx.transform(df["text"].to_list(), progress=True)  # the eval's settings: served from its cache
-    y = parse_labels(df["label"], "toxicity data")
-    lang, split = df["lang"].to_numpy(), df["split"].to_numpy()
+    X, y, lang, split = toxicity_features(model, sae)
     res = {c: [] for c in CAPS} | {"sel": [], "greedy": []}
     for lg in sorted(set(lang)):
-        d, t = np.flatnonzero((lang == lg) & (split == "discovery")), np.flatnonzero((lang == lg) & (split == "test"))
+        d, t = split_idx(lang, split, lg)
         best = None
         for c in CAPS:
             m = OrRuleClassifier(selection="delta", fpr_cap=c).fit(X[d], y[d])

@@ -67,7 +67,7 @@ def test_shipped_gemma_sae_matches(gemma):
     sae = load_sae(str(SAE_DIR))
     assert sae.cfg.model == GEMMA_ALIAS
     assert sae.cfg.d_model == gemma.d_model
-    assert sae.cfg.d_sae == 5120 and sae.cfg.activation == "topk" and sae.cfg.k == 32
+    assert sae.cfg.d_sae == 10240 and sae.cfg.activation == "topk" and sae.cfg.k == 32
     assert 0 <= sae.cfg.layer < gemma.n_layers
     from safetyscope.train import collect_activations, evaluate
 
