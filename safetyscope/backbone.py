@@ -215,6 +215,18 @@ class Backbone:
             h.update(p.detach().flatten()[:64].to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token id lists into (input_ids, attention_mask): causal attention never sees the pads."""
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        width = max(map(len, batch_ids))
+        input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for b, x in enumerate(batch_ids):
+            input_ids[b, : len(x)] = torch.tensor(x)
+            mask[b, : len(x)] = 1
+        return input_ids, mask
+
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Residual stream after each decoder layer in ``layers``: {layer: (batch, seq, d_model)}."""

@@ -137,7 +137,7 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def _encode_batch(self, batch_ids: list[list[int]]):
-        input_ids, mask = self._pad(batch_ids)
+        input_ids, mask = self.backbone.pad(batch_ids)
         hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer]
         keep = mask.to(hidden.device).bool()
         if self.skip_first_token:
@@ -164,22 +164,11 @@ class FeatureExtractor:
                         means[b], int(means_keep[b].sum())))
         return out
 
-    def _pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pad_id = self.backbone.tokenizer.pad_token_id
-        pad_id = 0 if pad_id is None else pad_id
-        width = max(map(len, batch_ids))
-        input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for b, x in enumerate(batch_ids):  # right padding: causal attention never sees the pads
-            input_ids[b, : len(x)] = torch.tensor(x)
-            mask[b, : len(x)] = 1
-        return input_ids, mask
-
     @torch.inference_mode()
     def token_codes(self, text: str) -> tuple[list[str], torch.Tensor]:
         """Tokens of one text and their dense SAE codes (n_tokens, d_sae): what `explain` shows."""
         (ids,), _ = self.tokenize([text])
-        input_ids, mask = self._pad([ids])
+        input_ids, mask = self.backbone.pad([ids])
         hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer][0].float()
         codes = self.sae.encode(hidden).cpu()
         if self.skip_first_token:

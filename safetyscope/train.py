@@ -63,18 +63,12 @@ def collect_activations(backbone, layer: int, texts: list[str], max_length: int 
     ids = backbone.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     ids = [x[:max_length] for x in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding per batch
-    pad_id = backbone.tokenizer.pad_token_id or 0
     out: list[torch.Tensor | None] = [None] * len(ids)
     bar = tqdm(total=sum(max(0, len(x) - 1) for x in ids), unit="tok", unit_scale=True, disable=not progress,
                desc=f"activations L{layer}")
     for s in range(0, len(order), batch_size):
         batch = order[s : s + batch_size]
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):  # right padding: causal attention never sees the pads
-            input_ids[b, : len(ids[i])] = torch.tensor(ids[i])
-            mask[b, : len(ids[i])] = 1
+        input_ids, mask = backbone.pad([ids[i] for i in batch])
         hidden = backbone.capture(input_ids, mask, [layer])[layer].float().cpu()
         for b, i in enumerate(batch):
             out[i] = hidden[b, 1 : len(ids[i])].clone()

@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from sklearn.metrics import f1_score
 
 from _toxicity import load_toxicity
@@ -40,10 +39,7 @@ def main(model: str, n_disc: int = 300, n_test: int = 150, batch: int = 32, max_
     t0 = time.time()
     for s in range(0, len(order), batch):
         b = order[s : s + batch]
-        width = max(len(ids[i]) for i in b)
-        inp, mask = torch.zeros((len(b), width), dtype=torch.long), torch.zeros((len(b), width), dtype=torch.long)
-        for j, i in enumerate(b):  # right padding
-            inp[j, : len(ids[i])], mask[j, : len(ids[i])] = torch.tensor(ids[i]), 1
+        inp, mask = bb.pad([ids[i] for i in b])
         keep = mask.bool().clone()
         keep[:, 0] = False
         n_tok = keep.sum(1).clamp(min=1)

@@ -16,17 +16,18 @@ import sys
 import numpy as np
 from sklearn.metrics import f1_score
 
-from _toxicity import split_idx, toxicity_features
+from _toxicity import toxicity_features
 from safetyscope.discovery.rules import OrRuleClassifier
+from safetyscope.eval.per_language import split_indices
 
 CAPS = [0.02, 0.05, 0.1, 0.2, None]
 
 
 def main(model: str, sae: str) -> None:
-    X, y, lang, split = toxicity_features(model, sae)
+    df, X, y = toxicity_features(model, sae)
     res = {c: [] for c in CAPS} | {"sel": [], "greedy": []}
-    for lg in sorted(set(lang)):
-        d, t = split_idx(lang, split, lg)
+    for lg in sorted(set(df["lang"].to_list())):
+        d, t = split_indices(df, lg)
         best = None
         for c in CAPS:
             m = OrRuleClassifier(selection="delta", fpr_cap=c).fit(X[d], y[d])

@@ -16,15 +16,16 @@ import sys
 import numpy as np
 from sklearn.metrics import f1_score
 
-from _toxicity import split_idx, toxicity_features
+from _toxicity import toxicity_features
 from safetyscope.discovery.rules import OrRuleClassifier
+from safetyscope.eval.per_language import split_indices
 
 
 def main(model: str, sae: str, k: int = 10) -> None:
-    X, y, lang, split = toxicity_features(model, sae)
+    df, X, y = toxicity_features(model, sae)
     res = {"test": [], "in_sample": [], "oracle": []}
-    for lg in sorted(set(lang)):
-        d, t = split_idx(lang, split, lg)
+    for lg in sorted(set(df["lang"].to_list())):
+        d, t = split_indices(df, lg)
         rule = OrRuleClassifier(max_features=k).fit(X[d], y[d])
         res["test"].append(f1_score(y[t], rule.predict(X[t])))
         res["in_sample"].append(f1_score(y[d], rule.predict(X[d])))
