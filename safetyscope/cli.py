@@ -121,7 +121,10 @@ def features(input_path, output, text_column, engine, address, workers, cpus_per
     """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
     from .data import read_table, text_list, write_table
     from .features import FeatureExtractor, codes_frame
+    from .outputs import check_output
 
+    # Before any work. features has no --overwrite: it replaces a file, or a directory it wrote, as before.
+    check_output(output, inputs=[input_path], overwrite=True)
     cfg = feature_config(kw)
     if engine == "ray":
         from .ray_engine import run_features_ray

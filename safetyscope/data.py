@@ -107,31 +107,49 @@ def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0) -> 
         raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
 
 
+def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no nested values: lists become ``[1, 2]`` strings and structs/lists of structs JSON strings,
+    so nothing is lost and the check happens before any row is written."""
+    import json
+
+    def as_text(v):
+        if v is None:
+            return None
+        if isinstance(v, dict) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], dict)):
+            return json.dumps(v, ensure_ascii=False, default=str)
+        return str(list(v))
+
+    nested = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
+    return df.with_columns(pl.col(c).map_elements(as_text, return_dtype=pl.String) for c in nested)
+
+
 def write_table(df: pl.DataFrame, path: str | os.PathLike) -> None:
-    """Write by extension, atomically (temporary file then rename) so a crash never leaves half a file."""
+    """Write by extension, atomically (temporary file then rename) so a crash never leaves half a file.
+    An existing output is replaced only through ``outputs.replace`` (plain files or our marked directories);
+    callers validate the path with ``outputs.check_output`` before their work."""
+    from .outputs import output_errors, remove_temp, replace, temp_path
+
     p = Path(path)
     fmt = table_format(p, for_writing=True)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        import datasets
+    tmp = temp_path(p)
+    with output_errors(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        remove_temp(tmp)
+        try:
+            if fmt == "hf":
+                import datasets
 
-        ds = datasets.Dataset(df.to_arrow())
-        ds.save_to_disk(str(p))
-        return
-    tmp = p.with_name(p.name + ".tmp")
-    if fmt == "parquet":
-        df.write_parquet(tmp)
-    elif fmt == "csv":
-        nested = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
-        # CSV has no lists: write them as JSON-ish strings so nothing is lost.
-        df = df.with_columns(
-            pl.col(c).map_elements(lambda v: None if v is None else str(list(v)), return_dtype=pl.String)
-            for c in nested
-        )
-        df.write_csv(tmp)
-    else:
-        df.write_ndjson(tmp)
-    os.replace(tmp, p)
+                datasets.Dataset(df.to_arrow()).save_to_disk(str(tmp))
+            elif fmt == "parquet":
+                df.write_parquet(tmp)
+            elif fmt == "csv":
+                csv_safe(df).write_csv(tmp)
+            else:
+                df.write_ndjson(tmp)
+            replace(tmp, p)
+        except BaseException:
+            remove_temp(tmp)
+            raise
 
 
 def text_list(df: pl.DataFrame, text_column: str, where: str | os.PathLike = "input") -> list[str | None]:

@@ -201,10 +201,14 @@ class _FeatureCache:
     """Text hash -> (feature ids, acts, mean activation, n_tokens), in one SQLite file per config."""
 
     def __init__(self, key: str):
-        path = cache_dir() / "features" / f"{key}.sqlite"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS codes (h TEXT PRIMARY KEY, ids BLOB, acts BLOB, mean BLOB, n INTEGER)")
+        self.path = path = cache_dir() / "features" / f"{key}.sqlite"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path)
+            self.db.execute("CREATE TABLE IF NOT EXISTS codes (h TEXT PRIMARY KEY, ids BLOB, acts BLOB, mean BLOB, n INTEGER)")
+        except (OSError, sqlite3.OperationalError) as e:
+            raise SafetyScopeError(f"cannot open the feature cache {path}: {e}; set SAFETYSCOPE_CACHE to a writable "
+                                   "directory or pass --no-cache") from None
 
     def get_many(self, keys: list[str]) -> dict[int, tuple]:
         where: dict[str, list[int]] = {}
@@ -223,11 +227,16 @@ class _FeatureCache:
         return out
 
     def put_many(self, items: dict[str, tuple]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)",
-            [(h, r[0].tobytes(), r[1].tobytes(), np.asarray(m, np.float32).tobytes(), int(t)) for h, (r, m, t) in items.items()],
-        )
-        self.db.commit()
+        try:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)",
+                [(h, r[0].tobytes(), r[1].tobytes(), np.asarray(m, np.float32).tobytes(), int(t)) for h, (r, m, t) in items.items()],
+            )
+            self.db.commit()
+        except sqlite3.OperationalError as e:  # "database or disk is full", read-only file system, locked
+            self.db.rollback()
+            raise SafetyScopeError(f"cannot write the feature cache {self.path}: {e}; free space, set SAFETYSCOPE_CACHE "
+                                   "to another directory or pass --no-cache") from None
 
 
 def config_dict(cfg: FeatureConfig) -> dict:

@@ -303,15 +303,15 @@ def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data):
         proc = subprocess.Popen(_synth_cmd(targets, seed_data, out, srv.endpoint), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 120
-        while not partial.exists() or partial.read_text().count('"kind": "done"') < 3:
+        while not partial.exists() or partial.read_text().count('"status": ') < 3:
             assert proc.poll() is None, "the run ended before it could be interrupted"
             assert time.time() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         assert not out.exists()
-        with open(partial, "ab") as f:  # a line cut short by the kill
-            f.write(b'{"kind": "row", "row": {"pro')
+        with open(partial, "ab") as f:  # a group's line cut short by the kill
+            f.write(b'{"kind": "group", "rows": [{"pro')
         r = subprocess.run(_synth_cmd(targets, seed_data, out, srv.endpoint), env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "resumed after" in r.stderr and not partial.exists()

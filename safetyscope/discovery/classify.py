@@ -20,8 +20,9 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..data import count_rows, iter_chunks, require_columns, table_format
+from ..data import count_rows, csv_safe, iter_chunks, require_columns, table_format
 from ..errors import SafetyScopeError
+from ..outputs import check_output, mark, output_errors, output_lock, remove_temp, replace, temp_path
 from .detector import Detector
 
 RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
@@ -57,94 +58,177 @@ def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str) -> pl.Data
     )
 
 
-def _manifest(input_path: Path, classifier: dict, text_column: str, chunk_rows: int) -> dict:
-    st = input_path.stat() if input_path.is_file() else None
-    clf_hash = hashlib.sha256(json.dumps(classifier, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"input": str(input_path.resolve()), "input_size": st.st_size if st else None,
-            "input_mtime_ns": st.st_mtime_ns if st else None, "classifier": clf_hash,
-            "text_column": text_column, "chunk_rows": chunk_rows}
+# Bump when the parts' content or the manifest's meaning changes: old parts then never mix with new ones.
+MANIFEST_VERSION = 2
+
+
+def content_hash(path: Path) -> str:
+    """Streamed SHA-256 of a file, or of every file of a directory (an HF dataset) with its relative name:
+    size and mtime alone miss an input rewritten in place."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int) -> dict:
+    """Everything that changes the parts' content: a resume with any of it different would mix results."""
+    clf_hash = hashlib.sha256(json.dumps(det.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fx = det.extractor
+    return {"version": MANIFEST_VERSION, "input": str(input_path.resolve()), "input_sha256": content_hash(input_path),
+            "classifier": clf_hash, "text_column": text_column, "chunk_rows": chunk_rows,
+            # dtype and batch size can move activations near 0 across the firing threshold (padding, bf16)
+            "dtype": str(next(fx.backbone.model.parameters()).dtype), "device": fx.backbone.device.split(":")[0],
+            "batch_size": fx.batch_size, "max_length": fx.max_length, "skip_first_token": fx.skip_first_token,
+            "pool": fx.pool}
+
+
+def _read_manifest(parts: Path) -> dict:
+    try:
+        return json.loads((parts / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise SafetyScopeError(f"{parts / 'manifest.json'} is missing or unreadable (truncated?); delete {parts} "
+                               "to start over") from None
+
+
+def _part_rows(f: Path) -> int | None:
+    try:
+        return pq.read_metadata(f).num_rows
+    except Exception:  # a part this tool did not write completely (it writes tmp + rename): unreadable
+        return None
+
+
+def _check_parts(parts: Path, total: int, chunk_rows: int) -> int:
+    """Validate every part against the chunk plan; returns how many leading chunks are done."""
+    n_chunks = (total + chunk_rows - 1) // chunk_rows
+    done = 0
+    for f in sorted(parts.glob("part-*.parquet")):
+        i = int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else -1
+        want = min(chunk_rows, total - i * chunk_rows) if 0 <= i < n_chunks else None
+        got = _part_rows(f)
+        if want is None or got != want:
+            raise SafetyScopeError(f"{f} holds {got if got is not None else 'no readable'} rows where the chunk plan "
+                                   f"needs {want if want is not None else 'no such part'}; delete that file to "
+                                   "recompute it (or delete the whole .parts directory to start over)")
+    while (parts / f"part-{done:06d}.parquet").exists():
+        done += 1
+    return done
 
 
 def classify_file(det: Detector, input_path: str, output: str, *, text_column: str = "text", chunk_rows: int = 1024,
                   overwrite: bool = False, progress: bool = True) -> dict:
     inp, out = Path(input_path), Path(output)
     table_format(inp)
+    if not inp.exists():
+        raise SafetyScopeError(f"{inp}: no such file or directory")
+    if chunk_rows < 1:
+        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
     out_fmt = table_format(out, for_writing=True)
-    if out.exists() and not overwrite:
-        raise SafetyScopeError(f"{out} already exists; pass --overwrite to replace it")
-    if out.resolve() == inp.resolve():
-        raise SafetyScopeError("the output must not be the input file")
+    check_output(out, inputs=[inp], overwrite=overwrite)
     parts = out.with_name(out.name + ".parts")
-    manifest = _manifest(inp, det.to_dict(), text_column, chunk_rows)
-    if parts.exists():
-        old = json.loads((parts / "manifest.json").read_text()) if (parts / "manifest.json").exists() else None
-        if old != manifest:
-            raise SafetyScopeError(f"{parts} holds an interrupted run with another input, classifier or chunk size; "
-                                   "delete it to start over")
+    check_output(parts, inputs=[inp], overwrite=True, kind="parts directory")
+    with output_lock(out):
+        return _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress)
+
+
+def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress) -> dict:
+    manifest = _manifest(inp, det, text_column, chunk_rows)
+    created = not parts.exists()
+    if not created:
+        old = _read_manifest(parts)
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if diff:
+            raise SafetyScopeError(f"{parts} holds an interrupted run with another {', '.join(diff)}; rerun it with "
+                                   f"the same settings and input, or delete {parts} to start over")
     else:
-        parts.mkdir(parents=True)
-        (parts / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        with output_errors(parts):
+            parts.mkdir(parents=True)
+            mark(parts)
+            _fsync_write_text(json.dumps(manifest, indent=2), parts / "manifest.json")
+    try:
+        return _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress)
+    except BaseException:
+        # A run that wrote no part leaves nothing behind (else the corrected command would be refused).
+        if created and parts.is_dir() and not any(parts.glob("part-*.parquet")):
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
+
+
+def _fsync_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress) -> dict:
     total = count_rows(inp)
     if total == 0:
-        shutil.rmtree(parts)
         raise SafetyScopeError(f"{inp} has no rows")
     n_chunks = (total + chunk_rows - 1) // chunk_rows
-    done = 0
-    while (parts / f"part-{done:06d}.parquet").exists():
-        done += 1
+    done = _check_parts(parts, total, chunk_rows)
     resumed = done
     stats = {"rows": total, "resumed_chunks": resumed, "toxic": 0, "skipped": 0}
-    bar = tqdm(total=total, initial=min(done * chunk_rows, total), unit="rows", disable=not progress, desc="classify")
     t0 = time.perf_counter()
-    for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
-        if i == done == 0:
-            require_columns(chunk, [text_column], inp)
-        res = classify_chunk(det, chunk, text_column)
-        _fsync_write_parquet(res, parts / f"part-{i:06d}.parquet")
-        bar.update(chunk.height)
-    bar.close()
+    hint = "; free space (or fix the path) and rerun the same command to resume from the finished parts"
+    with tqdm(total=total, initial=min(done * chunk_rows, total), unit="rows", disable=not progress,
+              desc="classify") as bar:  # closed on errors too, so the error line starts on its own line
+        for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
+            if i == done == 0:
+                require_columns(chunk, [text_column], inp)
+            res = classify_chunk(det, chunk, text_column)
+            with output_errors(parts, hint):
+                _fsync_write_parquet(res, parts / f"part-{i:06d}.parquet")
+            bar.update(chunk.height)
     stats["seconds"] = time.perf_counter() - t0
     files = [parts / f"part-{i:06d}.parquet" for i in range(n_chunks)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise SafetyScopeError(f"parts missing after the run: {missing[:5]}; rerun to complete")
+    _check_parts(parts, total, chunk_rows)  # nothing forged or swapped in meanwhile
     for f in files:
         counts = pl.scan_parquet(f).select(pl.col("toxic").sum(), (pl.col("status") != "ok").sum()).collect().row(0)
         stats["toxic"] += counts[0]
         stats["skipped"] += counts[1]
-    _assemble(files, out, out_fmt)
+    with output_errors(out, hint):
+        _assemble(files, out, out_fmt)
     shutil.rmtree(parts)
     return stats
 
 
 def _assemble(files: list[Path], out: Path, fmt: str) -> None:
     """Concatenate parts in order, one part in memory at a time."""
-    tmp = out.with_name(out.name + ".tmp")
-    if fmt == "parquet":
-        writer = None
-        for f in files:
-            t = pq.read_table(f)
-            writer = writer or pq.ParquetWriter(tmp, t.schema)
-            writer.write_table(t)
-        writer.close()
-    elif fmt in ("jsonl", "csv"):
-        with open(tmp, "wb") as fh:
-            for n, f in enumerate(files):
-                df = pl.read_parquet(f)
-                if fmt == "jsonl":
-                    df.write_ndjson(fh)
-                else:
-                    df = df.with_columns(pl.col("fired_features").map_elements(
-                        lambda v: None if v is None else str(list(v)), return_dtype=pl.String))
-                    df.write_csv(fh, include_header=n == 0)
-    else:
-        import datasets
+    tmp = temp_path(out)
+    remove_temp(tmp)
+    try:
+        if fmt == "parquet":
+            writer = None
+            for f in files:
+                t = pq.read_table(f)
+                writer = writer or pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t)
+            writer.close()
+        elif fmt in ("jsonl", "csv"):
+            with open(tmp, "wb") as fh:
+                for n, f in enumerate(files):
+                    df = pl.read_parquet(f)
+                    if fmt == "jsonl":
+                        df.write_ndjson(fh)
+                    else:
+                        csv_safe(df).write_csv(fh, include_header=n == 0)
+        else:
+            import datasets
 
-        ds = datasets.Dataset.from_parquet([str(f) for f in files])
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
+            ds = datasets.Dataset.from_parquet([str(f) for f in files])
+            ds.save_to_disk(str(tmp))
+        replace(tmp, out)
+    except BaseException:
+        remove_temp(tmp)
+        raise

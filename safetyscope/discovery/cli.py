@@ -47,7 +47,9 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from .discover import DiscoverConfig
     from .discover import discover as run
+    from ..outputs import check_output
 
+    check_output(output, inputs=data, overwrite=True, kind="classifier file", file_only=True)  # before the work
     layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),

@@ -48,10 +48,12 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     from ..discovery.discover import parse_labels
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
+    from ..outputs import check_report_dir
     from . import report
     from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
     from .transfer import efficiency_curves, transfer_matrix
 
+    out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
     cfg = feature_config(kw)
     paths = [p for p in data if not Path(p).name.startswith("ci_sample")] or list(data)
     df = pl.concat([read_table(p, columns=["text", "label", "lang", "split"]).select("text", "label", "lang", "split")
@@ -100,8 +102,6 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
             codes[layer] = sfx.extract(df.get_column("text").to_list(), progress=True).codes
         sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
     config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": seeds, "fractions": fractions,
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
@@ -208,12 +208,14 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
+    from ..outputs import check_report_dir
     from . import report
     from .overlap import footprint, overlap_matrices, redundancy
 
     if names and len(names) != len(data):
         raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")
     names = list(names) or [Path(p).stem if Path(p).suffix else Path(p).name for p in data]
+    out = check_report_dir(output, inputs=data)
     cfg = feature_config(kw)
     cfg.pool = pool
     fx = FeatureExtractor.from_config(cfg)
@@ -229,8 +231,6 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     res = overlap_matrices(prints)
     res.update({"pool": pool, "min_count": min_count, "redundancy": red, "data": list(data),
                 "model": fx.backbone.model_id, "sae": cfg.sae or "default", "layer": fx.layer})
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "overlap.json").write_text(json.dumps(res, indent=2) + "\n")
     header = ["A \\ B"] + names
     body = [[a] + [float(v) for v in r] for a, r in zip(names, res["overlap"])]

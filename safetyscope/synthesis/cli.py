@@ -150,7 +150,7 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
     from ..provenance import extractor_from_record
     from .targets import read_targets
 
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=[targets_path, seed_data])  # before any work
     doc = read_targets(targets_path)
     seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
                   if t and t.strip()]

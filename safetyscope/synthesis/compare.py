@@ -27,6 +27,7 @@ from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
                          rows_frame, synthesize)
+from ..outputs import check_report_dir
 from ..provenance import write_document
 from .targets import TargetsConfig, find_targets, targets_document
 
@@ -118,8 +119,7 @@ def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg:
 
 
 def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, fcfg: FeatureConfig) -> dict:
-    out = Path(cc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_report_dir(cc.output_dir, inputs=[cc.data])
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
     seed_df, ref_df, nat_df = split_rows(df, cc)

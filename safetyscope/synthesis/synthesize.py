@@ -24,6 +24,7 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
+from .. import outputs
 from ..data import table_format, write_table
 from ..errors import SafetyScopeError
 from .coverage import coverage_of_texts
@@ -197,7 +198,10 @@ def make_row(prompt, completion, label, target, act, generator, attempt, seed, l
 
 # -- the durable working file --------------------------------------------------------------------
 class PartialFile:
-    """JSONL: a header line, then rows ({"kind": "row"}) and done records ({"kind": "done"})."""
+    """JSONL: a header line, then one line per group ({"kind": "group", "rows": [...], "done": [...]}).
+
+    A group is one line written by one write + fsync, so a kill leaves either the whole group or a torn
+    last line (dropped on resume), never rows without their done records (which duplicated them)."""
 
     def __init__(self, path: Path, header: dict):
         self.path = path
@@ -212,29 +216,35 @@ class PartialFile:
                 except json.JSONDecodeError:
                     break  # a write cut short by a kill: everything after it is dropped
                 good += len(ln) + 1
-            if not recs or recs[0].get("kind") != "header" or recs[0]["key"] != header["key"]:
+            if not recs:  # killed while writing the header: nothing was done yet
+                path.unlink()
+                self.__init__(path, header)
+                return
+            if recs[0].get("kind") != "header" or recs[0].get("key") != header["key"]:
                 raise SafetyScopeError(f"{path} holds an interrupted run with other targets, seed data, generator or "
                                        "settings; delete it to start over")
             with open(path, "r+b") as f:
                 f.truncate(min(good, path.stat().st_size))
             for r in recs[1:]:
-                if r["kind"] == "row":
-                    self.rows.append(r["row"])
-                elif r["kind"] == "done":
-                    self.done[int(r["target"])] = r
+                if r.get("kind") != "group":
+                    raise SafetyScopeError(f"{path} was written by another safetyscope version; delete it to start over")
+                self.rows += r["rows"]
+                for d in r["done"]:
+                    self.done[int(d["target"])] = d
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._append([{"kind": "header", **header}])
 
     def _append(self, records: list[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-        with open(self.path, "ab") as f:
+        hint = "; free space and rerun the same command to resume from the last finished group"
+        with outputs.output_errors(self.path, hint), open(self.path, "ab") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
     def commit(self, rows: list[dict], done: list[dict]) -> None:
-        self._append([{"kind": "row", "row": r} for r in rows] + [{"kind": "done", **d} for d in done])
+        self._append([{"kind": "group", "rows": rows, "done": done}])
         self.rows += rows
         for d in done:
             self.done[int(d["target"])] = d
@@ -245,13 +255,11 @@ def _targets_key(doc: dict) -> str:
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_output(output: str | Path, overwrite: bool) -> Path:
+def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
     out = Path(output)
     if table_format(out, for_writing=True) == "csv":
         raise SafetyScopeError("write synthesis output as .jsonl, .parquet or a datasets directory (messages is a list)")
-    if out.exists() and not overwrite:
-        raise SafetyScopeError(f"{out} already exists; pass --overwrite to replace it")
-    return out
+    return outputs.check_output(out, inputs=inputs, overwrite=overwrite)
 
 
 def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, detector, output: str | Path, *,
@@ -260,6 +268,11 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
     if cfg.budget < 1 or cfg.max_attempts < 1 or cfg.samples < 1 or cfg.group_size < 1:
         raise SafetyScopeError("--budget, --max-attempts, --samples and --group-size must be >= 1")
     out = check_output(output, overwrite)
+    with outputs.output_lock(out):
+        return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out, progress)
+
+
+def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out: Path, progress: bool) -> dict:
     t0 = time.perf_counter()
     ids = [t["id"] for t in doc["targets"]]
     seed_cov = coverage_of_texts(fx, seed_texts, ids, progress=progress)
@@ -300,11 +313,7 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
     bar.close()
     rows = partial.rows
     df = rows_frame(rows)
-    if out.exists() and overwrite:
-        import shutil
-
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    write_table(df, out)
+    write_table(df, out)  # replaces an old output only if it is a file or a directory this tool wrote
     partial.path.unlink()
     out_cov = coverage_of_texts(fx, [r["prompt"] for r in rows], [t["id"] for t in todo_targets])
     gen_seconds = sum(d.get("seconds", 0.0) for d in partial.done.values())

@@ -1,0 +1,307 @@
+"""Issue 13, files/resume/faults: a careless or hostile user never loses data, never gets a traceback, never
+gets a silently wrong result. One test per case; all on the tiny model (seconds)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from safetyscope.cli import main
+from safetyscope.discovery import classify as classify_mod
+from safetyscope.errors import SafetyScopeError
+from safetyscope.outputs import MARKER, output_lock
+
+from conftest import CORPUS, SAE_LAYERS
+
+TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
+
+
+def _run(args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def _one_line_error(res, *needles):
+    """Exit 2, one `error:` line, no traceback, and the message names what went wrong."""
+    assert res.exit_code == 2, res.output + repr(res.exception)
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    lines = [ln[ln.index("error: "):] for ln in res.output.splitlines() if "error: " in ln]  # (after a progress bar)
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
+    d = tmp_path_factory.mktemp("clf")
+    rows = [{"text": t, "label": "toxic" if any(w in t for w in TOXIC_WORDS) else "clean"} for t in CORPUS * 4]
+    data = d / "labelled.csv"
+    pl.DataFrame(rows).write_csv(data)
+    out = d / "clf.json"
+    _run(["discover", data, "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+          "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3])
+    return out
+
+
+@pytest.fixture
+def table(tmp_path):
+    p = tmp_path / "in.jsonl"
+    pl.DataFrame({"id": list(range(12)), "text": [f"{CORPUS[i % len(CORPUS)]} {i}" for i in range(12)]}).write_ndjson(p)
+    return p
+
+
+def _classify(inp, out, clf, *extra, ok=True):
+    return _run(["classify", inp, "-o", out, "-c", clf, "--chunk-rows", 3, "--no-cache", "--dtype", "float32", *extra],
+                ok=ok)
+
+
+def _interrupt_after(monkeypatch, n_parts):
+    """Make the (n_parts+1)-th part write fail with a full disk: the run stops after n_parts parts."""
+    real = classify_mod._fsync_write_parquet
+    calls = {"n": 0}
+
+    def write(df, path):
+        calls["n"] += 1
+        if calls["n"] > n_parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(df, path)
+
+    monkeypatch.setattr(classify_mod, "_fsync_write_parquet", write)
+    return lambda: monkeypatch.setattr(classify_mod, "_fsync_write_parquet", real)
+
+
+# -- data loss: --overwrite only replaces what the tool wrote, never the input or the cwd -------
+def test_overwrite_refuses_a_directory_the_tool_did_not_write(classifier, table, tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "thesis.txt").write_text("years of work")
+    _one_line_error(_classify(table, d, classifier, "--overwrite", ok=False), "did not write")
+    assert (d / "thesis.txt").read_text() == "years of work"
+    res = _run(["synthesize", "--targets", classifier, "--seed-data", table, "-o", d, "--overwrite"], ok=False)
+    _one_line_error(res, "did not write")
+    assert (d / "thesis.txt").exists()
+
+
+def test_overwrite_never_deletes_the_input_or_the_working_directory(classifier, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    inp = data / "in.jsonl"
+    pl.DataFrame({"text": ["hello there"]}).write_ndjson(inp)
+    _one_line_error(_classify(inp, data, classifier, "--overwrite", ok=False), "contains the input")
+    _one_line_error(_classify(inp, inp, classifier, "--overwrite", ok=False), "is or contains the input")
+    work = data / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for target in (".", "..", str(work), str(tmp_path)):
+        _one_line_error(_classify(inp, target, classifier, "--overwrite", ok=False))
+    assert inp.exists() and (work / "keep.txt").exists()
+
+
+def test_overwrite_replaces_the_tools_own_outputs(classifier, table, tmp_path):
+    for name in ("o.parquet", "o_hf"):
+        out = tmp_path / name
+        _classify(table, out, classifier)
+        _one_line_error(_classify(table, out, classifier, ok=False), "already exists")
+        _classify(table, out, classifier, "--overwrite")
+    assert (tmp_path / "o_hf" / MARKER).is_file()
+    import datasets
+
+    assert datasets.load_from_disk(str(tmp_path / "o_hf"))["id"] == list(range(12))
+
+
+# -- resume validation ---------------------------------------------------------------------------
+def test_disk_full_is_one_line_and_a_rerun_resumes(classifier, table, tmp_path, monkeypatch):
+    ref = tmp_path / "ref.parquet"
+    _classify(table, ref, classifier)
+    out = tmp_path / "o.parquet"
+    restore = _interrupt_after(monkeypatch, 2)
+    _one_line_error(_classify(table, out, classifier, ok=False), "disk full", "rerun the same command")
+    assert sorted(p.name for p in (tmp_path / "o.parquet.parts").glob("part-*")) == ["part-000000.parquet",
+                                                                                    "part-000001.parquet"]
+    restore()
+    res = _classify(table, out, classifier)
+    assert "resumed after 2 chunk(s)" in res.output
+    assert pl.read_parquet(out).equals(pl.read_parquet(ref))
+
+
+def test_disk_full_during_assembly_keeps_the_parts(classifier, table, tmp_path, monkeypatch):
+    out = tmp_path / "o.jsonl"
+    real = classify_mod._assemble
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(classify_mod, "_assemble", full)
+    _one_line_error(_classify(table, out, classifier, ok=False), "disk full")
+    assert len(list((tmp_path / "o.jsonl.parts").glob("part-*"))) == 4 and not out.exists()
+    monkeypatch.setattr(classify_mod, "_assemble", real)
+    assert "resumed after 4" in _classify(table, out, classifier).output
+    assert pl.read_ndjson(out)["id"].to_list() == list(range(12))
+
+
+def test_a_forged_part_is_detected(classifier, table, tmp_path, monkeypatch):
+    out = tmp_path / "o.parquet"
+    restore = _interrupt_after(monkeypatch, 2)
+    _classify(table, out, classifier, ok=False)
+    restore()
+    part = tmp_path / "o.parquet.parts" / "part-000001.parquet"
+    pl.read_parquet(part).head(1).write_parquet(part)  # 1 row where 3 belong
+    _one_line_error(_classify(table, out, classifier, ok=False), "part-000001", "holds 1 rows", "needs 3")
+    assert not out.exists()
+    part.unlink()  # as the message says: delete it and it is recomputed
+    _classify(table, out, classifier)
+    assert pl.read_parquet(out)["id"].to_list() == list(range(12))
+
+
+def test_a_changed_input_with_the_same_size_and_mtime_is_refused(classifier, table, tmp_path, monkeypatch):
+    out = tmp_path / "o.parquet"
+    restore = _interrupt_after(monkeypatch, 1)
+    _classify(table, out, classifier, ok=False)
+    restore()
+    st = table.stat()
+    raw = table.read_bytes()
+    table.write_bytes(raw.replace(b"Hello", b"HELLO", 1) if b"Hello" in raw else raw.replace(b" 1", b" 7", 1))
+    os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert table.stat().st_size == st.st_size and table.stat().st_mtime_ns == st.st_mtime_ns
+    _one_line_error(_classify(table, out, classifier, ok=False), "input_sha256", "delete")
+
+
+def test_a_different_dtype_or_batch_size_is_refused(classifier, table, tmp_path, monkeypatch):
+    out = tmp_path / "o.parquet"
+    restore = _interrupt_after(monkeypatch, 1)
+    _classify(table, out, classifier, ok=False)
+    restore()
+    res = _run(["classify", table, "-o", out, "-c", classifier, "--chunk-rows", 3, "--no-cache", "--dtype", "bfloat16"],
+               ok=False)
+    _one_line_error(res, "dtype")
+    _one_line_error(_classify(table, out, classifier, "--batch-size", 5, ok=False), "batch_size")
+    _one_line_error(_run(["classify", table, "-o", out, "-c", classifier, "--chunk-rows", 4, "--no-cache",
+                          "--dtype", "float32"], ok=False), "chunk_rows")
+
+
+def test_a_truncated_manifest_is_one_line(classifier, table, tmp_path, monkeypatch):
+    out = tmp_path / "o.parquet"
+    restore = _interrupt_after(monkeypatch, 1)
+    _classify(table, out, classifier, ok=False)
+    restore()
+    m = tmp_path / "o.parquet.parts" / "manifest.json"
+    m.write_text(m.read_text()[:40])
+    _one_line_error(_classify(table, out, classifier, ok=False), "manifest.json", "start over")
+
+
+def test_a_failed_start_leaves_no_parts_behind(classifier, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    pl.DataFrame({"body": ["hello"]}).write_ndjson(bad)
+    out = tmp_path / "o.parquet"
+    _one_line_error(_classify(bad, out, classifier, ok=False), "missing column(s) ['text']")
+    assert not (tmp_path / "o.parquet.parts").exists()
+    _classify(bad, out, classifier, "--text-column", "body")  # the corrected command is not blocked
+    assert pl.read_parquet(out).height == 1
+
+
+def test_a_second_run_on_the_same_output_fails_fast(classifier, table, tmp_path):
+    out = tmp_path / "o.parquet"
+    with output_lock(out):  # another run holds the output
+        _one_line_error(_classify(table, out, classifier, ok=False), "another safetyscope run")
+    _classify(table, out, classifier)  # released: fine again
+    assert not list(tmp_path.glob(".*lock"))
+
+
+@pytest.mark.parametrize("rows", [0, -3])
+def test_chunk_rows_must_be_positive(classifier, table, tmp_path, rows):
+    res = _run(["classify", table, "-o", tmp_path / "o.parquet", "-c", classifier, "--chunk-rows", rows], ok=False)
+    _one_line_error(res, "--chunk-rows must be >= 1")
+
+
+# -- unwritable outputs: one line, before any work ----------------------------------------------
+def test_unwritable_outputs_are_one_line_errors(classifier, table, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in ("/proc/o.parquet", afile / "o.parquet"):
+        _one_line_error(_classify(table, out, classifier, ok=False), "cannot write")
+    _one_line_error(_run(["features", table, "-o", afile / "f.parquet"], ok=False), "cannot write")
+
+
+def test_read_only_file_system_is_one_line(classifier, table, tmp_path, monkeypatch):
+    import tempfile
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", ro)  # the probe check_output makes before any work
+    _one_line_error(_classify(table, tmp_path / "o.parquet", classifier, ok=False), "read-only file system")
+
+
+def test_csv_output_of_nested_columns(classifier, tmp_path):
+    inp = tmp_path / "nested.jsonl"
+    pl.DataFrame({"text": ["you are a stupid idiot", "thank you"], "tags": [["a", "b"], []],
+                  "meta": [{"k": 1}, {"k": 2}]}).write_ndjson(inp)
+    out = tmp_path / "o.csv"
+    _classify(inp, out, classifier)
+    df = pl.read_csv(out)
+    assert df["tags"].to_list() == ["['a', 'b']", "[]"]
+    assert [json.loads(v) for v in df["meta"]] == [{"k": 1}, {"k": 2}]
+
+
+def test_eval_discover_overlap_check_the_output_before_any_work(classifier, table, tmp_path, monkeypatch):
+    from safetyscope.features import FeatureExtractor
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(FeatureExtractor, "from_config", no_work)
+    afile = tmp_path / "report"
+    afile.write_text("x")
+    _one_line_error(_run(["eval", table, "-o", afile], ok=False), "not a directory")
+    _one_line_error(_run(["overlap", table, "-o", afile], ok=False), "not a directory")
+    _one_line_error(_run(["discover", table, "-o", tmp_path], ok=False))
+    _one_line_error(_run(["discover", table, "-o", afile / "clf.json"], ok=False), "cannot write")
+
+
+# -- synthesize: a group's commit is atomic ------------------------------------------------------
+def test_synthesis_group_commit_is_one_line_and_a_torn_one_is_dropped(tmp_path):
+    from safetyscope.synthesis.synthesize import PartialFile
+
+    path = tmp_path / "o.jsonl.partial.jsonl"
+    p = PartialFile(path, {"key": "k"})
+    p.commit([{"prompt": "a"}, {"prompt": "b"}], [{"target": 1, "status": "kept"}, {"target": 2, "status": "kept"}])
+    assert len(path.read_text().splitlines()) == 2  # header + one line for the whole group
+    whole = path.read_bytes()
+    line = json.dumps({"kind": "group", "rows": [{"prompt": "c"}], "done": [{"target": 3, "status": "kept"}]})
+    with open(path, "ab") as f:  # killed in the middle of the next group's write
+        f.write(line[: line.index('"done"') + 3].encode())
+    q = PartialFile(path, {"key": "k"})
+    assert [r["prompt"] for r in q.rows] == ["a", "b"] and sorted(q.done) == [1, 2]
+    assert path.read_bytes() == whole  # the torn tail is cut, so the next commit starts on a clean line
+    path.write_bytes(b'{"kind": "hea')  # killed while writing the header: a fresh start, not an error
+    assert PartialFile(path, {"key": "k"}).rows == []
+
+
+def test_feature_cache_disk_full_is_one_line(tmp_path, monkeypatch):
+    from safetyscope.features import _FeatureCache
+
+    monkeypatch.setenv("SAFETYSCOPE_CACHE", str(tmp_path / "cache"))
+    cache = _FeatureCache("test-key")
+
+    class FullDisk:
+        def executemany(self, *a):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def rollback(self):
+            pass
+
+    cache.db = FullDisk()
+    import numpy as np
+
+    with pytest.raises(SafetyScopeError, match="database or disk is full.*--no-cache"):
+        cache.put_many({"h": ((np.zeros(1, np.int32), np.zeros(1, np.float32)), np.zeros(1), 1)})
