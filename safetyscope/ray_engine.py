@@ -301,7 +301,11 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
     every model batch then holds the same texts as the local engine's, and the values are bitwise the same."""
     from .data import table_format, write_table
 
+    from .outputs import check_output
+
     table_format(output, for_writing=True)
+    # features has no --overwrite: it replaces a file, or a directory it wrote, as the local engine does
+    check_output(output, inputs=[] if "://" in input_path else [input_path], overwrite=True)
     if cfg.batch_size < 1:
         raise SafetyScopeError("--batch-size must be >= 1")
     rows = batch_rows or 1024
@@ -336,12 +340,11 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     from .discovery.classify import _assemble
     from .discovery.detector import read_classifier
 
+    from .outputs import check_output, output_lock
+
     out = Path(output)
     fmt = table_format(out, for_writing=True)
-    if out.exists() and not overwrite:
-        raise SafetyScopeError(f"{out} already exists; pass --overwrite to replace it")
-    if "://" not in input_path and out.resolve() == Path(input_path).resolve():
-        raise SafetyScopeError("the output must not be the input file")
+    check_output(out, inputs=[] if "://" in input_path else [input_path], overwrite=overwrite)
     clf = read_classifier(classifier)  # validated here; its text travels to the actors (no shared disk needed)
     import json
 
@@ -372,7 +375,8 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
         return {"rows": n, "resumed_chunks": 0, "toxic": int(toxic), "skipped": int(skipped),
                 "seconds": time.perf_counter() - t0}
 
-    return _with_ray(go, address, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
+    with output_lock(out):  # a second run on the same output fails fast instead of racing on the temp file
+        return _with_ray(go, address, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
 
 
 # -- actors (one model copy each) ------------------------------------------------------------------
