@@ -266,6 +266,9 @@ def test_eval_discover_overlap_check_the_output_before_any_work(classifier, tabl
     _one_line_error(_run(["overlap", table, "-o", afile], ok=False), "not a directory")
     _one_line_error(_run(["discover", table, "-o", tmp_path], ok=False))
     _one_line_error(_run(["discover", table, "-o", afile / "clf.json"], ok=False), "cannot write")
+    _one_line_error(_run(["synth", "targets", table, "-o", afile / "t.json"], ok=False), "cannot write")
+    (tmp_path / "sub").mkdir()
+    _one_line_error(_run(["synth", "targets", table, "-o", tmp_path / "sub"], ok=False), "is a directory")
 
 
 # -- synthesize: a group's commit is atomic ------------------------------------------------------
@@ -285,6 +288,12 @@ def test_synthesis_group_commit_is_one_line_and_a_torn_one_is_dropped(tmp_path):
     assert path.read_bytes() == whole  # the torn tail is cut, so the next commit starts on a clean line
     path.write_bytes(b'{"kind": "hea')  # killed while writing the header: a fresh start, not an error
     assert PartialFile(path, {"key": "k"}).rows == []
+    # a run with other settings that stopped before its first group does not block the corrected command ...
+    assert PartialFile(path, {"key": "other"}).rows == [] and json.loads(path.read_text())["key"] == "other"
+    # ... but one holding finished groups is never silently discarded
+    PartialFile(path, {"key": "other"}).commit([{"prompt": "a"}], [{"target": 1, "status": "kept"}])
+    with pytest.raises(SafetyScopeError, match="interrupted run with other"):
+        PartialFile(path, {"key": "k"})
 
 
 def test_feature_cache_disk_full_is_one_line(tmp_path, monkeypatch):

@@ -86,8 +86,10 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     from ..discovery.discover import DiscoverConfig, load_labelled
     from ..features import FeatureExtractor
     from ..provenance import write_document
+    from ..outputs import check_output
     from .targets import TargetsConfig, find_targets, targets_document
 
+    check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
     fcfg = feature_config(kw)
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
                                                   langs=list(langs) or None))
@@ -118,8 +120,11 @@ def coverage(data, targets_path, output, text_column, **kw):
     from ..data import read_table, text_list
     from .coverage import coverage_of_texts, format_coverage
     from ..provenance import extractor_from_record
+    from ..outputs import check_output
     from .targets import read_targets
 
+    if output:
+        check_output(output, inputs=[data, targets_path], overwrite=True, kind="report file", file_only=True)
     doc = read_targets(targets_path)
     texts = [t for t in text_list(read_table(data, columns=[text_column]), text_column, data) if t and t.strip()]
     fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))

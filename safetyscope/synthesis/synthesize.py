@@ -220,6 +220,11 @@ class PartialFile:
                 path.unlink()
                 self.__init__(path, header)
                 return
+            if len(recs) == 1 and recs[0].get("kind") == "header" and recs[0].get("key") != header["key"]:
+                # a run that stopped before its first group: nothing to keep, so it must not block a corrected command
+                path.unlink()
+                self.__init__(path, header)
+                return
             if recs[0].get("kind") != "header" or recs[0].get("key") != header["key"]:
                 raise SafetyScopeError(f"{path} holds an interrupted run with other targets, seed data, generator or "
                                        "settings; delete it to start over")
