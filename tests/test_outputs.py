@@ -314,3 +314,20 @@ def test_feature_cache_disk_full_is_one_line(tmp_path, monkeypatch):
 
     with pytest.raises(SafetyScopeError, match="database or disk is full.*--no-cache"):
         cache.put_many({"h": ((np.zeros(1, np.int32), np.zeros(1, np.float32)), np.zeros(1), 1)})
+
+
+def test_synthesis_disk_full_is_one_line_and_keeps_finished_groups(tmp_path, monkeypatch):
+    from safetyscope.synthesis import synthesize as synth_mod
+
+    path = tmp_path / "o.jsonl.partial.jsonl"
+    p = synth_mod.PartialFile(path, {"key": "k"})
+    p.commit([{"prompt": "a"}], [{"target": 1, "status": "kept"}])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synth_mod.os, "fsync", full)
+    with pytest.raises(SafetyScopeError, match="disk full.*rerun the same command"):
+        p.commit([{"prompt": "b"}], [{"target": 2, "status": "kept"}])
+    monkeypatch.undo()
+    assert sorted(synth_mod.PartialFile(path, {"key": "k"}).done)[0] == 1
