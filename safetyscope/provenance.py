@@ -41,11 +41,29 @@ def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
         raise SafetyScopeError(f"{path}: made at layer {d['layer']}, not {fx.layer}")
 
 
+def check_header(d: dict, path) -> None:
+    """Missing or mistyped header keys as one-line errors naming the key (not a KeyError traceback)."""
+    for part in ("model", "sae"):
+        if not isinstance(d.get(part), dict):
+            raise SafetyScopeError(f"{path}: key {part!r} must be an object; got {d.get(part)!r:.80}")
+        for key in ("id", "fingerprint"):
+            if not isinstance(d[part].get(key), str):
+                raise SafetyScopeError(f"{path}: key {part}.{key} must be a string; got {d[part].get(key)!r:.80}")
+    if not isinstance(d.get("layer"), int) or isinstance(d.get("layer"), bool) or d["layer"] < 0:
+        raise SafetyScopeError(f"{path}: key 'layer' must be a non-negative integer; got {d.get('layer')!r:.80}")
+    k = d["sae"].get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+        raise SafetyScopeError(f"{path}: key sae.k must be an integer; got {k!r:.80}")
+    if "extraction" in d and not isinstance(d["extraction"], dict):
+        raise SafetyScopeError(f"{path}: key 'extraction' must be an object")
+
+
 def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str | None = None,
                           device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
                           cache: bool = True) -> FeatureExtractor:
     """The extractor a document was made with. ``model``/``sae`` override where the recorded ones are found
     (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+    check_header(d, path)
     ex = d.get("extraction", {})
     fx = FeatureExtractor.from_config(FeatureConfig(
         model=model if model is not None else d["model"]["id"], sae=sae if sae is not None else d["sae"]["id"],

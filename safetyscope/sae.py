@@ -180,9 +180,9 @@ def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int |
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise SafetyScopeError(f"{path}: a Qwen-Scope SAE file needs keys {sorted(need)}; found {have}")
     _check_finite(state, path)
-    if layer is None:
-        m = re.match(r"layer(\d+)\.sae\.pt$", path.name)
-        layer = int(m.group(1)) if m else None
+    m = re.match(r"layer(\d+)\.sae\.pt$", path.name)
+    if m:  # the file's own record of its layer wins: a different --layer is caught by FeatureExtractor.from_config
+        layer = int(m.group(1))
     k = k or _k_from_name(name_for_k or str(path.resolve()))
     d_sae, d_model = state["W_enc"].shape
     cfg = SAEConfig(d_model=d_model, d_sae=d_sae, activation="topk", k=k, layer=layer, source=str(path))
