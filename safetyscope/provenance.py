@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import SafetyScopeError
 from .features import FeatureConfig, FeatureExtractor
+from .sae import FINGERPRINT_PREFIX
 
 
 def extractor_record(fx: FeatureExtractor, sae_id: str | None) -> dict:
@@ -29,12 +30,20 @@ def extractor_record(fx: FeatureExtractor, sae_id: str | None) -> dict:
             "extraction": {"max_length": fx.max_length, "skip_first_token": fx.skip_first_token}}
 
 
+def _same_weights(recorded: str, obj) -> tuple[bool, str]:
+    """(match, the loaded object's fingerprint in the recorded scheme): ``sha256:`` fingerprints compare
+    with the full hash, the 16-hex ones of older files with the legacy sampled hash."""
+    loaded = obj.fingerprint() if recorded.startswith(FINGERPRINT_PREFIX) else obj.legacy_fingerprint()
+    return recorded == loaded, loaded
+
+
 def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
-    m_fp, s_fp = fx.backbone.fingerprint(), fx.sae.fingerprint()
-    if d["model"]["fingerprint"] != m_fp:
+    m_ok, m_fp = _same_weights(d["model"]["fingerprint"], fx.backbone)
+    s_ok, s_fp = _same_weights(d["sae"]["fingerprint"], fx.sae)
+    if not m_ok:
         raise SafetyScopeError(f"{path}: made with model {d['model']['id']} (fingerprint {d['model']['fingerprint']}) "
                                f"but {fx.backbone.model_id} (fingerprint {m_fp}) was loaded; its features mean nothing here")
-    if d["sae"]["fingerprint"] != s_fp:
+    if not s_ok:
         raise SafetyScopeError(f"{path}: made with SAE {d['sae']['id']} (fingerprint {d['sae']['fingerprint']}) "
                                f"but a different SAE (fingerprint {s_fp}) was loaded; its feature ids mean nothing here")
     if d["layer"] != fx.layer:

@@ -25,6 +25,7 @@ from .errors import SafetyScopeError
 
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 OWN_FORMAT = "safetyscope-sae"
+FINGERPRINT_PREFIX = "sha256:"  # full-weight fingerprints; older files hold a 16-hex legacy one
 EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
 
 
@@ -100,6 +101,20 @@ class SAE(torch.nn.Module):
 
     # -- identity ------------------------------------------------------------------------------
     def fingerprint(self) -> str:
+        """``sha256:<hex>`` of every value of every tensor (as float32, with names and shapes) and the activation.
+
+        Every byte counts: permuting two features or editing one value gives another fingerprint."""
+        h = hashlib.sha256()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        h.update(f"{self.cfg.activation}{self.cfg.k}".encode())
+        return FINGERPRINT_PREFIX + h.hexdigest()
+
+    def legacy_fingerprint(self) -> str:
+        """The 16-hex fingerprint of files written before ``sha256:`` ones (shapes, sums and the first 256
+        values of each tensor only). Kept so those files still load; never written."""
         h = hashlib.sha256()
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             t = getattr(self, name).detach().float().cpu()

@@ -153,6 +153,19 @@ def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scop
     assert res.exit_code == 2 and "made with model" in res.output
 
 
+def test_old_16_hex_fingerprints_still_load(classifier, tmp_path, tiny_backbone, tiny_sae):
+    d = json.loads(classifier.read_text())
+    assert d["model"]["fingerprint"].startswith("sha256:") and d["sae"]["fingerprint"].startswith("sha256:")
+    d["model"]["fingerprint"], d["sae"]["fingerprint"] = tiny_backbone.legacy_fingerprint(), tiny_sae.legacy_fingerprint()
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    assert Detector.load(old, dtype="float32").predict(["hello"])[1].shape == (1,)
+    d["sae"]["fingerprint"] = "0" * 16
+    old.write_text(json.dumps(d))
+    res = _run(["explain", old, "hello"], ok=False)
+    assert res.exit_code == 2 and "made with SAE" in res.output
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(layer=SAE_LAYERS[1]), f"the SAE .* reads layer {SAE_LAYERS[0]}"),
     (lambda d: d.update(layer="1"), "key 'layer' must be a non-negative integer"),

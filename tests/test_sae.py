@@ -467,3 +467,23 @@ def test_missing_tensor_and_bad_config(tmp_path):
     (own / "config.json").write_text("[1, 2]")
     with pytest.raises(SafetyScopeError, match="must be a JSON object"):
         load_sae(own)
+
+
+# -- fingerprints ----------------------------------------------------------------------------------
+
+def test_fingerprint_hashes_every_value():
+    d_sae = 1024
+    t = random_sae_tensors(d_sae=d_sae, seed=50)
+    sae = SAE.from_tensors(SAEConfig(d_model=D_MODEL, d_sae=d_sae, k=SAE_K), t["W_enc"], t["b_enc"], t["W_dec"],
+                           t["b_dec"])
+    fp, legacy = sae.fingerprint(), sae.legacy_fingerprint()
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64 and len(legacy) == 16
+    # swap features 1000 and 1001: the legacy hash (shapes, sums, first 256 values) cannot see it
+    idx = torch.arange(d_sae)
+    idx[1000], idx[1001] = 1001, 1000
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc[idx])
+        sae.b_enc.copy_(sae.b_enc[idx])
+        sae.W_dec.copy_(sae.W_dec[:, idx])
+    assert sae.legacy_fingerprint() == legacy
+    assert sae.fingerprint() != fp
