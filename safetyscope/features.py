@@ -75,6 +75,9 @@ class FeatureExtractor:
         backbone = backbone or Backbone.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
         sae = load_sae(cfg.sae, layer=cfg.layer, k=cfg.k)
         layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+        if sae.cfg.layer is not None and layer != sae.cfg.layer:
+            raise SafetyScopeError(f"layer {layer} asked for, but the SAE {cfg.sae or 'default'} reads layer "
+                                   f"{sae.cfg.layer}: its features mean nothing at another layer")
         if layer is None:
             raise SafetyScopeError("the SAE does not record its layer: pass --layer")
         if cfg.sae in (None, "", "default") and cfg.model not in (None, "", "default") and sae.cfg.model != backbone.model_id:

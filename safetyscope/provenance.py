@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import SafetyScopeError
 from .features import FeatureConfig, FeatureExtractor
+from .sae import FINGERPRINT_PREFIX
 
 
 def extractor_record(fx: FeatureExtractor, sae_id: str | None) -> dict:
@@ -29,16 +30,41 @@ def extractor_record(fx: FeatureExtractor, sae_id: str | None) -> dict:
             "extraction": {"max_length": fx.max_length, "skip_first_token": fx.skip_first_token}}
 
 
+def _same_weights(recorded: str, obj) -> tuple[bool, str]:
+    """(match, the loaded object's fingerprint in the recorded scheme): ``sha256:`` fingerprints compare
+    with the full hash, the 16-hex ones of older files with the legacy sampled hash."""
+    loaded = obj.fingerprint() if recorded.startswith(FINGERPRINT_PREFIX) else obj.legacy_fingerprint()
+    return recorded == loaded, loaded
+
+
 def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
-    m_fp, s_fp = fx.backbone.fingerprint(), fx.sae.fingerprint()
-    if d["model"]["fingerprint"] != m_fp:
+    m_ok, m_fp = _same_weights(d["model"]["fingerprint"], fx.backbone)
+    s_ok, s_fp = _same_weights(d["sae"]["fingerprint"], fx.sae)
+    if not m_ok:
         raise SafetyScopeError(f"{path}: made with model {d['model']['id']} (fingerprint {d['model']['fingerprint']}) "
                                f"but {fx.backbone.model_id} (fingerprint {m_fp}) was loaded; its features mean nothing here")
-    if d["sae"]["fingerprint"] != s_fp:
+    if not s_ok:
         raise SafetyScopeError(f"{path}: made with SAE {d['sae']['id']} (fingerprint {d['sae']['fingerprint']}) "
                                f"but a different SAE (fingerprint {s_fp}) was loaded; its feature ids mean nothing here")
     if d["layer"] != fx.layer:
         raise SafetyScopeError(f"{path}: made at layer {d['layer']}, not {fx.layer}")
+
+
+def check_header(d: dict, path) -> None:
+    """Missing or mistyped header keys as one-line errors naming the key (not a KeyError traceback)."""
+    for part in ("model", "sae"):
+        if not isinstance(d.get(part), dict):
+            raise SafetyScopeError(f"{path}: key {part!r} must be an object; got {d.get(part)!r:.80}")
+        for key in ("id", "fingerprint"):
+            if not isinstance(d[part].get(key), str):
+                raise SafetyScopeError(f"{path}: key {part}.{key} must be a string; got {d[part].get(key)!r:.80}")
+    if not isinstance(d.get("layer"), int) or isinstance(d.get("layer"), bool) or d["layer"] < 0:
+        raise SafetyScopeError(f"{path}: key 'layer' must be a non-negative integer; got {d.get('layer')!r:.80}")
+    k = d["sae"].get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+        raise SafetyScopeError(f"{path}: key sae.k must be an integer; got {k!r:.80}")
+    if "extraction" in d and not isinstance(d["extraction"], dict):
+        raise SafetyScopeError(f"{path}: key 'extraction' must be an object")
 
 
 def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str | None = None,
@@ -46,6 +72,7 @@ def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str |
                           cache: bool = True) -> FeatureExtractor:
     """The extractor a document was made with. ``model``/``sae`` override where the recorded ones are found
     (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+    check_header(d, path)
     ex = d.get("extraction", {})
     fx = FeatureExtractor.from_config(FeatureConfig(
         model=model if model is not None else d["model"]["id"], sae=sae if sae is not None else d["sae"]["id"],

@@ -25,6 +25,7 @@ from .errors import SafetyScopeError
 
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 OWN_FORMAT = "safetyscope-sae"
+FINGERPRINT_PREFIX = "sha256:"  # full-weight fingerprints; older files hold a 16-hex legacy one
 EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
 
 
@@ -40,6 +41,14 @@ class SAEConfig:
     extra: dict = field(default_factory=dict)  # training record (corpus hash, tokens, FVU ...)
 
     def __post_init__(self):
+        for name in ("d_model", "d_sae"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SafetyScopeError(f"SAE {self.source or ''}: config {name} must be a positive integer; got {v!r}")
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)):
+            raise SafetyScopeError(f"SAE {self.source or ''}: config k must be an integer; got {self.k!r}")
+        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0):
+            raise SafetyScopeError(f"SAE {self.source or ''}: config layer must be a non-negative integer; got {self.layer!r}")
         if self.activation not in ACTIVATIONS:
             raise SafetyScopeError(f"unknown SAE activation {self.activation!r}; use one of {ACTIVATIONS}")
         if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
@@ -72,7 +81,8 @@ class SAE(torch.nn.Module):
             vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             return vals.relu(), idx
         if self.cfg.activation == "jumprelu":
-            vals = pre * (pre > self.threshold)
+            # ReLU first, as SAELens does: with a negative threshold a negative pre-activation must still be 0
+            vals = pre.relu() * (pre > self.threshold)
         else:
             vals = pre.relu()
         idx = torch.arange(self.cfg.d_sae, device=pre.device).expand_as(pre)
@@ -91,6 +101,20 @@ class SAE(torch.nn.Module):
 
     # -- identity ------------------------------------------------------------------------------
     def fingerprint(self) -> str:
+        """``sha256:<hex>`` of every value of every tensor (as float32, with names and shapes) and the activation.
+
+        Every byte counts: permuting two features or editing one value gives another fingerprint."""
+        h = hashlib.sha256()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        h.update(f"{self.cfg.activation}{self.cfg.k}".encode())
+        return FINGERPRINT_PREFIX + h.hexdigest()
+
+    def legacy_fingerprint(self) -> str:
+        """The 16-hex fingerprint of files written before ``sha256:`` ones (shapes, sums and the first 256
+        values of each tensor only). Kept so those files still load; never written."""
         h = hashlib.sha256()
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             t = getattr(self, name).detach().float().cpu()
@@ -125,16 +149,19 @@ class SAE(torch.nn.Module):
         expect = {"W_enc": (cfg.d_sae, cfg.d_model), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_model, cfg.d_sae),
                   "b_dec": (cfg.d_model,)}
         got = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        if threshold is not None:
+            expect["threshold"], got["threshold"] = (cfg.d_sae,), threshold
+        elif cfg.activation == "jumprelu":
+            raise SafetyScopeError(f"SAE {cfg.source or ''}: a JumpReLU SAE needs a threshold tensor; none found")
         for name, shape in expect.items():
             if not isinstance(got[name], torch.Tensor) or tuple(got[name].shape) != shape:
                 actual = tuple(got[name].shape) if isinstance(got[name], torch.Tensor) else type(got[name]).__name__
                 raise SafetyScopeError(f"SAE {cfg.source or ''}: {name} has shape {actual}, expected {shape}")
+        _check_finite(got, cfg.source or "")
         sae = cls(cfg)
         with torch.no_grad():
             for name, t in got.items():
                 getattr(sae, name).copy_(t.float())
-            if threshold is not None:
-                sae.threshold.copy_(threshold.float())
         return sae.requires_grad_(False).eval()
 
 
@@ -167,70 +194,132 @@ def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int |
     if not isinstance(state, dict) or not need <= set(state):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise SafetyScopeError(f"{path}: a Qwen-Scope SAE file needs keys {sorted(need)}; found {have}")
-    if layer is None:
-        m = re.match(r"layer(\d+)\.sae\.pt$", path.name)
-        layer = int(m.group(1)) if m else None
+    _check_finite(state, path)
+    m = re.match(r"layer(\d+)\.sae\.pt$", path.name)
+    if m:  # the file's own record of its layer wins: a different --layer is caught by FeatureExtractor.from_config
+        layer = int(m.group(1))
     k = k or _k_from_name(name_for_k or str(path.resolve()))
     d_sae, d_model = state["W_enc"].shape
     cfg = SAEConfig(d_model=d_model, d_sae=d_sae, activation="topk", k=k, layer=layer, source=str(path))
     return SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"])
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, need: tuple[str, ...]) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
+        t = load_file(path)
     except Exception as e:
         raise SafetyScopeError(f"{path}: not a readable safetensors file ({str(e)[:160]})") from None
+    missing = [n for n in need if n not in t]
+    if missing:
+        raise SafetyScopeError(f"{path}: missing tensor(s) {missing}; found {sorted(t)}")
+    _check_finite(t, path)
+    return t
+
+
+def _check_finite(tensors: dict, where) -> None:
+    """Before any folding (b_dec into b_enc) so the error names the tensor as stored."""
+    for name, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise SafetyScopeError(f"SAE {where}: tensor {name} holds {bad} non-finite values (NaN/inf)")
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SafetyScopeError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise SafetyScopeError(f"{path}: an SAE config must be a JSON object; got {type(d).__name__}")
+    return d
+
+
+def _refuse(directory: Path, option: str, why: str):
+    raise SafetyScopeError(f"{directory}: SAE option {option} is not supported ({why}); its codes would be wrong")
 
 
 def load_own(directory: Path) -> SAE:
     cfg = _read_json(directory / "config.json")
     cfg.pop("format", None)
     known = {f for f in SAEConfig.__dataclass_fields__}
-    cfg = SAEConfig(**{k: v for k, v in cfg.items() if k in known}, source=str(directory))
-    t = _load_safetensors(directory / "sae.safetensors")
+    cfg.pop("source", None)
+    try:
+        cfg = SAEConfig(**{k: v for k, v in cfg.items() if k in known}, source=str(directory))
+    except TypeError as e:  # a required field (d_model, d_sae) is absent
+        raise SafetyScopeError(f"{directory / 'config.json'}: bad SAE config ({e})") from None
+    t = _load_safetensors(directory / "sae.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
     return SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
 
 
 def load_saelens(directory: Path) -> SAE:
+    """SAELens 4-6 ``cfg.json`` + ``sae_weights.safetensors``. Options that change the encode and are not
+    implemented here (activation normalisation, decoder-norm rescaling, gated/batchtopk) are refused."""
     c = _read_json(directory / "cfg.json")
-    t = _load_safetensors(directory / "sae_weights.safetensors")
+    meta = c.get("metadata") if isinstance(c.get("metadata"), dict) else {}  # SAELens 6 moved these here
     arch = c.get("architecture", "standard")
     act = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(arch)
     if act is None:
         raise SafetyScopeError(f"{directory}: SAELens architecture {arch!r} is not supported (standard, jumprelu, topk)")
+    act_fn = c.get("activation_fn_str", c.get("activation_fn"))
+    if arch == "standard" and act_fn not in (None, "relu"):
+        if act_fn != "topk":  # SAELens < 6 stored TopK SAEs as architecture "standard" + activation_fn_str "topk"
+            _refuse(directory, f"activation_fn_str={act_fn!r}", "only relu and topk are implemented")
+        act = "topk"
+    if c.get("rescale_acts_by_decoder_norm"):
+        _refuse(directory, "rescale_acts_by_decoder_norm=True", "codes scaled by decoder norms are not implemented")
+    norm = c.get("normalize_activations")
+    if norm not in (None, "none"):
+        _refuse(directory, f"normalize_activations={norm!r}", "input activation normalisation is not implemented")
     k = c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k")
+    t = _load_safetensors(directory / "sae_weights.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
     W_enc, W_dec = t["W_enc"].T, t["W_dec"].T  # SAELens: W_enc (d_in, d_sae), W_dec (d_sae, d_in)
     b_enc, b_dec = t["b_enc"], t["b_dec"]
+    for key, actual in (("d_in", W_enc.shape[1]), ("d_sae", W_enc.shape[0])):
+        if c.get(key) is not None and c[key] != actual:
+            raise SafetyScopeError(f"{directory}: cfg.json {key}={c[key]!r} but W_enc has {key} {actual}")
     if c.get("apply_b_dec_to_input", arch != "topk"):
         b_enc = b_enc - W_enc.float() @ b_dec.float()
     threshold = t.get("threshold")
     if threshold is None and "log_threshold" in t:
         threshold = t["log_threshold"].exp()
+    hook = c.get("hook_name") or meta.get("hook_name") or ""
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation=act, k=k,
-                    model=c.get("model_name"), layer=_layer_from_hook(c.get("hook_name", "")), source=str(directory))
+                    model=c.get("model_name") or meta.get("model_name"), layer=_layer_from_hook(hook, directory),
+                    source=str(directory))
     return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
 
 
 def load_sparsify(directory: Path) -> SAE:
+    """EleutherAI sparsify ``cfg.json`` + ``sae.safetensors`` (SAE or transcoder, TopK)."""
     c = _read_json(directory / "cfg.json")
-    t = _load_safetensors(directory / "sae.safetensors")
+    if c.get("activation", "topk") != "topk":
+        _refuse(directory, f"activation={c['activation']!r}", "only sparsify's topk activation is implemented")
+    t = _load_safetensors(directory / "sae.safetensors", ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
+    if c.get("skip_connection") or "W_skip" in t:
+        _refuse(directory, "skip_connection=True", "the decoder's skip term is not implemented")
     W_enc, b_enc = t["encoder.weight"], t["encoder.bias"]  # nn.Linear(d_in, num_latents)
     W_dec, b_dec = t["W_dec"].T, t["b_dec"]  # sparsify: W_dec (num_latents, d_in)
-    b_enc = b_enc - W_enc.float() @ b_dec.float()  # sparsify encodes x - b_dec
+    if not c.get("transcode"):  # an autoencoder encodes x - b_dec; a transcoder encodes x as is
+        b_enc = b_enc - W_enc.float() @ b_dec.float()
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation="topk", k=c.get("k"),
-                    layer=_layer_from_hook(directory.name), source=str(directory))
+                    layer=_layer_from_hook(directory.name, directory), source=str(directory))
     return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec)
 
 
-def _layer_from_hook(hook: str) -> int | None:
+def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
+    """The decoder layer whose output the hook reads. TransformerLens ``blocks.N.hook_resid_pre`` is the input
+    of block N, i.e. the output of layer N-1; ``blocks.N.hook_resid_post`` the output of layer N; HF-style
+    ``layers.N`` the output of layer N. Other TransformerLens hooks (attention, MLP, resid_mid) are refused."""
+    m = re.search(r"blocks\.(\d+)\.(hook_\w+)", hook)
+    if m:
+        n, point = int(m.group(1)), m.group(2)
+        if point == "hook_resid_post":
+            return n
+        if point == "hook_resid_pre":
+            if n == 0:
+                _refuse(directory, f"hook_name={hook!r}", "it reads the embeddings, not a decoder layer's output")
+            return n - 1
+        _refuse(directory, f"hook_name={hook!r}", "only residual-stream hooks (resid_pre, resid_post) are read")
     m = re.search(r"(?:layers?|blocks)[._](\d+)", hook)
     return int(m.group(1)) if m else None
 
@@ -278,6 +367,9 @@ def _load_any(spec, layer, k) -> SAE:
             for sub in (p / f"layers.{layer}", p / f"model.layers.{layer}"):
                 if sub.is_dir():
                     return _load_any(sub, layer, k)
+        hooks = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "cfg.json").exists())
+        if hooks and layer is None:
+            raise SafetyScopeError(f"{spec}: a sparsify checkpoint with one SAE per hook point ({hooks[:8]}); pass --layer")
         raise SafetyScopeError(f"{spec}: no SAE found (expected layer<n>.sae.pt, config.json+sae.safetensors, "
                                "cfg.json+sae_weights.safetensors or cfg.json+sae.safetensors)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):

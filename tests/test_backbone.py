@@ -121,3 +121,18 @@ def test_missing_model_dir(tmp_path):
         Backbone.from_pretrained(str(tmp_path / "notamodel"))
     with pytest.raises(SafetyScopeError, match="no such GGUF"):
         Backbone.from_pretrained(str(tmp_path / "missing.gguf"))
+
+
+def test_fingerprint_covers_every_parameter_value(tiny_model_dir):
+    a = Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+    b = Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+    fp, legacy = a.fingerprint(), a.legacy_fingerprint()
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64 and fp == b.fingerprint()
+    # edit one value deep inside a later layer (beyond the first 64 values the legacy hash sampled)
+    w = decoder_layers(b.model)[N_LAYERS - 1].mlp.down_proj.weight
+    with torch.no_grad():
+        w.view(-1)[w.numel() - 1] += 0.5
+    b._fingerprint = None  # weights edited in place after the first hash
+    assert b.legacy_fingerprint() == legacy  # the old hash could not tell
+    assert b.fingerprint() != fp
+    assert Backbone.from_pretrained(str(tiny_model_dir), dtype="bfloat16").fingerprint() == fp  # dtype-independent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,9 +135,15 @@ def test_classifier_round_trip_gives_the_same_predictions(classifier, tmp_path, 
 
 
 def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scope_sae_dir):
-    # the other layer's SAE has the same shape but other weights
+    # the other layer's SAE has the same shape but other weights, and records another layer
     res = _run(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
                 "--sae", qwen_scope_sae_dir / f"layer{SAE_LAYERS[1]}.sae.pt"], ok=False)
+    assert res.exit_code == 2 and f"reads layer {SAE_LAYERS[1]}" in res.output and "Traceback" not in res.output
+    # the same weights under a name that records no layer: the fingerprint refuses them
+    renamed = tmp_path / "renamed.pt"
+    renamed.write_bytes((qwen_scope_sae_dir / f"layer{SAE_LAYERS[1]}.sae.pt").read_bytes())
+    res = _run(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
+                "--sae", renamed], ok=False)
     assert res.exit_code == 2 and "fingerprint" in res.output and "Traceback" not in res.output
     d = json.loads(classifier.read_text())
     d["model"]["fingerprint"] = "0" * 16
@@ -144,6 +151,40 @@ def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scop
     other.write_text(json.dumps(d))
     res = _run(["explain", other, "hello"], ok=False)
     assert res.exit_code == 2 and "made with model" in res.output
+
+
+def test_old_16_hex_fingerprints_still_load(classifier, tmp_path, tiny_backbone, tiny_sae):
+    d = json.loads(classifier.read_text())
+    assert d["model"]["fingerprint"].startswith("sha256:") and d["sae"]["fingerprint"].startswith("sha256:")
+    d["model"]["fingerprint"], d["sae"]["fingerprint"] = tiny_backbone.legacy_fingerprint(), tiny_sae.legacy_fingerprint()
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    assert Detector.load(old, dtype="float32").predict(["hello"])[1].shape == (1,)
+    d["sae"]["fingerprint"] = "0" * 16
+    old.write_text(json.dumps(d))
+    res = _run(["explain", old, "hello"], ok=False)
+    assert res.exit_code == 2 and "made with SAE" in res.output
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(layer=SAE_LAYERS[1]), f"the SAE .* reads layer {SAE_LAYERS[0]}"),
+    (lambda d: d.update(layer="1"), "key 'layer' must be a non-negative integer"),
+    (lambda d: d.pop("sae"), "key 'sae' must be an object"),
+    (lambda d: d["model"].pop("fingerprint"), "key model.fingerprint must be a string"),
+    (lambda d: d["rule"]["features"][0].update(id=-1), r"features\[0\]\.id -1 is out of range"),
+    (lambda d: d["rule"]["features"][0].update(threshold=float("nan")), r"features\[0\]\.threshold must be a finite"),
+    (lambda d: d["rule"].update(n_features_in=10**6), "rule n_features_in 1000000 is not the SAE's d_sae"),
+])
+def test_malformed_classifier_files_are_one_line_errors(classifier, tmp_path, edit, message, qwen_scope_sae_dir):
+    d = json.loads(classifier.read_text())
+    d["sae"]["id"] = str(qwen_scope_sae_dir / f"layer{SAE_LAYERS[0]}.sae.pt")  # an SAE file that records its layer
+    edit(d)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))  # NaN is written as the JSON extension NaN, which json.loads reads back
+    res = _run(["explain", bad, "hello"], ok=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert re.search(message, res.output), res.output
+    assert res.output.strip().count("\n") == 0 and res.output.startswith("error: ")
 
 
 def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):

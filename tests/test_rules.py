@@ -196,3 +196,52 @@ def test_fit_needs_both_classes_and_matching_rows():
         OrRuleClassifier().fit(X, np.ones(8))
     with pytest.raises(SafetyScopeError, match="labels"):
         OrRuleClassifier().fit(X, y[:5])
+
+
+# -- malformed classifier files: one-line errors naming the key ----------------------------------
+
+def _or_dict():
+    X, y = _hand_matrix()
+    return OrRuleClassifier(fpr_cap=0.25, max_features=3).fit(X, y).to_dict()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["features"][0].update(id=-1), r"features\[0\]\.id -1 is out of range 0\.\.4"),
+    (lambda d: d["features"][0].update(id=5), r"features\[0\]\.id 5 is out of range 0\.\.4"),
+    (lambda d: d["features"][0].update(id=1.9), r"features\[0\]\.id must be a finite integer; got 1\.9"),
+    (lambda d: d["features"][0].update(id="1"), r"features\[0\]\.id must be a finite integer"),
+    (lambda d: d["features"][0].update(threshold=float("nan")), r"features\[0\]\.threshold must be a finite number"),
+    (lambda d: d["features"][0].update(threshold=float("inf")), r"features\[0\]\.threshold must be a finite number"),
+    (lambda d: d["features"][0].pop("threshold"), r"features\[0\] is missing key 'threshold'"),
+    (lambda d: d.pop("n_features_in"), r"missing key 'n_features_in'"),
+    (lambda d: d.update(n_features_in="5"), r"'n_features_in' must be a int"),
+    (lambda d: d.update(features={"id": 0}), r"'features' must be a list"),
+    (lambda d: d["params"].update(bogus=1), r"params do not fit OrRuleClassifier"),
+])
+def test_or_rule_dict_malformed_values(edit, message):
+    d = _or_dict()
+    edit(d)
+    with pytest.raises(SafetyScopeError, match=message):
+        classifier_from_dict(d)
+
+
+def test_or_rule_dict_integral_float_id_is_accepted():
+    d = _or_dict()
+    d["features"][0]["id"] = float(d["features"][0]["id"])  # 3.0 is the integer 3
+    assert classifier_from_dict(d).features_.dtype == np.int64
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["features"][0].update(weight=float("nan")), r"features\[0\]\.weight must be a finite number"),
+    (lambda d: d.update(intercept=None), r"intercept must be a finite number"),
+    (lambda d: d.pop("C"), r"missing key 'C'"),
+])
+def test_sparse_linear_dict_malformed_values(edit, message):
+    rng = np.random.default_rng(3)
+    y = np.array([0, 1] * 30)
+    dense = rng.random((60, 20)) * (rng.random((60, 20)) < 0.3)
+    dense[y == 1, 2] += 2
+    d = SparseLinearClassifier(max_features=5, C=1.0).fit(sp.csr_matrix(dense), y).to_dict()
+    edit(d)
+    with pytest.raises(SafetyScopeError, match=message):
+        classifier_from_dict(d)

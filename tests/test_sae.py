@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -322,3 +323,167 @@ def test_loader_path_errors(tmp_path, qwen_scope_sae_dir):
     (tmp_path / "w.safetensors").write_bytes(b"x")
     with pytest.raises(SafetyScopeError, match="must be a Qwen-Scope .pt"):
         load_sae(tmp_path / "w.safetensors")
+
+
+# -- formats: every option that changes the encode is implemented exactly or refused ---------------
+# Expected codes below follow each library's own encode (SAELens 6 SAE.encode / JumpReLUSAE.encode /
+# TopKSAE.encode, sparsify 1.x SparseCoder.encode), written out by hand: the libraries are not installed here.
+
+def _saelens_dir(root, name, t, cfg, extra=None):
+    d = root / name
+    d.mkdir()
+    save_file({"W_enc": t["W_enc"].T.contiguous(), "W_dec": t["W_dec"].T.contiguous(), "b_enc": t["b_enc"].clone(),
+               "b_dec": t["b_dec"].clone(), **(extra or {})}, d / "sae_weights.safetensors")
+    (d / "cfg.json").write_text(json.dumps({"d_in": D_MODEL, "d_sae": D_SAE, **cfg}))
+    return d
+
+
+def test_saelens_pre6_topk_config_is_topk(tmp_path):
+    t = random_sae_tensors(seed=31)
+    x = _x(seed=32)
+    d = _saelens_dir(tmp_path, "old-topk", t, {"architecture": "standard", "activation_fn_str": "topk",
+                                               "activation_fn_kwargs": {"k": SAE_K}, "apply_b_dec_to_input": True,
+                                               "hook_name": "blocks.3.hook_resid_post"})
+    sae = load_sae(d)
+    assert (sae.cfg.activation, sae.cfg.k, sae.cfg.layer) == ("topk", SAE_K, 3)
+    expected = _topk_by_hand((x - t["b_dec"]) @ t["W_enc"].T + t["b_enc"], SAE_K)
+    assert torch.allclose(sae.encode(x), expected, atol=1e-5)
+    assert int((sae.encode(x) > 0).sum(-1).max()) <= SAE_K  # read as ReLU before: ~half of 256 features fired
+
+
+@pytest.mark.parametrize("cfg, option", [
+    ({"architecture": "topk", "k": SAE_K, "rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm"),
+    ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"}, "normalize_activations='constant_norm_rescale'"),
+    ({"architecture": "standard", "normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
+    ({"architecture": "standard", "activation_fn_str": "tanh-relu"}, "activation_fn_str='tanh-relu'"),
+    ({"architecture": "gated"}, "architecture 'gated'"),
+    ({"architecture": "standard", "hook_name": "blocks.2.hook_mlp_out"}, "hook_name='blocks.2.hook_mlp_out'"),
+    ({"architecture": "standard", "hook_name": "blocks.0.hook_resid_pre"}, "embeddings"),
+])
+def test_saelens_unsupported_options_are_refused(tmp_path, cfg, option):
+    d = _saelens_dir(tmp_path, "x", random_sae_tensors(seed=33), cfg)
+    with pytest.raises(SafetyScopeError, match=re.escape(option)) as e:
+        load_sae(d)
+    assert "\n" not in str(e.value)
+
+
+def test_saelens6_metadata_and_resid_pre_layer(tmp_path):
+    t = random_sae_tensors(seed=34)
+    d = _saelens_dir(tmp_path, "v6", t, {"architecture": "topk", "k": SAE_K, "normalize_activations": "none",
+                                         "metadata": {"hook_name": "blocks.5.hook_resid_pre", "model_name": "tiny"}})
+    sae = load_sae(d)
+    assert sae.cfg.layer == 4  # input of block 5 = output of decoder layer 4
+    assert sae.cfg.model == "tiny"
+
+
+def test_jumprelu_negative_threshold_relus_first(tmp_path):
+    t = random_sae_tensors(seed=35)
+    x = _x(seed=36)
+    threshold = torch.full((D_SAE,), -0.5)
+    d = _saelens_dir(tmp_path, "jr", t, {"architecture": "jumprelu"}, {"threshold": threshold})
+    pre = (x - t["b_dec"]) @ t["W_enc"].T + t["b_enc"]
+    assert bool(((pre < 0) & (pre > threshold)).any())  # the case that differs
+    expected = pre.relu() * (pre > threshold)  # SAELens JumpReLUSAE.encode
+    code = load_sae(d).encode(x)
+    assert torch.allclose(code, expected, atol=1e-5)
+    assert bool((code >= 0).all())
+
+
+def _sparsify_dir(root, t, cfg, extra=None):
+    d = root / "ckpt" / "layers.2"
+    d.mkdir(parents=True)
+    save_file({"encoder.weight": t["W_enc"].clone(), "encoder.bias": t["b_enc"].clone(),
+               "W_dec": t["W_dec"].T.contiguous(), "b_dec": t["b_dec"].clone(), **(extra or {})}, d / "sae.safetensors")
+    (d / "cfg.json").write_text(json.dumps({"k": SAE_K, "num_latents": D_SAE, **cfg}))
+    return d
+
+
+def test_sparsify_transcoder_does_not_subtract_b_dec(tmp_path):
+    t = random_sae_tensors(seed=37)
+    x = _x(seed=38)
+    d = _sparsify_dir(tmp_path, t, {"transcode": True})
+    expected = _topk_by_hand((x @ t["W_enc"].T + t["b_enc"]).relu(), SAE_K)  # sparsify: relu(encoder(x)), top-k
+    assert torch.allclose(load_sae(d).encode(x), expected, atol=1e-5)
+    autoenc = _sparsify_dir(tmp_path / "ae", t, {"transcode": False})
+    assert not torch.allclose(load_sae(autoenc).encode(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, extra, option", [
+    ({"activation": "groupmax"}, None, "activation='groupmax'"),
+    ({"skip_connection": True}, {"W_skip": torch.zeros(D_MODEL, D_MODEL)}, "skip_connection"),
+])
+def test_sparsify_unsupported_options_are_refused(tmp_path, cfg, extra, option):
+    d = _sparsify_dir(tmp_path, random_sae_tensors(seed=39), cfg, extra)
+    with pytest.raises(SafetyScopeError, match=re.escape(option)):
+        load_sae(d)
+
+
+def test_sparsify_checkpoint_without_layer_says_so(tmp_path):
+    _sparsify_dir(tmp_path, random_sae_tensors(seed=40), {})
+    with pytest.raises(SafetyScopeError, match=r"sparsify checkpoint.*pass --layer"):
+        load_sae(tmp_path / "ckpt")
+
+
+# -- malformed weights and configs -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, bad", [("W_enc", float("nan")), ("b_enc", float("inf")), ("W_dec", float("-inf")),
+                                       ("b_dec", float("nan")), ("threshold", float("nan"))])
+def test_non_finite_tensors_are_refused(tmp_path, name, bad):
+    t = random_sae_tensors(seed=41)
+    extra = {"threshold": torch.rand(D_SAE)}
+    target = extra if name == "threshold" else t
+    target[name] = target[name].clone()
+    target[name].view(-1)[300 % target[name].numel()] = bad  # beyond the first 256 values, too
+    d = _saelens_dir(tmp_path, "nf", t, {"architecture": "jumprelu"}, extra)
+    with pytest.raises(SafetyScopeError, match=rf"tensor {name} holds 1 non-finite"):
+        load_sae(d)
+
+
+def test_missing_tensor_and_bad_config(tmp_path):
+    t = random_sae_tensors(seed=42)
+    d = _saelens_dir(tmp_path, "jr", t, {"architecture": "jumprelu"})
+    with pytest.raises(SafetyScopeError, match="needs a threshold tensor"):
+        load_sae(d)
+    d2 = tmp_path / "nobdec"
+    d2.mkdir()
+    save_file({"W_enc": t["W_enc"].T.contiguous(), "W_dec": t["W_dec"].T.contiguous(), "b_enc": t["b_enc"]},
+              d2 / "sae_weights.safetensors")
+    (d2 / "cfg.json").write_text("{}")
+    with pytest.raises(SafetyScopeError, match=r"missing tensor\(s\) \['b_dec'\]"):
+        load_sae(d2)
+    d3 = _saelens_dir(tmp_path, "wrongdin", t, {"architecture": "standard", "d_in": D_MODEL + 1})
+    with pytest.raises(SafetyScopeError, match=r"d_in=65 but W_enc has d_in 64"):
+        load_sae(d3)
+    own = _write_own(tmp_path, t)
+    cfg = json.loads((own / "config.json").read_text())
+    for key, value, msg in [("k", 2.5, "config k must be an integer"), ("d_sae", "256", "config d_sae must be"),
+                            ("layer", -1, "config layer must be")]:
+        (own / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(SafetyScopeError, match=msg):
+            load_sae(own)
+    (own / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_model"}))
+    with pytest.raises(SafetyScopeError, match="bad SAE config"):
+        load_sae(own)
+    (own / "config.json").write_text("[1, 2]")
+    with pytest.raises(SafetyScopeError, match="must be a JSON object"):
+        load_sae(own)
+
+
+# -- fingerprints ----------------------------------------------------------------------------------
+
+def test_fingerprint_hashes_every_value():
+    d_sae = 1024
+    t = random_sae_tensors(d_sae=d_sae, seed=50)
+    sae = SAE.from_tensors(SAEConfig(d_model=D_MODEL, d_sae=d_sae, k=SAE_K), t["W_enc"], t["b_enc"], t["W_dec"],
+                           t["b_dec"])
+    fp, legacy = sae.fingerprint(), sae.legacy_fingerprint()
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64 and len(legacy) == 16
+    # swap features 1000 and 1001: the legacy hash (shapes, sums, first 256 values) cannot see it
+    idx = torch.arange(d_sae)
+    idx[1000], idx[1001] = 1001, 1000
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc[idx])
+        sae.b_enc.copy_(sae.b_enc[idx])
+        sae.W_dec.copy_(sae.W_dec[:, idx])
+    assert sae.legacy_fingerprint() == legacy
+    assert sae.fingerprint() != fp

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
 from ..provenance import extractor_from_record, extractor_record, read_document, write_document
 from .rules import classifier_from_dict
@@ -50,7 +51,14 @@ class Detector:
         meta = {k: v for k, v in d.items() if k not in ("format", "package_version", "model", "sae", "layer",
                                                          "extraction", "rule")}
         meta["sae_id"] = d["sae"]["id"]
-        return cls(fx, classifier_from_dict(d["rule"]), meta)
+        try:
+            rule = classifier_from_dict(d.get("rule"))
+        except SafetyScopeError as e:
+            raise SafetyScopeError(f"{path or DEFAULT_CLASSIFIER}: {e}") from None
+        if rule.n_features_in_ != fx.sae.cfg.d_sae:
+            raise SafetyScopeError(f"{path or DEFAULT_CLASSIFIER}: rule n_features_in {rule.n_features_in_} is not "
+                                   f"the SAE's d_sae {fx.sae.cfg.d_sae}")
+        return cls(fx, rule, meta)
 
 
 def read_classifier(path: str | Path | None) -> dict:

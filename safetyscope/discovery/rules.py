@@ -216,20 +216,59 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def from_dict(cls, d: dict) -> "OrRuleClassifier":
+        n, f = _read_features(d, ("threshold", "delta", "p_fire_toxic", "p_fire_clean"))
         params = dict(d["params"])
         params["k_candidates"] = tuple(params.get("k_candidates", K_CANDIDATES))
         params.setdefault("selection", "delta")  # files written before greedy selection existed
-        clf = cls(**params)
-        f = d["features"]
+        clf = _construct(cls, params)
         clf.classes_ = np.array([0, 1])
-        clf.features_ = np.array([x["id"] for x in f], dtype=np.int64)
-        clf.thresholds_ = np.array([x["threshold"] for x in f], dtype=np.float64)
-        clf.delta_ = np.array([x["delta"] for x in f])
-        clf.p_toxic_ = np.array([x["p_fire_toxic"] for x in f])
-        clf.p_clean_ = np.array([x["p_fire_clean"] for x in f])
-        clf.n_features_in_ = d["n_features_in"]
+        clf.features_, clf.thresholds_ = f["id"], f["threshold"]
+        clf.delta_, clf.p_toxic_, clf.p_clean_ = f["delta"], f["p_fire_toxic"], f["p_fire_clean"]
+        clf.n_features_in_ = n
         clf.k_selection_, clf.k_scores_ = d.get("k_selection", ""), {int(k): v for k, v in d.get("k_scores", {}).items()}
         return clf
+
+
+def _number(v, key: str, *, integer: bool = False):
+    """A finite JSON number (an integer where ``integer``; 161.0 counts, 161.9 does not); else a named error."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    if ok and integer and float(v) != int(v):
+        ok = False
+    if not ok:
+        raise SafetyScopeError(f"classifier {key} must be a finite {'integer' if integer else 'number'}; got {v!r}")
+    return int(v) if integer else float(v)
+
+
+def _read_features(d: dict, fields: tuple[str, ...]) -> tuple[int, dict[str, np.ndarray]]:
+    """(n_features_in, {"id": ids, field: values}) from a rule dict, every key checked: a malformed id would
+    index another feature (-1 wraps to the last), a NaN threshold silently never fires."""
+    for key, kind in (("n_features_in", int), ("features", list), ("params", dict)):
+        if key not in d:
+            raise SafetyScopeError(f"classifier rule is missing key {key!r}")
+        if not isinstance(d[key], kind) or isinstance(d[key], bool):
+            raise SafetyScopeError(f"classifier rule key {key!r} must be a {kind.__name__}; got {d[key]!r:.80}")
+    n = _number(d["n_features_in"], "n_features_in", integer=True)
+    if n < 1:
+        raise SafetyScopeError(f"classifier n_features_in must be positive; got {n}")
+    cols = {name: [] for name in ("id", *fields)}
+    for i, f in enumerate(d["features"]):
+        if not isinstance(f, dict):
+            raise SafetyScopeError(f"classifier features[{i}] must be an object; got {f!r:.80}")
+        for name in cols:
+            if name not in f:
+                raise SafetyScopeError(f"classifier features[{i}] is missing key {name!r}")
+            cols[name].append(_number(f[name], f"features[{i}].{name}", integer=name == "id"))
+        if not 0 <= cols["id"][-1] < n:
+            raise SafetyScopeError(f"classifier features[{i}].id {cols['id'][-1]} is out of range 0..{n - 1}")
+    return n, {"id": np.array(cols["id"], dtype=np.int64),
+               **{name: np.array(cols[name], dtype=np.float64) for name in fields}}
+
+
+def _construct(cls, params: dict):
+    try:
+        return cls(**params)
+    except TypeError as e:  # an unknown or missing parameter name
+        raise SafetyScopeError(f"classifier params do not fit {cls.__name__} ({e})") from None
 
 
 def _or_predict(X, feats, thr) -> np.ndarray:
@@ -324,12 +363,16 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparseLinearClassifier":
-        clf = cls(**d["params"])
+        n, f = _read_features(d, ("weight",))
+        for key in ("intercept", "C"):
+            if key not in d:
+                raise SafetyScopeError(f"classifier rule is missing key {key!r}")
+        clf = _construct(cls, d["params"])
         clf.classes_ = np.array([0, 1])
-        clf.features_ = np.array([x["id"] for x in d["features"]], dtype=np.int64)
-        clf.weights_ = np.array([x["weight"] for x in d["features"]], dtype=np.float64)
-        clf.intercept_, clf.C_, clf.C_scores_ = d["intercept"], d["C"], d.get("C_scores", {})
-        clf.n_features_in_ = d["n_features_in"]
+        clf.features_, clf.weights_ = f["id"], f["weight"]
+        clf.intercept_, clf.C_ = _number(d["intercept"], "intercept"), _number(d["C"], "C")
+        clf.C_scores_ = d.get("C_scores", {})
+        clf.n_features_in_ = n
         return clf
 
 
@@ -337,6 +380,8 @@ KINDS = {"or_rule": OrRuleClassifier, "sparse_linear": SparseLinearClassifier}
 
 
 def classifier_from_dict(d: dict):
+    if not isinstance(d, dict):
+        raise SafetyScopeError(f"classifier rule must be an object; got {type(d).__name__}")
     if d.get("kind") not in KINDS:
         raise SafetyScopeError(f"unknown classifier kind {d.get('kind')!r}; expected one of {sorted(KINDS)}")
     return KINDS[d["kind"]].from_dict(d)
