@@ -33,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--chunk-rows", type=int, default=1024)
     args = ap.parse_args(argv)
 
-    det = Detector.load(None if args.classifier == "default" else args.classifier, cache=False)
+    det = Detector.load(args.classifier, cache=False)
     df = read_table(args.input, columns=["text"]).head(args.rows).select("text")
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "input.parquet"

@@ -28,7 +28,7 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Classifier JSON file to write.")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True, help="1/0, true/false or toxic/clean.")
+@click.option("--label-column", default="label", show_default=True, help="1/0, true/false, toxic/clean or harmful/benign.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this, e.g. discovery.")
 @click.option("--kind", type=click.Choice(["or_rule", "sparse_linear"]), default="or_rule", show_default=True)
@@ -74,7 +74,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
 def _detector(classifier, kw):
     from .detector import Detector
 
-    return Detector.load(None if classifier in (None, "default") else classifier, **recorded_kwargs(kw))
+    return Detector.load(classifier, **recorded_kwargs(kw))
 
 
 @click.command()
@@ -95,7 +95,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, overwrite,
     if engine == "ray":
         from ..ray_engine import run_classify_ray
 
-        s = run_classify_ray(input_path, output, classifier=None if classifier in (None, "default") else classifier,
+        s = run_classify_ray(input_path, output, classifier=classifier,
                              model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
                              batch_size=kw["batch_size"], cache=not kw["no_cache"], text_column=text_column,
                              chunk_rows=chunk_rows, overwrite=overwrite, address=address, workers=workers,

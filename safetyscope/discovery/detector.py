@@ -17,7 +17,27 @@ from ..provenance import extractor_from_record, extractor_record, read_document,
 from .rules import classifier_from_dict
 
 FORMAT = "safetyscope-classifier"
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toxicity-smollm2-135m-instruct.json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# Shipped classifiers by name (files in ASSETS): what `-c NAME`, `explain NAME` and Detector.load(NAME) accept.
+CLASSIFIERS = {
+    "default": "toxicity-smollm2-135m-instruct.json",
+    "toxicity": "toxicity-smollm2-135m-instruct.json",
+    "harmful-request": "harmful-request-smollm2-135m-instruct.json",
+}
+DEFAULT_CLASSIFIER = ASSETS / CLASSIFIERS["default"]
+
+
+def classifier_path(name_or_path: str | Path | None) -> Path:
+    """A shipped classifier's name (see CLASSIFIERS; None = "default") or a classifier file -> its path."""
+    if name_or_path is None:
+        return DEFAULT_CLASSIFIER
+    if str(name_or_path) in CLASSIFIERS:
+        return ASSETS / CLASSIFIERS[str(name_or_path)]
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise SafetyScopeError(f"{name_or_path}: neither a classifier file nor a shipped classifier "
+                               f"(shipped: {', '.join(CLASSIFIERS)})")
+    return p
 
 
 @dataclass
@@ -40,13 +60,14 @@ class Detector:
         write_document(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, model: str | None = None, sae: str | None = None,
+    def load(cls, name_or_path: str | Path | None = None, *, model: str | None = None, sae: str | None = None,
              device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
              cache: bool = True) -> "Detector":
-        """Load a classifier file; ``model``/``sae`` override where the recorded ones are found
+        """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae`` override where the recorded ones are found
         (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+        path = classifier_path(name_or_path)
         d = read_classifier(path)
-        fx = extractor_from_record(d, path or DEFAULT_CLASSIFIER, model=model, sae=sae, device=device, dtype=dtype,
+        fx = extractor_from_record(d, path, model=model, sae=sae, device=device, dtype=dtype,
                                    batch_size=batch_size, cache=cache)
         meta = {k: v for k, v in d.items() if k not in ("format", "package_version", "model", "sae", "layer",
                                                          "extraction", "rule")}
@@ -61,5 +82,5 @@ class Detector:
         return cls(fx, rule, meta)
 
 
-def read_classifier(path: str | Path | None) -> dict:
-    return read_document(path or DEFAULT_CLASSIFIER, FORMAT, "classifier")
+def read_classifier(name_or_path: str | Path | None) -> dict:
+    return read_document(classifier_path(name_or_path), FORMAT, "classifier")

@@ -41,7 +41,7 @@ def parse_labels(values: pl.Series, where: str) -> np.ndarray:
     norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
     bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)
     if bad:
-        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false or toxic/clean; found {bad[:10]}")
+        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false, toxic/clean or harmful/benign; found {bad[:10]}")
     return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
 
 

@@ -83,7 +83,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         from ..provenance import check_compatible
         from ..discovery.rules import classifier_from_dict
 
-        d = read_classifier(None if classifier == "default" else classifier)
+        d = read_classifier(classifier)
         check_compatible(d, fx, classifier)
         shipped = classifier_from_dict(d["rule"])
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ def load_detector(classifier: str | None, kw: dict):
     if classifier in ("none", "off"):
         click.echo("warning: --classifier none: responses are not screened for toxicity", err=True)
         return None
-    return Detector.load(None if classifier in (None, "default") else classifier, device=kw.get("device"),
+    return Detector.load(classifier, device=kw.get("device"),
                          dtype=kw.get("dtype"), batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
 
 
