@@ -174,6 +174,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     v = judge.judge(nat["prompt"].to_list())  # the judge against the human label, for comparability
     nat = nat.with_columns(pl.Series("judged_label", [x.label for x in v], dtype=pl.String),
                            pl.Series("judge_score", [x.score for x in v], dtype=pl.Float64), pl.lit(judge.name).alias("judge"))
+    write_table(nat, out / "natural.jsonl")
     judged["natural sampling"] = judged_stats(
         [{"label": x.label or "unparseable", "target_label": h, "judge": judge.name} for x, h in zip(v, nat["label"])])
     arms["natural sampling"] = nat["prompt"].to_list()
