@@ -2,9 +2,11 @@
 
 For each target feature that the seed data does not fire: show a generator the feature's
 top-activating contexts, ask for a new user request on the same concept (target's language and
-label), keep a candidate only if it fires the target feature (re-encoded by model + SAE), generate
-the response (a brief refusal for harmful, a helpful answer for benign), screen it with the toxicity
-classifier, and deduplicate. Targets are processed in groups; after each group its rows and a
+label), keep a candidate only if it fires the target feature (re-encoded by model + SAE), judge the
+written request harmful/benign (judge.py; the row's label is the judged one, the target's is kept as
+target_label), generate the response for the judged label (a brief refusal for harmful, a helpful answer
+for benign), check it (a harmful row's must decline, a benign row's must not, both pass the toxicity
+screen; regenerated, then dropped with the reason counted), and deduplicate. Targets are processed in groups; after each group its rows and a
 ``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
 rerun of the same command resumes where the last finished group ended. Groups and seeds depend only
 on that state, so an interrupted and resumed run writes what an uninterrupted run would.
@@ -331,6 +333,8 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
     file's content; ``judge`` labels each written request (see judge.py); ``detector`` screens responses."""
     if cfg.budget < 1 or cfg.max_attempts < 1 or cfg.samples < 1 or cfg.group_size < 1:
         raise SafetyScopeError("--budget, --max-attempts, --samples and --group-size must be >= 1")
+    if cfg.response_retries < 0:
+        raise SafetyScopeError("--response-retries must be >= 0")
     out = check_output(output, overwrite)
     t0 = time.perf_counter()
     ids = [t["id"] for t in doc["targets"]]
