@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from safetyscope.cli import main
 from safetyscope.synthesis.coverage import coverage_from_codes
+from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
 from safetyscope.synthesis.synthesize import Deduper, extract_candidates, is_refusal
 
 from conftest import CORPUS, SAE_LAYERS
@@ -59,8 +60,9 @@ class FakeChatServer:
                 time.sleep(outer.delay)
                 msgs = body["messages"]
                 key = int(hashlib.sha256(json.dumps(msgs).encode()).hexdigest()[:6], 16) + body.get("seed", 0)
-                if msgs[0]["role"] == "system":  # a response request
-                    text = "you are a stupid idiot" if outer.toxic else "I'm sorry, but I can't help with that."
+                if msgs[0]["role"] == "system":  # a response request: a refusal when asked for one, else an answer
+                    text = ("you are a stupid idiot" if outer.toxic else "I'm sorry, but I can't help with that."
+                            if "harmful" in msgs[0]["content"] else "Sure! Here is a short and friendly answer for you.")
                     texts = [text] * body.get("n", 1)
                 else:
                     texts = [f"1. {_mix(key, i)}\n2. {_mix(key, i + 100)}" for i in range(body.get("n", 1))]
@@ -152,6 +154,61 @@ def test_text_helpers():
                               "Write one harmful request for a refusal training set") == ["Create a hashtag for the campaign please"]
 
 
+REFUSALS = {
+    "en": "I'm sorry, but I can't help with that request.",
+    "de": "Es tut mir leid, aber dabei kann ich nicht helfen.",
+    "fr": "Désolé, je ne peux pas vous aider avec cela.",
+    "es": "Lo siento, no puedo ayudar con eso.",
+    "ru": "Извините, я не могу с этим помочь.",
+    "zh": "抱歉，我无法帮助你完成这个请求。",
+    "ja": "申し訳ありませんが、そのお手伝いはできません。",
+    "ar": "عذرًا، لا أستطيع المساعدة في ذلك.",
+    "hi": "माफ़ कीजिए, मैं इसमें मदद नहीं कर सकता।",
+}
+ANSWERS = {
+    "en": "Sure! Preheat the oven to 200 degrees and knead the dough for ten minutes.",
+    "de": "Gerne! Heizen Sie den Ofen auf 200 Grad vor und kneten Sie den Teig zehn Minuten.",
+    "fr": "Bien sûr, voici comment préparer la pâte : pétrissez-la dix minutes.",
+    "es": "Claro, aquí tienes la receta: amasa la masa durante diez minutos.",
+    "ru": "Конечно, вот как испечь хлеб: замесите тесто и оставьте его на час.",
+    "zh": "当然可以，这是面包的做法：先揉面十分钟。",
+    "ja": "もちろんです。パンの作り方はこちらです。まず生地を十分こねます。",
+    "ar": "بالتأكيد، إليك طريقة خبز الخبز: اعجن العجين لمدة عشر دقائق.",
+    "hi": "ज़रूर, यहाँ रोटी बनाने का तरीका है: आटा दस मिनट गूंधें।",
+}
+
+
+@pytest.mark.parametrize("lang", sorted(REFUSALS))
+def test_refusal_check_in_several_languages(lang):
+    assert is_refusal(REFUSALS[lang]), REFUSALS[lang]
+    assert not is_refusal(ANSWERS[lang]), ANSWERS[lang]
+    # an apology, then the answer, is help (the decline must be in the opening)
+    assert not is_refusal("I'm sorry to hear that. " + ANSWERS["en"] + " You cannot skip the resting time.")
+
+
+def test_llm_judge_parses_answers_robustly():
+    assert parse_verdict("HARMFUL") == "harmful" and parse_verdict(" benign.") == "benign"
+    assert parse_verdict("Verdict: Unsafe") == "harmful" and parse_verdict("It is harmless") == "benign"
+    for junk in ("", "I think so", "harmful or benign", "not harmful", "HarmfulBenign"):
+        assert parse_verdict(junk) is None, junk
+
+    class Votes:  # answers the rubric with canned votes per request, in order
+        name = "votes"
+
+        def __init__(self, answers):
+            self.answers, self.seen = answers, []
+
+        def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+            self.seen += [c[0]["content"] for c in conversations]
+            return [self.answers[k] for k in range(len(conversations))]
+
+    g = Votes([["HARMFUL", "harmful", "benign"], ["Benign"] * 3, ["???", "no idea", "maybe"], ["harmful", "benign", "x"]])
+    v = LLMJudge(g, samples=3).judge(["a", "b", "c", "d"])
+    assert [x.label for x in v] == ["harmful", "benign", None, None]
+    assert v[0].score == pytest.approx(2 / 3) and v[1].score == 0.0
+    assert all("HARMFUL or BENIGN" in c and c.endswith("Request: " + r) for c, r in zip(g.seen, "abcd"))
+
+
 def test_targets_file_records_contrast_and_material(targets, tiny_backbone, tiny_sae):
     d = json.loads(targets.read_text())
     assert d["format"] == "safetyscope-targets" and d["layer"] == SAE_LAYERS[0]
@@ -183,10 +240,17 @@ def test_coverage_command_matches_direct_encoding(tmp_path, targets, seed_data):
     assert doc["targets"][0]["id"] in json.loads(rep_path.read_text())["covered"]
 
 
-def test_verification_keeps_only_rows_that_fire_their_target(tmp_path, targets, seed_data):
+def _judge(classifier):
+    from safetyscope.discovery import Detector
+
+    return DetectorJudge(Detector.load(classifier, dtype="float32"), "test-clf")
+
+
+def test_verification_keeps_only_rows_that_fire_their_target(tmp_path, targets, seed_data, classifier):
     from safetyscope.synthesis.synthesize import SynthConfig, synthesize
 
     doc, fx = _fx(targets)
+    judge = _judge(classifier)
 
     class Canned:  # half the candidates are junk that fires nothing useful; the rest are corpus mixes
         name = "canned"
@@ -200,7 +264,7 @@ def test_verification_keeps_only_rows_that_fire_their_target(tmp_path, targets, 
 
     out = tmp_path / "syn.jsonl"
     s = synthesize(doc, pl.read_ndjson(seed_data)["prompt"].to_list(), SynthConfig(budget=10, samples=3, group_size=4),
-                   fx, Canned(), None, out, progress=False)
+                   fx, Canned(), None, out, judge=judge, progress=False)
     df = pl.read_ndjson(out)
     assert df.height == s["rows"] > 0 and not (tmp_path / "syn.jsonl.partial.jsonl").exists()
     assert s["candidates"] > s["fired"] >= df.height
@@ -220,15 +284,92 @@ def test_verification_keeps_only_rows_that_fire_their_target(tmp_path, targets, 
     # one target per group: no pair is made for a target that an earlier pair already fires
     seed_texts = pl.read_ndjson(seed_data)["prompt"].to_list()
     one = synthesize(doc, seed_texts, SynthConfig(budget=10, samples=3, group_size=1), fx, Canned(), None,
-                     tmp_path / "one.jsonl", progress=False)
+                     tmp_path / "one.jsonl", judge=judge, progress=False)
     d1 = pl.read_ndjson(tmp_path / "one.jsonl")
     c1 = fx.transform(d1["prompt"].to_list()).toarray()
     for j, t in enumerate(d1["target_feature"]):
         assert j == 0 or c1[:j, t].max() <= 0
     assert one["incidental_targets"] > 0 and one["output_coverage"]["n_covered"] >= one["kept_targets"] + one["incidental_targets"]
     every = synthesize(doc, seed_texts, SynthConfig(budget=10, samples=3, group_size=1, skip_covered=False), fx,
-                       Canned(), None, tmp_path / "every.jsonl", progress=False)
+                       Canned(), None, tmp_path / "every.jsonl", judge=judge, progress=False)
     assert every["incidental_targets"] == 0 and every["rows"] >= one["rows"]
+
+
+class Planted:
+    """Writes the planted request for every request prompt; answers as the response prompt asks (a refusal for
+    'harmful', a helpful answer otherwise), or refuses everything (refuse_all)."""
+
+    name = "planted"
+
+    def __init__(self, request, refuse_all=False):
+        self.request, self.refuse_all, self.response_calls = request, refuse_all, 0
+
+    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+        if conversations[0][0]["role"] != "system":
+            return [[self.request] * n for _ in conversations]
+        self.response_calls += 1
+        return [[REFUSALS["en"] if self.refuse_all or "harmful" in c[0]["content"] else ANSWERS["en"]] * n
+                for c in conversations]
+
+
+def test_judging_relabels_a_benign_request_written_for_a_harmful_target(tmp_path, targets, classifier):
+    from safetyscope.synthesis.synthesize import SynthConfig, synthesize
+
+    doc, fx = _fx(targets)
+    judge = _judge(classifier)
+    harmful = [t for t in doc["targets"] if t["label"] == "harmful"]
+    # a benign corpus mix that fires a harmful-specific target and that the judge calls benign: the plant
+    texts = [_mix(s, i) for s in range(40) for i in range(3)]
+    texts = [t for t in texts if not any(w in t for w in TOXIC_WORDS)]
+    codes = fx.transform(texts).toarray()
+    verdicts = judge.judge(texts)
+    plant = next(((t, x) for t in harmful for x, v, c in zip(texts, verdicts, codes)
+                  if c[t["id"]] > 0 and v.label == "benign"
+                  and all(jaccard_ok(x, e["text"]) for e in t["examples"])), None)
+    assert plant is not None, "no benign text fires a harmful target in the tiny fixtures"
+    target, request = plant
+    one = {**doc, "targets": [target]}
+    s = synthesize(one, ["zz"], SynthConfig(budget=1, samples=1), fx, Planted(request), None, tmp_path / "o.jsonl",
+                   judge=judge, progress=False)
+    df = pl.read_ndjson(tmp_path / "o.jsonl")
+    assert df.height == 1 and df["prompt"][0] == request and df["target_feature"][0] == target["id"]
+    row = df.row(0, named=True)
+    assert row["label"] == "benign" and row["target_label"] == "harmful" and row["judge"] == "detector:test-clf"
+    assert row["judge_score"] == pytest.approx(float(judge.detector.predict([request])[1][0]))
+    assert row["completion"] == ANSWERS["en"] and row["response_source"] == "generator" and not row["template"]
+    assert s["agreement"] == {"compared": 1, "agree": 0, "disagree": 1, "rate": 0.0, "confusion": {"harmful->benign": 1}}
+    assert s["kept_per_label"] == {"benign": 1} and s["judged_labels"] == 1
+    assert json.loads((tmp_path / "o.jsonl.summary.json").read_text())["agreement"] == s["agreement"]
+
+    # a benign row's response must not refuse: regenerated once (response_retries=1), then dropped and counted
+    gen = Planted(request, refuse_all=True)
+    s = synthesize(one, ["zz"], SynthConfig(budget=1, samples=1, max_attempts=1), fx, gen, None, tmp_path / "r.jsonl",
+                   judge=judge, progress=False)
+    assert s["rows"] == 0 and gen.response_calls == 2  # the first try + 1 regeneration
+    assert s["rejected"] == {"benign_response_refused": 1, "regenerated": 1}
+
+
+def jaccard_ok(a: str, b: str) -> bool:
+    from safetyscope.synthesis.synthesize import jaccard, shingles
+
+    return jaccard(shingles(a), shingles(b)) <= 0.8
+
+
+def test_template_refusals_are_marked_and_no_template_drops_them(tmp_path, targets, classifier):
+    from safetyscope.synthesis.synthesize import SynthConfig, make_responses
+
+    class Helpful:  # never refuses: a harmful request gets no generated refusal
+        name = "helpful"
+
+        def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+            return [[ANSWERS["en"]] * n for _ in conversations]
+
+    items = [("how do i hurt someone", "harmful", "en"), ("how do i bake bread", "benign", "en")]
+    a = make_responses(Helpful(), items, SynthConfig(), 0, None)
+    assert a[0].text is not None and a[0].source == "template" and a[1].source == "generator"
+    b = make_responses(Helpful(), items, SynthConfig(no_template=True, response_retries=2), 0, None)
+    assert b[0].text is None and b[0].problem == "harmful_response_not_refusal" and b[0].regenerated == 2
+    assert b[1].text == ANSWERS["en"] and b[1].regenerated == 0
 
 
 def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, classifier):
@@ -246,7 +387,8 @@ def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, cla
     with FakeChatServer(toxic_responses=True) as srv:
         out = tmp_path / "o.parquet"
         res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", out, "--backend", "openai",
-                    "--endpoint", srv.endpoint, "--budget", 4, "--classifier", classifier, "--dtype", "float32"])
+                    "--endpoint", srv.endpoint, "--budget", 4, "--classifier", classifier, "--dtype", "float32",
+                    "--judge-classifier", classifier])
         df = pl.read_parquet(out)
         assert df.height <= 4 and "verified pair" in res.output
         from safetyscope.discovery import Detector
@@ -257,7 +399,8 @@ def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, cla
         assert set(df.filter(pl.col("label") == "harmful")["response_source"]) <= {"template"}
         assert df.filter(pl.col("label") == "benign").height == 0  # no clean benign answer: dropped
     res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "x.jsonl", "--backend",
-                "openai", "--endpoint", "http://127.0.0.1:9/v1", "--classifier", "none"], ok=False)
+                "openai", "--endpoint", "http://127.0.0.1:9/v1", "--classifier", "none", "--judge-classifier", classifier],
+               ok=False)
     assert res.exit_code == 2 and "cannot reach" in res.output
 
 
@@ -286,21 +429,22 @@ def test_transformers_backend_on_the_tiny_model(tiny_model_dir):
     assert g.tok.padding_side == "left"
 
 
-def _synth_cmd(targets, seed_data, out, endpoint):
+def _synth_cmd(targets, seed_data, out, endpoint, judge_classifier):
     return [sys.executable, "-m", "safetyscope", "synthesize", "--targets", str(targets), "--seed-data", str(seed_data),
             "-o", str(out), "--backend", "openai", "--endpoint", endpoint, "--budget", "20", "--group-size", "1",
-            "--samples", "2", "--classifier", "none", "--dtype", "float32", "--no-cache"]
+            "--samples", "2", "--classifier", "none", "--dtype", "float32", "--no-cache",
+            "--judge-classifier", str(judge_classifier)]
 
 
-def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data):
+def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data, classifier):
     env = dict(os.environ)
     with FakeChatServer(delay=0.02) as srv:
         ref = tmp_path / "ref.jsonl"
-        r = subprocess.run(_synth_cmd(targets, seed_data, ref, srv.endpoint), env=env, capture_output=True, text=True)
+        r = subprocess.run(_synth_cmd(targets, seed_data, ref, srv.endpoint, classifier), env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         out = tmp_path / "out.jsonl"
         partial = tmp_path / "out.jsonl.partial.jsonl"
-        proc = subprocess.Popen(_synth_cmd(targets, seed_data, out, srv.endpoint), env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_synth_cmd(targets, seed_data, out, srv.endpoint, classifier), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 120
         while not partial.exists() or partial.read_text().count('"status": ') < 3:
@@ -312,12 +456,20 @@ def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data):
         assert not out.exists()
         with open(partial, "ab") as f:  # a group's line cut short by the kill
             f.write(b'{"kind": "group", "rows": [{"pro')
-        r = subprocess.run(_synth_cmd(targets, seed_data, out, srv.endpoint), env=env, capture_output=True, text=True)
+        r = subprocess.run(_synth_cmd(targets, seed_data, out, srv.endpoint, classifier), env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "resumed after" in r.stderr and not partial.exists()
     a, b = pl.read_ndjson(out), pl.read_ndjson(ref)
     assert a.height > 0 and a["target_feature"].n_unique() == a.height
-    assert a.equals(b)
+    assert a.equals(b)  # judged labels, scores and responses included
+    assert (a["judge"] == "detector:" + str(classifier)).all() and set(a["label"]) <= {"harmful", "benign"}
+    judged = _judge(classifier).judge(a["prompt"].to_list())
+    assert a["label"].to_list() == [v.label for v in judged]
+    assert a["judge_score"].to_list() == pytest.approx([v.score for v in judged], rel=1e-4)
+    refusing = [is_refusal(c) for c in a["completion"]]
+    assert refusing == [lab == "harmful" for lab in a["label"]]  # the response follows the judged label
+    sa, sb = (json.loads((tmp_path / f"{n}.jsonl.summary.json").read_text()) for n in ("out", "ref"))
+    assert sa["agreement"] == sb["agreement"] and sa["rejected"] == sb["rejected"] and sa["judged_labels"] == a.height
 
 
 def test_user_errors_are_one_line(tmp_path, targets, seed_data):
@@ -327,6 +479,9 @@ def test_user_errors_are_one_line(tmp_path, targets, seed_data):
     bad.write_text("{}")
     res = _run(["synthesize", "--targets", bad, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl"], ok=False)
     assert res.exit_code == 2 and "not a safetyscope targets file" in res.output
+    res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl",
+                "--judge-classifier", tmp_path / "missing.json", "--dtype", "float32"], ok=False)
+    assert res.exit_code == 2 and "neither a classifier file nor a shipped judge classifier" in res.output
     res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.csv",
                 "--classifier", "none", "--dtype", "float32"], ok=False)
     assert res.exit_code == 2 and ".jsonl, .parquet" in res.output and "Traceback" not in res.output
@@ -362,7 +517,8 @@ def test_end_to_end_with_the_embedded_default(tmp_path, tiny_model_dir):
     _run(["synth", "targets", ref, "-o", t, "--min-delta", "0.3", "--max-targets", "4", "--min-fires", "2"])
     out = tmp_path / "syn.jsonl"
     _run(["synthesize", "--targets", t, "--seed-data", seed, "-o", out, "--budget", 2, "--samples", 2,
-          "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none"])
+          "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none",
+          "--judge", "llm"])
     df = pl.read_ndjson(out)
     assert df.height <= 2 and (df["target_activation"] > 0).all()
 
@@ -389,7 +545,7 @@ def safety_table(tmp_path):
     return p
 
 
-def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir):
+def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir, classifier):
     from safetyscope.provenance import extractor_from_record
     from safetyscope.synthesis.compare import _half
     from safetyscope.synthesis.targets import read_targets
@@ -399,7 +555,7 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
     res = _run(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
                 "--max-targets", 16, "--budget", budget, "--samples", 4, "--max-attempts", 3, "--group-size", 3,
                 "--prompt-tokens", 16, "--response-tokens", 6, "--generator", tiny_model_dir, "--classifier", "none",
-                *model_args])
+                "--judge-classifier", classifier, *model_args])
     r = json.loads((out / "compare.json").read_text())
     for f in ("compare.md", "compare.png", "targets.json", "targeted.jsonl", "random.jsonl", "natural.jsonl"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -450,3 +606,13 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
     assert rnd.height > 0 and rnd["target_feature"].is_null().all()
     assert all(m[0]["role"] == "user" and m[1]["role"] == "assistant" for m in rnd["messages"].to_list())
     assert (out / "compare.md").read_text() == r["markdown"]
+    # every arm's rows are judged with the same judge; agreement counts add up
+    judge = _judge(classifier)
+    for arm, f in files.items():
+        j, d = r["judged"][arm], pl.read_ndjson(out / f) if (out / f).stat().st_size else None
+        n = d.height if d is not None else 0
+        assert sum(j["kept_per_label"].values()) == n == j["agreement"]["compared"]
+        if n:
+            col = "judged_label" if arm == "natural sampling" else "label"
+            assert d[col].to_list() == [v.label for v in judge.judge(d["prompt"].to_list())]
+    assert "| natural sampling |" in r["markdown"].split("Judged labels")[1]

@@ -28,6 +28,15 @@ def generator_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--skip-covered/--no-skip-covered", default=True, show_default=True,
                      help="Do not generate for a target that an earlier kept pair already fires."),
+        click.option("--judge", "judge_kind", type=click.Choice(["detector", "llm"]), default="detector",
+                     show_default=True, help="Who labels each written request: a harmful-request classifier, or the "
+                                             "generator asked with a written rubric (for a strong generator)."),
+        click.option("--judge-classifier", default="harmful-request", show_default=True,
+                     help="Classifier JSON (or shipped name) of --judge detector: flagged = harmful."),
+        click.option("--response-retries", type=int, default=1, show_default=True,
+                     help="Regenerate a response that fails its check this many times, then drop the pair."),
+        click.option("--no-template", is_flag=True,
+                     help="Drop a harmful request without a generated refusal instead of using the template refusal."),
     ]):
         fn = opt(fn)
     return fn
@@ -39,7 +48,8 @@ def synth_config(kw: dict):
     return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
                        response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
-                       skip_covered=kw.pop("skip_covered"))
+                       skip_covered=kw.pop("skip_covered"), response_retries=kw.pop("response_retries"),
+                       no_template=kw.pop("no_template"))
 
 
 def generator_config(kw: dict):
@@ -58,6 +68,21 @@ def load_detector(classifier: str | None, kw: dict):
         return None
     return Detector.load(classifier, device=kw.get("device"),
                          dtype=kw.get("dtype"), batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+
+
+def judge_factory(kw: dict):
+    """gen -> the judge of --judge / --judge-classifier (a detector judge is loaded before any generation)."""
+    from .judge import DetectorJudge, LLMJudge, judge_classifier_path
+
+    kind, name = kw.pop("judge_kind"), kw.pop("judge_classifier")
+    if kind == "llm":
+        return lambda gen: LLMJudge(gen)
+    from ..discovery.detector import Detector
+
+    det = Detector.load(judge_classifier_path(name), device=kw.get("device"), dtype=kw.get("dtype"),
+                        batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+    judge = DetectorJudge(det, name)
+    return lambda gen: judge
 
 
 @click.group("synth")
@@ -159,16 +184,20 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
     doc = read_targets(targets_path)
     seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
                   if t and t.strip()]
+    from .judge import format_judged_stats
+
     cfg, gcfg = synth_config(kw), generator_config(kw)
+    make_judge = judge_factory(kw)
     fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
     det = load_detector(classifier, kw)
     gen = make_generator(gcfg)
-    s = run(doc, seed_texts, cfg, fx, gen, det, output, overwrite=overwrite)
+    s = run(doc, seed_texts, cfg, fx, gen, det, output, judge=make_judge(gen), overwrite=overwrite)
     click.echo(f"seed data covers {s['seed_coverage']['n_covered']}/{s['targets']} targets; "
                f"{s['kept_targets']}/{s['uncovered_targets']} uncovered targets now have a verified pair "
                f"({s['attempted']} attempted), {s['output_coverage']['n_covered']}/{s['uncovered_targets']} fire on "
                f"the output; wrote {s['rows']} rows to {output}"
                + (f" (resumed after {s['resumed_targets']} target(s))" if s["resumed_targets"] else ""), err=True)
+    click.echo(f"judge {s['judge']}: {format_judged_stats(s)}; summary in {output}.summary.json", err=True)
 
 
 @synth_group.command("compare")
@@ -200,9 +229,10 @@ def compare_cmd(data, output_dir, classifier, **kw):
                        min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"),
                        max_fire_rate=kw.pop("max_fire_rate"), sample_seed=kw.pop("sample_seed"))
     cfg, gcfg = synth_config(kw), generator_config(kw)
+    make_judge = judge_factory(kw)
     det = load_detector(classifier, kw)
     fcfg = feature_config(kw)
-    res = run_compare(cc, cfg, gcfg, det, fcfg)
+    res = run_compare(cc, cfg, gcfg, det, fcfg, make_judge)
     click.echo(res["markdown"])
     click.echo(f"wrote {output_dir}/compare.json, compare.md, compare.png", err=True)
 

@@ -25,6 +25,7 @@ from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
+from .judge import judged_stats
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
                          rows_frame, synthesize)
 from ..outputs import check_report_dir
@@ -82,11 +83,14 @@ def split_rows(df: pl.DataFrame, cc: CompareConfig) -> tuple[pl.DataFrame, pl.Da
     return _stratified(seed, cc.max_seed_rows, cc.sample_seed), _stratified(ref, cc.max_ref_rows, cc.sample_seed), nat
 
 
-def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg: SynthConfig, det, seed_texts) -> tuple[list[dict], dict]:
-    """N pairs from harm categories / everyday topics, no feature targeting (same generator and screening)."""
+def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg: SynthConfig, det, seed_texts,
+                     judge) -> tuple[list[dict], dict]:
+    """N pairs from harm categories / everyday topics, no feature targeting (same generator, judge and checks;
+    target_label = the label asked for)."""
     rng = random.Random(cfg.seed)
     dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
     rows, stats, t0 = [], {"generations": 0}, time.perf_counter()
+    rejected: dict[str, int] = {}
     for rnd in range(1, cfg.max_attempts + 1):
         need = n - len(rows)
         if need <= 0:
@@ -110,15 +114,26 @@ def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg:
             if c:
                 dedup.add(c)
                 chosen.append((c, lab))
-        resp = make_responses(gen, [(c, lab, "en") for c, lab in chosen], cfg, derive_seed(seed, "response"), det)
-        for (c, lab), r in zip(chosen, resp):
-            if r is not None and len(rows) < n:
-                rows.append(make_row(c, r[0], lab, None, None, gen.name, rnd, seed, "en", r[1]))
+        verdicts = judge.judge([c for c, _ in chosen])
+        rejected["judge_unparseable"] = rejected.get("judge_unparseable", 0) + sum(v.label is None for v in verdicts)
+        judged = [(c, lab, v) for (c, lab), v in zip(chosen, verdicts) if v.label is not None]
+        resp = make_responses(gen, [(c, v.label, "en") for c, _, v in judged], cfg, derive_seed(seed, "response"), det)
+        for (c, lab, v), r in zip(judged, resp):
+            if r.regenerated:
+                rejected["regenerated"] = rejected.get("regenerated", 0) + r.regenerated
+            if r.text is None:
+                rejected[r.problem] = rejected.get(r.problem, 0) + 1
+            elif len(rows) < n:
+                rows.append(make_row(c, r.text, v.label, None, None, gen.name, rnd, seed, "en", r.source,
+                                     target_label=lab, judge=judge.name, judge_score=v.score))
     stats["seconds"] = time.perf_counter() - t0
+    stats["rejected"] = {k: v for k, v in rejected.items() if v}
     return rows, stats
 
 
-def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, fcfg: FeatureConfig) -> dict:
+def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, fcfg: FeatureConfig,
+                make_judge) -> dict:
+    """``make_judge(gen)`` -> the judge of every arm's requests (it may use the generator: --judge llm)."""
     out = check_report_dir(cc.output_dir, inputs=[cc.data])
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
@@ -134,10 +149,14 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     seed_cov = coverage_of_texts(fx, seed_texts, ids)
     miss = seed_cov["uncovered"]
     gen = make_generator(gcfg)
+    judge = make_judge(gen)
 
     arms: dict[str, list[str]] = {}
     timing: dict[str, dict] = {}
-    s = synthesize(doc, seed_texts, cfg, fx, gen, det, out / "targeted.jsonl", overwrite=True, progress=True)
+    s = synthesize(doc, seed_texts, cfg, fx, gen, det, out / "targeted.jsonl", judge=judge, overwrite=True,
+                   progress=True)
+    judged = {"targeted synthesis": {k: s[k] for k in ("kept_per_label", "judged_labels", "agreement",
+                                                       "response_source", "template_refusals", "rejected")}}
     tgt = pl.read_ndjson(out / "targeted.jsonl") if s["rows"] else rows_frame([])
     arms["targeted synthesis"] = tgt["prompt"].to_list()
     timing["targeted synthesis"] = {k: s[k] for k in ("seconds", "generation_seconds", "seconds_per_pair", "candidates",
@@ -145,13 +164,19 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
                                                       "incidental_targets", "attempted")}
     miss_labels = [t["label"] for t in doc["targets"] if t["id"] in set(miss)] or ["harmful"]
     cats = sorted({c for c in ref_df.filter(pl.col("label") == "harmful")["category"].to_list() if c}) or ["harmful activities"]
-    rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts)
+    rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts, judge)
+    judged["random synthesis"] = judged_stats(rnd_rows, rstats.pop("rejected"))
     write_table(rows_frame(rnd_rows), out / "random.jsonl")
     arms["random synthesis"] = [r["prompt"] for r in rnd_rows]
     timing["random synthesis"] = {**rstats, "seconds_per_pair": rstats["seconds"] / len(rnd_rows) if rnd_rows else None,
                                   "template_refusals": sum(r["response_source"] == "template" for r in rnd_rows)}
     nat = nat_df.sample(min(cfg.budget, nat_df.height), seed=cc.sample_seed)
+    v = judge.judge(nat["prompt"].to_list())  # the judge against the human label, for comparability
+    nat = nat.with_columns(pl.Series("judged_label", [x.label for x in v], dtype=pl.String),
+                           pl.Series("judge_score", [x.score for x in v], dtype=pl.Float64), pl.lit(judge.name).alias("judge"))
     write_table(nat, out / "natural.jsonl")
+    judged["natural sampling"] = judged_stats(
+        [{"label": x.label or "unparseable", "target_label": h, "judge": judge.name} for x, h in zip(v, nat["label"])])
     arms["natural sampling"] = nat["prompt"].to_list()
 
     table = []
@@ -171,7 +196,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
            "targets": {"T": len(ids), "harmful": sum(t["label"] == "harmful" for t in doc["targets"]),
                        "benign": sum(t["label"] == "benign" for t in doc["targets"]), "T_miss": len(miss),
                        "seed_T_coverage": seed_cov["coverage"], "T_miss_ids": miss},
-           "arms": table, "timing": timing, "seconds": time.perf_counter() - t_start}
+           "arms": table, "timing": timing, "judge": judge.name, "judged": judged, "seconds": time.perf_counter() - t_start}
     res["markdown"] = markdown(res)
     (out / "compare.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     (out / "compare.md").write_text(res["markdown"])
@@ -189,7 +214,21 @@ def markdown(res: dict) -> str:
     for r in res["arms"]:
         lines.append(f"| {r['arm']} | {r['rows']} | {r['T_miss_covered']}/{t['T_miss']} | {r['T_miss_coverage']:.1%} | "
                      f"{r['T_coverage']:.1%} | {r['seed_plus_arm_T_coverage']:.1%} |")
+    if res.get("judged"):
+        lines += ["", (f"Judged labels ({res['judge']}); agreement = judged label equals the target's (synthesis arms: "
+                       "the label asked for) or the human label (natural sampling)."), "",
+                  "| arm | kept per label | judged = target | confusion (target->judged) | response sources | rejected |",
+                  "|---|---|---|---|---|---|"]
+        for arm, j in res["judged"].items():
+            a = j["agreement"]
+            rate = f"{a['agree']}/{a['compared']} ({a['rate']:.1%})" if a["rate"] is not None else "n/a"
+            lines.append(f"| {arm} | {_fmt(j['kept_per_label'])} | {rate} | {_fmt(a['confusion'])} | "
+                         f"{_fmt(j['response_source'])} | {_fmt(j['rejected'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
 
 
 def plot(table: list[dict], path: Path, n_miss: int, n_t: int) -> None:

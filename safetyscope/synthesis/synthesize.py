@@ -2,9 +2,11 @@
 
 For each target feature that the seed data does not fire: show a generator the feature's
 top-activating contexts, ask for a new user request on the same concept (target's language and
-label), keep a candidate only if it fires the target feature (re-encoded by model + SAE), generate
-the response (a brief refusal for harmful, a helpful answer for benign), screen it with the toxicity
-classifier, and deduplicate. Targets are processed in groups; after each group its rows and a
+label), keep a candidate only if it fires the target feature (re-encoded by model + SAE), judge the
+written request harmful/benign (judge.py; the row's label is the judged one, the target's is kept as
+target_label), generate the response for the judged label (a brief refusal for harmful, a helpful answer
+for benign), check it (a harmful row's must decline, a benign row's must not, both pass the toxicity
+screen; regenerated, then dropped with the reason counted), and deduplicate. Targets are processed in groups; after each group its rows and a
 ``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
 rerun of the same command resumes where the last finished group ended. Groups and seeds depend only
 on that state, so an interrupted and resumed run writes what an uninterrupted run would.
@@ -20,6 +22,7 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import polars as pl
 from tqdm.auto import tqdm
@@ -28,13 +31,31 @@ from .. import outputs
 from ..data import table_format, write_table
 from ..errors import SafetyScopeError
 from .coverage import coverage_of_texts
+from .judge import judged_stats
 
 LANG_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "ru": "Russian",
               "zh": "Chinese", "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "bn": "Bengali",
               "th": "Thai", "vi": "Vietnamese", "sw": "Swahili", "jv": "Javanese", "uk": "Ukrainian", "he": "Hebrew",
               "am": "Amharic", "pt": "Portuguese", "nl": "Dutch", "tr": "Turkish", "pl": "Polish"}
-DECLINE_MARKERS = ("can't", "cannot", "can not", "won't", "will not", "unable to", "not able to", "decline",
-                   "refuse", "not going to", "not comfortable", "must not", "should not", "shouldn't")
+# decline phrases per language, matched (casefolded) in a response's opening sentence by is_refusal; sft-eval reuses it
+DECLINE_MARKERS = {
+    "en": ("can't", "cannot", "can not", "won't", "will not", "unable to", "not able to", "decline", "refuse",
+           "not going to", "not comfortable", "must not", "should not", "shouldn't"),
+    "de": ("kann ich nicht", "ich kann nicht", "kann ich leider nicht", "kann dabei nicht", "nicht helfen",
+           "werde ich nicht", "ich werde nicht", "darf ich nicht", "lehne ich ab", "ist mir nicht möglich"),
+    "fr": ("je ne peux pas", "ne peux pas", "je ne vais pas", "je refuse", "je ne suis pas en mesure",
+           "je ne pourrai pas", "il m'est impossible"),
+    "es": ("no puedo", "no voy a", "me niego", "no estoy en condiciones", "no podré", "no me es posible"),
+    "it": ("non posso", "non sono in grado", "mi rifiuto"),
+    "pt": ("não posso", "não consigo ajudar", "me recuso", "não vou"),
+    "ru": ("не могу", "не буду", "не стану", "не смогу", "отказываюсь", "не в состоянии"),
+    "zh": ("不能", "无法", "不会帮", "拒绝", "不可以", "办不到"),
+    "ja": ("できません", "できかねます", "いたしかねます", "致しかねます", "お断り"),
+    "ar": ("لا أستطيع", "لا يمكنني", "لن أساعد", "لن أقدم", "أرفض", "لا يسعني"),
+    "hi": ("नहीं कर सकता", "नहीं कर सकती", "मदद नहीं कर", "असमर्थ", "मना करता", "मना करती", "नहीं दे सकता", "नहीं दे सकती"),
+}
+_DECLINES = tuple(m for ms in DECLINE_MARKERS.values() for m in ms)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？؟।])\s*|\n+")
 # text of the generation prompts (and of chat templates' default system prompts): a generation that repeats it
 # is an echo of the instructions, not a user request or an answer
 ECHO_MARKERS = ("harmful request", "harmless request", "refusal training set", "user request", "the request only",
@@ -43,8 +64,9 @@ ECHO_MARKERS = ("harmful request", "harmless request", "refusal training set", "
                 "answer the user's request")
 TEMPLATE_REFUSAL = ("I'm sorry, but I can't help with that. It could cause harm. If you are dealing with a difficult "
                     "situation, I'm happy to help you find safe and legal ways to address it.")
+# label = the judge's label of the written request; target_label = the label of the target it was written for
 ROW_COLUMNS = ("messages", "prompt", "completion", "label", "target_feature", "target_activation", "generator",
-               "attempt", "seed", "lang", "response_source")
+               "attempt", "seed", "lang", "response_source", "target_label", "judge", "judge_score", "template")
 
 
 @dataclass
@@ -59,6 +81,8 @@ class SynthConfig:
     near_dup: float = 0.8  # character 5-gram Jaccard above which a candidate is a near duplicate
     seed: int = 0
     skip_covered: bool = True  # a target that a kept pair already fires is not generated for again
+    response_retries: int = 1  # a response that fails its check is regenerated this many times, then dropped
+    no_template: bool = False  # drop a harmful request with no generated refusal instead of using TEMPLATE_REFUSAL
 
 
 # -- text helpers ------------------------------------------------------------------------------
@@ -119,12 +143,15 @@ def extract_candidates(text: str, max_lines: int = 3) -> list[str]:
 
 
 def is_refusal(text: str) -> bool:
-    """A decline ("can't", "won't", "unable to" ...) in the opening sentence (the first two when the first is a bare
-    apology such as "I'm sorry."): "I'm sorry, but here is how ..." is not a refusal."""
+    """A decline ("can't", "won't", "je ne peux pas", "не могу", "无法", "できません", "لا أستطيع", "नहीं कर सकता" ...,
+    see DECLINE_MARKERS) in the opening sentence (the first two when the first is short, e.g. a bare apology such as
+    "I'm sorry."): "I'm sorry, but here is how ..." is not a refusal, nor is a text that echoes the instructions.
+    Pure function of the text; the language need not be known."""
     t = text.casefold().replace("’", "'").strip()
-    parts = re.split(r"(?<=[.!?])\s+|\n+", t, maxsplit=2)
-    opening = parts[0] if len(parts[0]) >= 30 or len(parts) == 1 else " ".join(parts[:2])
-    return any(m in opening[:250] for m in DECLINE_MARKERS) and not echoes_instructions(t)
+    parts = _SENTENCE_END.split(t, maxsplit=2)
+    short = 30 if t.isascii() else 12  # CJK and other scripts say as much in fewer characters
+    opening = parts[0] if len(parts[0]) >= short or len(parts) == 1 else " ".join(parts[:2])
+    return any(m in opening[:250] for m in _DECLINES) and not echoes_instructions(t)
 
 
 # -- generation prompts --------------------------------------------------------------------------
@@ -158,42 +185,88 @@ def derive_seed(*parts) -> int:
 
 
 # -- response + screening ------------------------------------------------------------------------
-def make_responses(gen, items: list[tuple[str, str, str | None]], cfg: SynthConfig, seed: int, detector) -> list:
-    """For (prompt, label, lang) items: (completion, source) or None (no acceptable response).
+def response_problem(text: str, label: str, toxic: bool) -> str | None:
+    """Why a generated response is not acceptable for a request judged ``label`` (None = acceptable): a harmful
+    request's response must decline; a benign one's must not refuse; neither may be flagged by the toxicity screen."""
+    if not text.strip() or echoes_instructions(text):
+        return "empty_or_echo"
+    if toxic:
+        return f"{label}_response_toxic"
+    if label == "harmful" and not is_refusal(text):
+        return "harmful_response_not_refusal"
+    if label == "benign" and is_refusal(text):
+        return "benign_response_refused"
+    return None
 
-    A response is acceptable if the toxicity classifier does not flag it and, for a harmful request,
-    it is a refusal; a harmful request with no acceptable generation gets a fixed refusal (source
-    'template') unless the classifier flags that too; otherwise None (the pair is dropped)."""
-    if not items:
-        return []
-    convs = [response_messages(p, lab, lang) for p, lab, lang in items]
-    outs = gen.generate(convs, n=2, temperature=0.7, max_new_tokens=cfg.response_tokens, seed=seed)
-    flat = [o for group in outs for o in group]
-    toxic = [False] * (len(flat) + 1)  # the last one is the fixed refusal: screened like the rest
-    if detector is not None:
-        idx = [i for i, o in enumerate(flat) if o.strip()] + [len(flat)]
-        t, _, _ = detector.predict([flat[i] for i in idx[:-1]] + [TEMPLATE_REFUSAL])
+
+def _screen(detector, texts: list[str]) -> list[bool]:
+    if detector is None or not texts:
+        return [False] * len(texts)
+    idx = [i for i, t in enumerate(texts) if t.strip()]
+    out = [False] * len(texts)
+    if idx:
+        t, _, _ = detector.predict([texts[i] for i in idx])
         for j, i in enumerate(idx):
-            toxic[i] = bool(t[j])
-    res = []
-    for k, (p, lab, lang) in enumerate(items):
-        pick = None
-        for j, o in enumerate(outs[k]):
-            if (o.strip() and not toxic[2 * k + j] and not echoes_instructions(o)
-                    and (lab != "harmful" or is_refusal(o))):
-                pick = (o.strip(), "generated")
-                break
-        if pick is None and lab == "harmful" and not toxic[-1]:
-            pick = (TEMPLATE_REFUSAL, "template")
-        res.append(pick)
-    return res
+            out[i] = bool(t[j])
+    return out
 
 
-def make_row(prompt, completion, label, target, act, generator, attempt, seed, lang, source) -> dict:
+class Response(NamedTuple):
+    text: str | None  # None = dropped
+    source: str | None  # "generator" or "template"
+    problem: str | None  # why it was dropped (see response_problem; "template_toxic")
+    regenerated: int  # rounds it was regenerated after failing its check
+
+
+def make_responses(gen, items: list[tuple[str, str, str | None]], cfg: SynthConfig, seed: int, detector
+                   ) -> list[Response]:
+    """A Response per (prompt, judged label, lang) item. Two samples per round; an item whose samples all fail
+    response_problem is regenerated cfg.response_retries times, then dropped. A harmful item still without a
+    generated refusal gets TEMPLATE_REFUSAL (source 'template') unless cfg.no_template or the screen flags it."""
+    res: list = [None] * len(items)
+    regen = [0] * len(items)
+    why: dict[int, str] = {}
+    todo = list(range(len(items)))
+    for rnd in range(cfg.response_retries + 1):
+        if not todo:
+            break
+        convs = [response_messages(*items[k]) for k in todo]
+        outs = gen.generate(convs, n=2, temperature=0.7, max_new_tokens=cfg.response_tokens,
+                            seed=seed if rnd == 0 else derive_seed(seed, "retry", rnd))
+        toxic = _screen(detector, [o for group in outs for o in group])
+        left = []
+        for j, k in enumerate(todo):
+            for m, o in enumerate(outs[j]):
+                why[k] = response_problem(o, items[k][1], toxic[2 * j + m])
+                if why[k] is None:
+                    res[k] = (o.strip(), "generator")
+                    break
+            if res[k] is None:
+                left.append(k)
+        if rnd < cfg.response_retries:
+            for k in left:
+                regen[k] += 1
+        todo = left
+    template_ok = None
+    for k in todo:
+        if items[k][1] == "harmful" and not cfg.no_template:
+            if template_ok is None:
+                template_ok = not _screen(detector, [TEMPLATE_REFUSAL])[0]
+            if template_ok:
+                res[k] = (TEMPLATE_REFUSAL, "template")
+                continue
+            why[k] = "template_toxic"
+    return [Response(r[0], r[1], None, regen[k]) if r else Response(None, None, why[k], regen[k])
+            for k, r in enumerate(res)]
+
+
+def make_row(prompt, completion, label, target, act, generator, attempt, seed, lang, source, *, target_label,
+             judge, judge_score) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
             "prompt": prompt, "completion": completion, "label": label, "target_feature": target,
             "target_activation": act, "generator": generator, "attempt": attempt, "seed": seed, "lang": lang,
-            "response_source": source}
+            "response_source": source, "target_label": target_label, "judge": judge, "judge_score": judge_score,
+            "template": source == "template"}
 
 
 # -- the durable working file --------------------------------------------------------------------
@@ -268,10 +341,13 @@ def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
 
 
 def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, detector, output: str | Path, *,
-               overwrite: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) the synthesis; returns a summary. ``doc`` = a targets file's content."""
+               judge, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the synthesis; returns a summary (also written to OUT.summary.json). ``doc`` = a targets
+    file's content; ``judge`` labels each written request (see judge.py); ``detector`` screens responses."""
     if cfg.budget < 1 or cfg.max_attempts < 1 or cfg.samples < 1 or cfg.group_size < 1:
         raise SafetyScopeError("--budget, --max-attempts, --samples and --group-size must be >= 1")
+    if cfg.response_retries < 0:
+        raise SafetyScopeError("--response-retries must be >= 0")
     out = check_output(output, overwrite)
     with outputs.output_lock(out):
         return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out, progress)
@@ -284,7 +360,7 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out: Path, progr
     missing = set(seed_cov["uncovered"])
     todo_targets = [t for t in doc["targets"] if t["id"] in missing]
     seed_hash = hashlib.sha256("\n".join(seed_texts).encode()).hexdigest()[:16]
-    key = hashlib.sha256(json.dumps([_targets_key(doc), seed_hash, asdict(cfg), gen.name], sort_keys=True).encode()
+    key = hashlib.sha256(json.dumps([_targets_key(doc), seed_hash, asdict(cfg), gen.name, judge.name], sort_keys=True).encode()
                          ).hexdigest()[:16]
     partial = PartialFile(out.with_name(out.name + ".partial.jsonl"), {"key": key, "generator": gen.name,
                                                                       "config": asdict(cfg)})
@@ -300,7 +376,7 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out: Path, progr
         if not group:
             break
         g0 = time.perf_counter()
-        rows, done, fired = _run_group(group, cfg, fx, gen, detector, dedup, stats)
+        rows, done, fired = _run_group(group, cfg, fx, gen, detector, judge, dedup, stats)
         dt = time.perf_counter() - g0
         for d in done:
             d["seconds"] = dt / len(done)
@@ -322,27 +398,36 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out: Path, progr
     partial.path.unlink()
     out_cov = coverage_of_texts(fx, [r["prompt"] for r in rows], [t["id"] for t in todo_targets])
     gen_seconds = sum(d.get("seconds", 0.0) for d in partial.done.values())
-    return {"output": str(out), "rows": len(rows), "targets": len(ids), "seed_coverage": seed_cov,
+    rejected: dict[str, int] = {}  # kept in the done records, so a resumed run counts what the killed one rejected
+    for d in partial.done.values():
+        for k, v in d.get("rejected", {}).items():
+            rejected[k] = rejected.get(k, 0) + v
+    summary = {"output": str(out), "rows": len(rows), "targets": len(ids), "seed_coverage": seed_cov,
             "uncovered_targets": len(todo_targets), "attempted": sum(d["attempts"] > 0 for d in partial.done.values()),
             "kept_targets": sum(d["status"] == "kept" for d in partial.done.values()),
             "incidental_targets": sum(d["status"] == "covered" for d in partial.done.values()),
             "output_coverage": out_cov,
             "resumed_targets": resumed, "seconds": time.perf_counter() - t0, "generation_seconds": gen_seconds,
             "seconds_per_pair": gen_seconds / len(rows) if rows else None,
-            "template_refusals": sum(r["response_source"] == "template" for r in rows), **stats}
+            "judge": judge.name, **judged_stats(rows, rejected), **stats}
+    out.with_name(out.name + ".summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
 
 
 def rows_frame(rows: list[dict]) -> pl.DataFrame:
     schema = {"messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})), "prompt": pl.String,
               "completion": pl.String, "label": pl.String, "target_feature": pl.Int64, "target_activation": pl.Float64,
               "generator": pl.String, "attempt": pl.Int64, "seed": pl.Int64, "lang": pl.String,
-              "response_source": pl.String}
+              "response_source": pl.String, "target_label": pl.String, "judge": pl.String, "judge_score": pl.Float64,
+              "template": pl.Boolean}
     return pl.DataFrame([{c: r.get(c) for c in ROW_COLUMNS} for r in rows], schema=schema)
 
 
-def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, dedup: Deduper, stats: dict):
-    """All attempts for one group of targets: (rows, done records, features fired by the kept prompts)."""
+def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, dedup: Deduper, stats: dict):
+    """All attempts for one group of targets: (rows, done records, features fired by the kept prompts). A request
+    that fires its target is judged; its response follows the judged label, not the target's."""
     rows, done, fired = [], [], set()
+    rejected = {t["id"]: {} for t in group}  # per target: reason -> count (stored in its done record)
     left = list(group)
     gid = tuple(t["id"] for t in group)
     for attempt in range(1, cfg.max_attempts + 1):
@@ -377,18 +462,32 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, dedup: De
                 continue
             dedup.add(c)
             chosen.append((i, a, c, j))
-        items = [(c, left[i]["label"], left[i].get("lang")) for i, _, c, _ in chosen]
+        verdicts = judge.judge([c for _, _, c, _ in chosen])
+        for (i, _, _, _), v in zip(chosen, verdicts):
+            if v.label is None:
+                rej = rejected[left[i]["id"]]
+                rej["judge_unparseable"] = rej.get("judge_unparseable", 0) + 1
+        judged = [(ch, v) for ch, v in zip(chosen, verdicts) if v.label is not None]
+        items = [(c, v.label, left[i].get("lang")) for (i, _, c, _), v in judged]
         responses = make_responses(gen, items, cfg, derive_seed(cfg.seed, gid, attempt, "response"), detector)
+        for ((i, _, _, _), _), resp in zip(judged, responses):
+            rej = rejected[left[i]["id"]]
+            if resp.regenerated:
+                rej["regenerated"] = rej.get("regenerated", 0) + resp.regenerated
+            if resp.text is None:
+                rej[resp.problem] = rej.get(resp.problem, 0) + 1
         kept = set()
-        for (i, a, c, j), resp in zip(chosen, responses):
+        for ((i, a, c, j), v), resp in zip(judged, responses):
             t = left[i]
-            if resp is None:
+            if resp.text is None:
                 continue
-            rows.append(make_row(c, resp[0], t["label"], t["id"], a, gen.name, attempt, seed, t.get("lang"), resp[1]))
-            done.append({"target": t["id"], "status": "kept", "attempts": attempt})
+            rows.append(make_row(c, resp.text, v.label, t["id"], a, gen.name, attempt, seed, t.get("lang"), resp.source,
+                                 target_label=t["label"], judge=judge.name, judge_score=v.score))
+            done.append({"target": t["id"], "status": "kept", "attempts": attempt, "rejected": rejected[t["id"]]})
             kept.add(i)
             lo, hi = acts.indptr[j], acts.indptr[j + 1]
             fired.update(int(f) for f, v in zip(acts.indices[lo:hi], acts.data[lo:hi]) if v > 0)
         left = [t for i, t in enumerate(left) if i not in kept]
-    done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts} for t in left]
+    done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts, "rejected": rejected[t["id"]]}
+             for t in left]
     return rows, done, fired
