@@ -30,6 +30,9 @@ class DiscoverConfig:
     max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 128 (sparse_linear)
     threshold: float = 0.0
     fpr_cap: float | None | str = "auto"  # or_rule: 0.2 for greedy, 0.02 for delta (see OrRuleClassifier)
+    # or_rule: most recall at a bounded clean firing rate (real traffic is mostly clean), or "f1"
+    criterion: str = "recall_at_fpr"
+    target_fpr: float = 0.02
     seed: int = 0
     layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
 
@@ -82,7 +85,8 @@ def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: li
 def make_rule(cfg: DiscoverConfig):
     if cfg.kind == "or_rule":
         return OrRuleClassifier(max_features=cfg.max_features, selection=cfg.selection, threshold=cfg.threshold,
-                                fpr_cap=cfg.fpr_cap, random_state=cfg.seed)
+                                fpr_cap=cfg.fpr_cap, random_state=cfg.seed, criterion=cfg.criterion,
+                                target_fpr=cfg.target_fpr)
     if cfg.kind == "sparse_linear":
         return SparseLinearClassifier(max_features=cfg.max_features or 128, random_state=cfg.seed)
     raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule or sparse_linear")
@@ -113,7 +117,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         _, fx, codes = best
     rule = make_rule(cfg).fit(codes, y)
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
-            "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed}}
+            "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
+                         "criterion": cfg.criterion, "target_fpr": cfg.target_fpr}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
