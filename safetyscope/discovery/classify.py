@@ -25,6 +25,7 @@ from ..errors import SafetyScopeError
 from .detector import Detector
 
 RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
+UNVALIDATED = "unvalidated language"  # a verdict is given, but the classifier was never checked on this language
 
 
 def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
@@ -35,10 +36,25 @@ def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str) -> pl.DataFrame:
+def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_column: str | None = None) -> pl.DataFrame:
+    """Verdict columns for one chunk. Each row's language comes from ``lang_column``, else the input's ``lang``
+    column, else language identification (written to a new ``lang`` column); rows outside the classifier's
+    validated languages get status "unvalidated language" (their verdict is still given)."""
     texts = df.get_column(text_column).to_list()
     status = ["null text" if t is None else "empty text" if not str(t).strip() else "ok" for t in texts]
-    ok = [i for i, s in enumerate(status) if s == "ok"]
+    column = lang_column or "lang"
+    if column in df.columns:
+        langs = [None if v is None else str(v) for v in df.get_column(column).to_list()]
+    elif lang_column:
+        raise SafetyScopeError(f"--lang-column {lang_column!r} is not a column of the input (columns: {df.columns})")
+    else:
+        from ..langid import identify
+
+        langs = identify(texts)
+        df = df.with_columns(pl.Series("lang", langs, dtype=pl.String))
+    validated = set(det.validated_languages())
+    status = [UNVALIDATED if s == "ok" and lang not in validated else s for s, lang in zip(status, langs)]
+    ok = [i for i, s in enumerate(status) if s in ("ok", UNVALIDATED)]
     toxic: list = [None] * len(texts)
     score: list = [None] * len(texts)
     fired: list = [None] * len(texts)
@@ -66,7 +82,7 @@ def _manifest(input_path: Path, classifier: dict, text_column: str, chunk_rows: 
 
 
 def classify_file(det: Detector, input_path: str, output: str, *, text_column: str = "text", chunk_rows: int = 1024,
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, progress: bool = True, lang_column: str | None = None) -> dict:
     inp, out = Path(input_path), Path(output)
     table_format(inp)
     out_fmt = table_format(out, for_writing=True)
@@ -93,13 +109,13 @@ def classify_file(det: Detector, input_path: str, output: str, *, text_column: s
     while (parts / f"part-{done:06d}.parquet").exists():
         done += 1
     resumed = done
-    stats = {"rows": total, "resumed_chunks": resumed, "toxic": 0, "skipped": 0}
+    stats = {"rows": total, "resumed_chunks": resumed, "toxic": 0, "skipped": 0, "unvalidated": 0}
     bar = tqdm(total=total, initial=min(done * chunk_rows, total), unit="rows", disable=not progress, desc="classify")
     t0 = time.perf_counter()
     for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
         if i == done == 0:
             require_columns(chunk, [text_column], inp)
-        res = classify_chunk(det, chunk, text_column)
+        res = classify_chunk(det, chunk, text_column, lang_column)
         _fsync_write_parquet(res, parts / f"part-{i:06d}.parquet")
         bar.update(chunk.height)
     bar.close()
@@ -109,9 +125,11 @@ def classify_file(det: Detector, input_path: str, output: str, *, text_column: s
     if missing:
         raise SafetyScopeError(f"parts missing after the run: {missing[:5]}; rerun to complete")
     for f in files:
-        counts = pl.scan_parquet(f).select(pl.col("toxic").sum(), (pl.col("status") != "ok").sum()).collect().row(0)
+        counts = pl.scan_parquet(f).select(pl.col("toxic").sum(), (~pl.col("status").is_in(["ok", UNVALIDATED])).sum().alias("skipped"),
+                                           (pl.col("status") == UNVALIDATED).sum().alias("unvalidated")).collect().row(0)
         stats["toxic"] += counts[0]
         stats["skipped"] += counts[1]
+        stats["unvalidated"] += counts[2]
     _assemble(files, out, out_fmt)
     shutil.rmtree(parts)
     return stats

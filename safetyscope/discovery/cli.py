@@ -88,11 +88,13 @@ def _detector(classifier, kw):
 @click.option("-c", "--classifier", default=None, help="Classifier JSON [default: the shipped toxicity classifier].")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
+@click.option("--lang-column", default=None,
+              help="Column holding each row's language [default: `lang` if present, else identified offline].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 @recorded_model_options("classifier")
 @ray_options
 @user_errors
-def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, engine, address, workers,
+def classify(input_path, output, classifier, text_column, chunk_rows, lang_column, overwrite, engine, address, workers,
              cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
     from .classify import classify_file
@@ -107,9 +109,16 @@ def classify(input_path, output, classifier, text_column, chunk_rows, overwrite,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
     else:
         det = _detector(classifier, kw)
-        s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)
+        s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite,
+                          lang_column=lang_column)
     click.echo(f"wrote {s['rows']} rows to {output}: {s['toxic']} toxic, {s['skipped']} without text"
                + (f" (resumed after {s['resumed_chunks']} chunk(s))" if s["resumed_chunks"] else ""), err=True)
+    if "unvalidated" in s:
+        if engine == "ray":
+            det = _detector(classifier, kw)
+        langs = ", ".join(det.validated_languages()) or "none recorded"
+        click.echo(f"{s['unvalidated']} of {s['rows']} rows are outside the classifier's validated languages "
+                   f"({langs}): status 'unvalidated language', verdict given but unchecked", err=True)
 
 
 @click.command()
