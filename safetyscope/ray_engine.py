@@ -363,16 +363,18 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
         with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=out.resolve().parent) as tmp:
             files, n = _run(ray, ds, _ClassifyActor, ctor, batch_rows=rows, workers=workers,
                             cpus=cpus_per_worker, gpus=gpus_per_worker, shards=Path(tmp) / "shards")
-            counts = [0, 0]
+            counts = [0, 0, 0]
 
             def count(df):
+                status = df.get_column("status")
                 counts[0] += int(df.get_column("toxic").sum() or 0)
-                counts[1] += int((df.get_column("status") != "ok").sum())
+                counts[1] += int((~status.is_in(["ok", "unvalidated language"])).sum())
+                counts[2] += int((status == "unvalidated language").sum())
 
             # streamed, one shard in memory at a time, through the local engine's own writer (same bytes per format)
             _assemble(_parts(files, count), out, fmt)
-            toxic, skipped = counts
-        return {"rows": n, "resumed_chunks": 0, "toxic": int(toxic), "skipped": int(skipped),
+            toxic, skipped, unvalidated = counts
+        return {"rows": n, "resumed_chunks": 0, "toxic": int(toxic), "skipped": int(skipped), "unvalidated": int(unvalidated),
                 "seconds": time.perf_counter() - t0}
 
     with output_lock(out):  # a second run on the same output fails fast instead of racing on the temp file

@@ -194,9 +194,13 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
     out = tmp_path / "out.parquet"
     _run(["classify", inp, "-o", out, "-c", classifier])
     df = pl.read_parquet(out)
-    assert df.columns == ["id", "text", "extra", "toxic", "score", "fired_features", "status"]
+    # no lang column in the input: each row's language is identified and written to `lang`
+    assert df.columns == ["id", "text", "extra", "lang", "toxic", "score", "fired_features", "status"]
     assert df["id"].to_list() == ["a", "b", "c", "d"] and df["extra"].to_list() == [1, 2, 3, 4]
-    assert df["status"].to_list() == ["ok", "null text", "empty text", "ok"]
+    assert df["lang"].to_list() == ["en", "und", "und", "und"]  # "thank you" is too short to be sure of
+    # discovered on en + xx rows: English is validated, an undetermined language is not
+    assert df["status"].to_list() == ["ok", "null text", "empty text", "unvalidated language"]
+    assert df["toxic"][3] is not None  # still given a verdict
     assert df["toxic"][1] is None and df["toxic"][0] is not None
     det = Detector.load(classifier)
     toxic, score, fired = det.predict(["you are a stupid idiot", "thank you"])
@@ -289,3 +293,46 @@ def test_classify_resumes_after_interruption(classifier, tmp_path, sig):
     a, b = pl.read_parquet(out), pl.read_parquet(ref)
     assert a["id"].to_list() == list(range(1200))  # every row once, in order
     assert a.equals(b)
+
+
+def test_classify_marks_and_counts_rows_outside_the_validated_languages(classifier, tmp_path):
+    d = json.loads(classifier.read_text())
+    assert d["validation"]["languages"] == ["en", "xx"]
+    for lang in ("en", "xx"):
+        v = d["validation"]["per_lang"][lang]
+        assert 0 <= v["holdout_recall"] <= 1 and 0 <= v["holdout_fpr"] <= 1 and v["toxic"] + v["clean"] > 0
+    inp = tmp_path / "mixed.csv"
+    pl.DataFrame({"text": ["you are a stupid idiot", "you are a stupid idiot", "du bist dumm", "have a nice day"],
+                  "language": ["en", "de", "de", "xx"]}).write_csv(inp)
+    out = tmp_path / "mixed.parquet"
+    res = _run(["classify", inp, "-o", out, "-c", classifier, "--lang-column", "language"])
+    df = pl.read_parquet(out)
+    assert "lang" not in df.columns  # the user's own column is used, not a new one
+    assert df["status"].to_list() == ["ok", "unvalidated language", "unvalidated language", "ok"]
+    assert df["toxic"].null_count() == 0 and df["toxic"][0] == df["toxic"][1]  # same text, same verdict
+    assert "2 of 4 rows are outside the classifier's validated languages (en, xx)" in res.output
+    bad = _run(["classify", inp, "-o", tmp_path / "x.parquet", "-c", classifier, "--lang-column", "nope"], ok=False)
+    assert bad.exit_code == 2 and "--lang-column 'nope'" in bad.output and "Traceback" not in bad.output
+
+
+def test_old_classifier_files_without_validation_use_their_discovery_languages(classifier, tmp_path):
+    d = json.loads(classifier.read_text())
+    del d["validation"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    assert Detector.load(old).validated_languages() == ["en", "xx"]
+    del d["discovery_data"]["per_lang"]
+    old.write_text(json.dumps(d))
+    assert Detector.load(old).validated_languages() == []  # nothing recorded: nothing validated
+
+
+def test_discover_records_the_operating_point_per_hold_out(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    out = tmp_path / "op.json"
+    res = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+                "--layer", SAE_LAYERS[0], "--dtype", "float32", "--target-fpr", "0.1"])
+    d = json.loads(out.read_text())
+    assert d["settings"]["criterion"] == "recall_at_fpr" and d["rule"]["params"]["target_fpr"] == 0.1
+    assert len(d["rule"]["holdout"]) == 3 and "hold-out 1: recall" in res.output
+    assert set(d["rule"]["k_folds"]) == {"1", "2", "5", "10"}
+    bad = _run(["discover", _labelled(tmp_path), "-o", out, "--target-fpr", "2"], ok=False)
+    assert bad.exit_code == 2 and "--target-fpr" in bad.output

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 
 from safetyscope.cli import main
-from safetyscope.eval.metrics import binary_metrics
+from safetyscope.eval.metrics import binary_metrics, precision_at_prevalence, recall_at_fpr
 from safetyscope.eval.overlap import footprint, overlap, overlap_matrices, overlap_min, redundancy
 from safetyscope.eval.per_language import evaluate_languages
 from safetyscope.eval.transfer import efficiency_curves, transfer_matrix
@@ -32,6 +32,26 @@ def test_binary_metrics_by_hand():
     assert m["accuracy"] == pytest.approx(5 / 8)
     # AUC: of the 16 (toxic, clean) pairs, the toxic score is higher in 14
     assert m["roc_auc"] == pytest.approx(14 / 16)
+    # TPR 2/4, FPR 1/4: balanced accuracy (0.5 + 0.75) / 2; at 5 % prevalence precision is
+    # 0.05*0.5 / (0.05*0.5 + 0.95*0.25) = 0.025 / 0.2625, at 10 %: 0.05 / (0.05 + 0.225)
+    assert m["fpr"] == pytest.approx(0.25) and m["balanced_accuracy"] == pytest.approx(0.625)
+    assert m["precision_at_5pct"] == pytest.approx(0.025 / 0.2625)
+    assert m["precision_at_10pct"] == pytest.approx(0.05 / 0.275)
+    # ranked: T T C T T C C C -> precision at each toxic hit 1, 1, 3/4, 4/5
+    assert m["average_precision"] == pytest.approx((1 + 1 + 0.75 + 0.8) / 4)
+    # no clean row may score above the threshold at 1 % or 5 % of 4 clean rows: the top two toxic only
+    assert m["recall_at_1pct_fpr"] == pytest.approx(0.5) and m["recall_at_5pct_fpr"] == pytest.approx(0.5)
+    assert recall_at_fpr(y, [0.9, 0.8, 0.3, 0.7, 0.1, 0.2, 0.05, 0.4], 0.25) == pytest.approx(1.0)
+
+
+def test_precision_at_prevalence_by_hand():
+    # a perfect rule keeps precision 1 at any prevalence; flagging everything gives precision = prevalence
+    assert precision_at_prevalence(0.9, 0.0, 0.05) == pytest.approx(1.0)
+    assert precision_at_prevalence(1.0, 1.0, 0.05) == pytest.approx(0.05)
+    # the example: recall 0.90 at 14 % FPR, 5 % prevalence -> 0.045 / (0.045 + 0.133) = 0.253
+    assert precision_at_prevalence(0.9, 0.14, 0.05) == pytest.approx(0.045 / (0.045 + 0.95 * 0.14))
+    assert round(precision_at_prevalence(0.9, 0.14, 0.05), 2) == 0.25
+    assert precision_at_prevalence(0.0, 0.0, 0.05) == 0.0  # flags nothing
 
 
 def _planted(n_per=120, seed=0):

@@ -245,3 +245,68 @@ def test_sparse_linear_dict_malformed_values(edit, message):
     edit(d)
     with pytest.raises(SafetyScopeError, match=message):
         classifier_from_dict(d)
+
+
+def _planted_overlap(seed=0, n=1200):
+    """Planted features whose clean firing rates are known: f0 catches 70 % of toxic rows but also 10 % of
+    clean ones at activation 1 (toxic at 3), so only a high threshold keeps it under a 2 % budget;
+    f1..f4 each catch their own 10 % of toxic rows and 1 % of clean; the rest is noise."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(int)
+    dense = (rng.random((n, 40)) < 0.05) * rng.random((n, 40))
+    tox, clean = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    dense[rng.choice(tox, int(0.7 * len(tox)), replace=False), 0] = 3.0 + rng.random(int(0.7 * len(tox)))
+    hit = rng.choice(clean, int(0.1 * len(clean)), replace=False)
+    dense[hit, 0] = 1.0 + 2.5 * rng.random(len(hit))  # some clean texts reach toxic levels
+    for f in range(1, 5):
+        dense[rng.choice(tox, int(0.1 * len(tox)), replace=False), f] = 2.0
+        dense[rng.choice(clean, int(0.01 * len(clean)), replace=False), f] = 2.0
+    return sp.csr_matrix(dense), y
+
+
+@pytest.mark.parametrize("selection", ["greedy", "delta"])
+def test_recall_at_fpr_meets_the_clean_budget_on_held_out_data(selection):
+    X, y = _planted_overlap(0)
+    Xt, yt = _planted_overlap(1)  # fresh draw of the same process: a test split
+    target = 0.02
+    clf = OrRuleClassifier(selection=selection, criterion="recall_at_fpr", target_fpr=target).fit(X, y)
+    assert len(clf.holdout_) == 3  # every hold-out's achieved recall and FPR is kept
+    assert np.mean([f["fpr"] for f in clf.holdout_]) <= target
+    pred = clf.predict(X)
+    if selection == "greedy":  # greedy keeps the OR itself within budget on the fitting rows
+        assert pred[y == 0].mean() <= target
+    test_fpr = clf.predict(Xt)[yt == 0].mean()
+    assert test_fpr <= 2 * target  # held-out noise, not an uncapped rule (F1 rule: ~0.1, below)
+    f1_rule = OrRuleClassifier(selection=selection, criterion="f1").fit(X, y)
+    assert f1_rule.predict(Xt)[yt == 0].mean() > 2 * target
+    # the recall it buys is real: well above a single feature at the same budget
+    assert clf.predict(Xt)[yt == 1].mean() > 0.5
+
+
+def test_recall_at_fpr_greedy_stops_when_nothing_fits_the_budget():
+    X, y = _hand_matrix()
+    # f0 alone catches every toxic row with no clean firing; nothing else adds recall
+    feats, thr = greedy_select(X, y, 5, 0.0, 0.25, target_fpr=0.25)
+    assert feats.tolist() == [0]
+
+
+def test_criterion_f1_is_the_default_and_old_files_load_as_f1():
+    X, y = _planted_overlap(2, n=400)
+    default = OrRuleClassifier(random_state=0).fit(X, y)
+    explicit = OrRuleClassifier(random_state=0, criterion="f1").fit(X, y)
+    assert default.features_.tolist() == explicit.features_.tolist()
+    np.testing.assert_array_equal(default.thresholds_, explicit.thresholds_)
+    old = default.to_dict()
+    del old["params"]["criterion"], old["params"]["target_fpr"], old["k_folds"], old["holdout"]
+    clone = classifier_from_dict(old)
+    assert clone.criterion == "f1" and clone.holdout_ == []
+    np.testing.assert_array_equal(clone.decision_function(X), default.decision_function(X))
+    with pytest.raises(SafetyScopeError, match="criterion"):
+        OrRuleClassifier(criterion="auc").fit(X, y)
+
+
+def test_shipped_classifier_file_still_loads():
+    from safetyscope.discovery.detector import read_classifier
+
+    clf = classifier_from_dict(read_classifier(None)["rule"])
+    assert len(clf.features_) == len(clf.thresholds_) >= 1 and clf.criterion in ("f1", "recall_at_fpr")

@@ -26,6 +26,7 @@ from ..outputs import check_output, mark, output_errors, output_lock, remove_tem
 from .detector import Detector
 
 RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
+UNVALIDATED = "unvalidated language"  # a verdict is given, but the classifier was never checked on this language
 
 
 def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
@@ -36,10 +37,25 @@ def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str) -> pl.DataFrame:
+def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_column: str | None = None) -> pl.DataFrame:
+    """Verdict columns for one chunk. Each row's language comes from ``lang_column``, else the input's ``lang``
+    column, else language identification (written to a new ``lang`` column); rows outside the classifier's
+    validated languages get status "unvalidated language" (their verdict is still given)."""
     texts = df.get_column(text_column).to_list()
     status = ["null text" if t is None else "empty text" if not str(t).strip() else "ok" for t in texts]
-    ok = [i for i, s in enumerate(status) if s == "ok"]
+    column = lang_column or "lang"
+    if column in df.columns:
+        langs = [None if v is None else str(v) for v in df.get_column(column).to_list()]
+    elif lang_column:
+        raise SafetyScopeError(f"--lang-column {lang_column!r} is not a column of the input (columns: {df.columns})")
+    else:
+        from ..langid import identify
+
+        langs = identify(texts)
+        df = df.with_columns(pl.Series("lang", langs, dtype=pl.String))
+    validated = set(det.validated_languages())
+    status = [UNVALIDATED if s == "ok" and lang not in validated else s for s, lang in zip(status, langs)]
+    ok = [i for i, s in enumerate(status) if s in ("ok", UNVALIDATED)]
     toxic: list = [None] * len(texts)
     score: list = [None] * len(texts)
     fired: list = [None] * len(texts)
@@ -76,12 +92,12 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int) -> dict:
+def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int, lang_column: str | None = None) -> dict:
     """Everything that changes the parts' content: a resume with any of it different would mix results."""
     clf_hash = hashlib.sha256(json.dumps(det.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     fx = det.extractor
     return {"version": MANIFEST_VERSION, "input": str(input_path.resolve()), "input_sha256": content_hash(input_path),
-            "classifier": clf_hash, "text_column": text_column, "chunk_rows": chunk_rows,
+            "classifier": clf_hash, "text_column": text_column, "lang_column": lang_column, "chunk_rows": chunk_rows,
             # dtype and batch size can move activations near 0 across the firing threshold (padding, bf16)
             "dtype": str(next(fx.backbone.model.parameters()).dtype), "device": fx.backbone.device.split(":")[0],
             "batch_size": fx.batch_size, "max_length": fx.max_length, "skip_first_token": fx.skip_first_token,
@@ -121,7 +137,7 @@ def _check_parts(parts: Path, total: int, chunk_rows: int) -> int:
 
 
 def classify_file(det: Detector, input_path: str, output: str, *, text_column: str = "text", chunk_rows: int = 1024,
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, progress: bool = True, lang_column: str | None = None) -> dict:
     inp, out = Path(input_path), Path(output)
     table_format(inp)
     if not inp.exists():
@@ -133,11 +149,11 @@ def classify_file(det: Detector, input_path: str, output: str, *, text_column: s
     parts = out.with_name(out.name + ".parts")
     check_output(parts, inputs=[inp], overwrite=True, kind="parts directory")
     with output_lock(out):
-        return _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress)
+        return _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column)
 
 
-def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress) -> dict:
-    manifest = _manifest(inp, det, text_column, chunk_rows)
+def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column) -> dict:
+    manifest = _manifest(inp, det, text_column, chunk_rows, lang_column)
     created = not parts.exists()
     if not created:
         old = _read_manifest(parts)
@@ -151,7 +167,7 @@ def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, pro
             mark(parts)
             _fsync_write_text(json.dumps(manifest, indent=2), parts / "manifest.json")
     try:
-        return _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress)
+        return _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column)
     except BaseException:
         # A run that wrote no part leaves nothing behind (else the corrected command would be refused).
         if created and parts.is_dir() and not any(parts.glob("part-*.parquet")):
@@ -168,14 +184,14 @@ def _fsync_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress) -> dict:
+def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column) -> dict:
     total = count_rows(inp)
     if total == 0:
         raise SafetyScopeError(f"{inp} has no rows")
     n_chunks = (total + chunk_rows - 1) // chunk_rows
     done = _check_parts(parts, total, chunk_rows)
     resumed = done
-    stats = {"rows": total, "resumed_chunks": resumed, "toxic": 0, "skipped": 0}
+    stats = {"rows": total, "resumed_chunks": resumed, "toxic": 0, "skipped": 0, "unvalidated": 0}
     t0 = time.perf_counter()
     hint = "; free space (or fix the path) and rerun the same command to resume from the finished parts"
     with tqdm(total=total, initial=min(done * chunk_rows, total), unit="rows", disable=not progress,
@@ -183,7 +199,7 @@ def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress
         for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
             if i == done == 0:
                 require_columns(chunk, [text_column], inp)
-            res = classify_chunk(det, chunk, text_column)
+            res = classify_chunk(det, chunk, text_column, lang_column)
             with output_errors(parts, hint):
                 _fsync_write_parquet(res, parts / f"part-{i:06d}.parquet")
             bar.update(chunk.height)
@@ -194,9 +210,11 @@ def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress
         raise SafetyScopeError(f"parts missing after the run: {missing[:5]}; rerun to complete")
     _check_parts(parts, total, chunk_rows)  # nothing forged or swapped in meanwhile
     for f in files:
-        counts = pl.scan_parquet(f).select(pl.col("toxic").sum(), (pl.col("status") != "ok").sum()).collect().row(0)
+        counts = pl.scan_parquet(f).select(pl.col("toxic").sum(), (~pl.col("status").is_in(["ok", UNVALIDATED])).sum().alias("skipped"),
+                                           (pl.col("status") == UNVALIDATED).sum().alias("unvalidated")).collect().row(0)
         stats["toxic"] += counts[0]
         stats["skipped"] += counts[1]
+        stats["unvalidated"] += counts[2]
     with output_errors(out, hint):
         _assemble(files, out, out_fmt)
     shutil.rmtree(parts)

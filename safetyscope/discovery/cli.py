@@ -37,13 +37,18 @@ def _fpr_cap(value: str) -> float | None | str:
               help="or_rule: add the feature+threshold that most raises F1 (greedy) or keep the top K by delta (the report's rule).")
 @click.option("--fpr-cap", default="auto", show_default=True,
               help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; 'none' with delta = threshold 0 for all, as in the report).")
+@click.option("--criterion", type=click.Choice(["recall_at_fpr", "f1"]), default="recall_at_fpr", show_default=True,
+              help="or_rule: most recall with a clean firing rate <= --target-fpr on held-out folds, or the best F1 "
+                   "(balanced data; flags far too much on mostly clean traffic).")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.02, show_default=True,
+              help="Clean firing-rate budget of --criterion recall_at_fpr.")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
 @click.option("--scan-layers", default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
-def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, threshold,
-             scan_layers, seed, **kw):
+def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
+             target_fpr, threshold, scan_layers, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from .discover import DiscoverConfig
     from .discover import discover as run
@@ -53,13 +58,15 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
-                         seed=seed, layers=layers)
+                         criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)
     r = det.rule.to_dict()
     d = det.meta["discovery_data"]
     click.echo(f"{kind}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
+    for i, fold in enumerate(r.get("holdout", [])):
+        click.echo(f"  hold-out {i + 1}: recall {fold['recall']:.3f}, clean FPR {fold['fpr']:.3f}, F1 {fold['f1']:.3f}", err=True)
     for f in r["features"][:10]:
         click.echo("  feature " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items()), err=True)
     scan = det.meta.get("layer_scan")
@@ -83,11 +90,13 @@ def _detector(classifier, kw):
 @click.option("-c", "--classifier", default=None, help="Classifier JSON [default: the shipped toxicity classifier].")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
+@click.option("--lang-column", default=None,
+              help="Column holding each row's language [default: `lang` if present, else identified offline].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 @recorded_model_options("classifier")
 @ray_options
 @user_errors
-def classify(input_path, output, classifier, text_column, chunk_rows, overwrite, engine, address, workers,
+def classify(input_path, output, classifier, text_column, chunk_rows, lang_column, overwrite, engine, address, workers,
              cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
     from .classify import classify_file
@@ -102,9 +111,16 @@ def classify(input_path, output, classifier, text_column, chunk_rows, overwrite,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
     else:
         det = _detector(classifier, kw)
-        s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite)
+        s = classify_file(det, input_path, output, text_column=text_column, chunk_rows=chunk_rows, overwrite=overwrite,
+                          lang_column=lang_column)
     click.echo(f"wrote {s['rows']} rows to {output}: {s['toxic']} toxic, {s['skipped']} without text"
                + (f" (resumed after {s['resumed_chunks']} chunk(s))" if s["resumed_chunks"] else ""), err=True)
+    if "unvalidated" in s:
+        if engine == "ray":
+            det = _detector(classifier, kw)
+        langs = ", ".join(det.validated_languages()) or "none recorded"
+        click.echo(f"{s['unvalidated']} of {s['rows']} rows are outside the classifier's validated languages "
+                   f"({langs}): status 'unvalidated language', verdict given but unchecked", err=True)
 
 
 @click.command()

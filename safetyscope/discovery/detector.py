@@ -52,6 +52,14 @@ class Detector:
         score = self.rule.decision_function(codes)
         return score > 0, score, self.rule.fired(codes)
 
+    def validated_languages(self) -> list[str]:
+        """Languages the classifier was checked on: ``validation.languages`` of the file, else (files written
+        before it was recorded) the languages of its discovery data summary; none known = none validated."""
+        recorded = self.meta.get("validation", {}).get("languages")
+        if recorded is not None:
+            return list(recorded)
+        return sorted(self.meta.get("discovery_data", {}).get("per_lang", {}))
+
     def to_dict(self) -> dict:
         return {"format": FORMAT, **extractor_record(self.extractor, self.meta.get("sae_id")),
                 "rule": self.rule.to_dict(), **{k: v for k, v in self.meta.items() if k not in ("sae_id",)}}

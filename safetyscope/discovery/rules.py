@@ -7,6 +7,10 @@
   top-delta features fire on the same toxic texts, so the K-th adds little recall, while greedy picks
   features that catch what the earlier ones miss. Thresholds come from capping each feature's own
   firing rate on clean texts (``fpr_cap``).
+  ``criterion`` says what selection and the choice of K optimise: ``"f1"`` (balanced F1 on the
+  fitting data) or ``"recall_at_fpr"`` (the most toxic texts caught while the whole rule fires on at
+  most ``target_fpr`` of clean texts: the operating point a user on real traffic, where toxic texts
+  are a few per cent, picks a detector by).
 - ``SparseLinearClassifier``: L1 logistic regression on log1p(activations) with few non-zero
   weights; still explainable feature by feature (contribution = weight * log1p(act)).
 
@@ -27,6 +31,7 @@ K_CANDIDATES = (1, 2, 5, 10)
 # Clean firing rates greedy selection may give a single feature (those <= fpr_cap are tried).
 RATE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}
+CRITERIA = ("f1", "recall_at_fpr")
 
 
 def _check_Xy(X, y=None):
@@ -76,39 +81,62 @@ def _rate_thresholds(clean: np.ndarray, base: float, rate: float) -> np.ndarray:
     return np.maximum(base, kth).astype(np.float64)
 
 
-def greedy_select(X, y, k: int, base: float, fpr_cap: float | None, max_candidates: int = 256):
-    """Forward selection of (feature, threshold) pairs for an OR-rule, best F1 on (X, y) at each step.
+def greedy_select(X, y, k: int, base: float, fpr_cap: float | None, max_candidates: int = 256,
+                  target_fpr: float | None = None):
+    """Forward selection of (feature, threshold) pairs for an OR-rule, best criterion on (X, y) at each step.
 
     Candidates: the ``max_candidates`` features of highest delta (bounded memory: one dense
     rows x candidates block), each at the thresholds capping its clean firing rate at every rate of
     RATE_GRID up to ``fpr_cap`` (None: also the base threshold). Returns feature ids and thresholds in
     the order they were added, so the first k' of them are the greedy rule of size k'.
+    ``target_fpr`` None: each step maximises the F1 of the OR. Otherwise each step maximises the OR's
+    recall among the pairs that keep its clean firing rate <= target_fpr (ties: fewer clean firings);
+    selection stops early when no pair adds a toxic text within that budget.
     """
     order, _, _, _ = rank_features(X, y, base)
     cols = order[:max_candidates]
     A = X[:, cols].toarray()
     toxic = y == 1
     rates = [r for r in RATE_GRID if fpr_cap is None or r <= fpr_cap] + ([1.0] if fpr_cap is None else [])
+    if target_fpr is not None and fpr_cap is not None and fpr_cap not in rates:
+        rates.append(fpr_cap)  # the budget itself is a candidate rate for a single feature
     thr_grid = np.stack([_rate_thresholds(A[~toxic], base, r) for r in rates])  # rates x candidates
+    n_clean = int((~toxic).sum())
+    clean_budget = None if target_fpr is None else int(np.floor(target_fpr * n_clean))
     covered = np.zeros(len(y), dtype=bool)
     feats, thrs = [], []
     for _ in range(min(k, len(cols))):
-        best = (-1.0, 0, 0)
+        best = (-np.inf, 0, 0)
         used = np.isin(cols, feats)  # each feature once
         for g, thr in enumerate(thr_grid):
             fires = (A > thr[None, :]) | covered[:, None]
             tp = fires[toxic].sum(axis=0)
             fp = fires[~toxic].sum(axis=0)
-            f1 = 2 * tp / np.maximum(2 * tp + fp + (toxic.sum() - tp), 1)
-            f1[used] = -1.0
-            j = int(np.argmax(f1))  # ties: the higher-delta feature
-            if f1[j] > best[0]:
-                best = (float(f1[j]), g, j)
-        _, g, j = best
+            if clean_budget is None:
+                score = 2 * tp / np.maximum(2 * tp + fp + (toxic.sum() - tp), 1)
+            else:  # recall within the clean budget; a clean firing costs less than one toxic text
+                score = np.where(fp <= clean_budget, tp - fp / (n_clean + 1.0), -np.inf)
+            score = np.where(used, -np.inf, score)
+            j = int(np.argmax(score))  # ties: the higher-delta feature
+            if score[j] > best[0]:
+                best = (float(score[j]), g, j)
+        score, g, j = best
+        if clean_budget is not None:
+            gained = (A[toxic, j] > thr_grid[g, j]) & ~covered[toxic]
+            if not np.isfinite(score) or not gained.any():
+                break  # nothing more to catch within the clean budget
         feats.append(int(cols[j]))
         thrs.append(float(thr_grid[g, j]))
         covered |= A[:, j] > thr_grid[g, j]
-    return np.array(feats, dtype=np.int64), np.array(thrs)
+    return np.array(feats, dtype=np.int64), np.array(thrs, dtype=np.float64)
+
+
+def _fold_metrics(y, pred) -> dict:
+    """Recall, clean firing rate (FPR) and F1 of predictions on one hold-out."""
+    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(bool)
+    tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
+    return {"recall": tp / max(int((y == 1).sum()), 1), "fpr": fp / max(int((y == 0).sum()), 1),
+            "f1": float(f1_score(y, pred.astype(int), zero_division=0))}
 
 
 class OrRuleClassifier(ClassifierMixin, BaseEstimator):
@@ -117,7 +145,13 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     max_features : int or None
-        K. None chooses K from ``k_candidates`` by F1 on a held-back part of the fitting data.
+        K. None chooses K from ``k_candidates`` on held-back parts of the fitting data, by ``criterion``.
+    criterion : "f1" or "recall_at_fpr"
+        "f1": selection and K maximise F1. "recall_at_fpr": they maximise recall while the rule's clean
+        firing rate stays <= ``target_fpr`` (greedy: on the fitting rows at every step; K: the largest
+        mean hold-out recall among the K whose mean hold-out clean firing rate is <= target_fpr).
+    target_fpr : float
+        The clean firing rate budget of "recall_at_fpr" (ignored by "f1").
     selection : "greedy" or "delta"
         How the K features are picked (module docstring); "delta" is the Qwen-Scope report's ranking.
     threshold : float
@@ -126,18 +160,24 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         Largest share of clean texts one selected feature may fire on; its threshold is raised until it
         does not fire on more. "delta" uses exactly this cap; "greedy" tries the rates of RATE_GRID up to
         it. None: no cap (for "delta", threshold = ``threshold`` for all: the report's rule).
-        "auto": 0.2 for greedy, 0.02 for delta.
+        "auto": 0.2 for greedy, 0.02 for delta; with "recall_at_fpr", target_fpr for both.
     holdout : float
         Share held back for choosing K.
     n_splits : int
         K is chosen by the mean hold-out F1 over this many seeded stratified splits: one small hold-out
-        is noisy enough to pick a K whose extra features only fit the sample.
+        is noisy enough to pick a K whose extra features only fit the sample. The recall, FPR and F1 of
+        every K on every hold-out are kept in ``k_folds_`` (and the classifier file).
     """
 
     def __init__(self, max_features: int | None = None, selection: str = "greedy", threshold: float = 0.0,
                  fpr_cap: float | None | str = "auto", k_candidates: tuple[int, ...] = K_CANDIDATES,
-                 holdout: float = 0.25, n_splits: int = 3, max_candidates: int = 256, random_state: int = 0):
+                 holdout: float = 0.25, n_splits: int = 3, max_candidates: int = 256, random_state: int = 0,
+                 criterion: str = "f1", target_fpr: float = 0.02):
+        # criterion defaults to "f1" here so that files written before it existed keep their meaning;
+        # `discover` defaults to recall_at_fpr (README: Operating points)
         self.max_features = max_features
+        self.criterion = criterion
+        self.target_fpr = target_fpr
         self.selection = selection
         self.threshold = threshold
         self.fpr_cap = fpr_cap
@@ -150,12 +190,21 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     def _cap(self):
         if self.selection not in DEFAULT_FPR_CAP:
             raise SafetyScopeError(f"unknown selection {self.selection!r}; use greedy or delta")
-        return DEFAULT_FPR_CAP[self.selection] if self.fpr_cap == "auto" else self.fpr_cap
+        if self.criterion not in CRITERIA:
+            raise SafetyScopeError(f"unknown criterion {self.criterion!r}; use one of {', '.join(CRITERIA)}")
+        if self.criterion == "recall_at_fpr" and not 0 < float(self.target_fpr) < 1:
+            raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
+        if self.fpr_cap == "auto":
+            return float(self.target_fpr) if self.criterion == "recall_at_fpr" else DEFAULT_FPR_CAP[self.selection]
+        return self.fpr_cap
+
+    def _target(self) -> float | None:
+        return float(self.target_fpr) if self.criterion == "recall_at_fpr" else None
 
     def _select(self, X, y, k):
         """The first k features (in selection order) and their thresholds."""
         if self.selection == "greedy":
-            return greedy_select(X, y, k, self.threshold, self._cap(), self.max_candidates)
+            return greedy_select(X, y, k, self.threshold, self._cap(), self.max_candidates, self._target())
         feats = rank_features(X, y, self.threshold)[0][:k]
         return feats, fpr_thresholds(X, y, feats, self.threshold, self._cap())
 
@@ -163,7 +212,7 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         X, y = _check_Xy(X, y)
         self._cap()  # validates selection before any work
         self.classes_ = np.array([0, 1])
-        self.k_scores_ = {}
+        self.k_scores_, self.k_folds_ = {}, {}
         if self.max_features is not None:
             if self.max_features < 1:
                 raise SafetyScopeError("max_features must be >= 1")
@@ -171,17 +220,32 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             self.k_selection_ = "fixed"
         else:
             splits = StratifiedShuffleSplit(self.n_splits, test_size=self.holdout, random_state=self.random_state)
-            scores = {int(k): [] for k in self.k_candidates}
+            folds = {int(k): [] for k in self.k_candidates}
             for idx_fit, idx_val in splits.split(np.zeros(len(y)), y):
                 Xv, yv = X[idx_val], y[idx_val]
                 # one selection of the largest K; its prefixes are the smaller rules (greedy and delta alike)
                 feats, thr = self._select(X[idx_fit], y[idx_fit], max(self.k_candidates))
-                for k in scores:
-                    scores[k].append(f1_score(yv, _or_predict(Xv, feats[:k], thr[:k]), zero_division=0))
-            self.k_scores_ = {k: float(np.mean(v)) for k, v in scores.items()}
-            k = max(self.k_scores_, key=lambda kk: (self.k_scores_[kk], -kk))  # best F1, then fewer features
-            self.k_selection_ = (f"mean F1 on {self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting "
-                                 f"data (seed {self.random_state})")
+                for k in folds:
+                    folds[k].append(_fold_metrics(yv, _or_predict(Xv, feats[:k], thr[:k])))
+            self.k_folds_ = folds
+            mean = {k: {m: float(np.mean([f[m] for f in v])) for m in ("recall", "fpr", "f1")} for k, v in folds.items()}
+            holdouts = f"{self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting data (seed {self.random_state})"
+            if self.criterion == "f1":
+                self.k_scores_ = {k: v["f1"] for k, v in mean.items()}
+                k = max(self.k_scores_, key=lambda kk: (self.k_scores_[kk], -kk))  # best F1, then fewer features
+                self.k_selection_ = f"mean F1 on {holdouts}"
+            else:
+                self.k_scores_ = {k: v["recall"] for k, v in mean.items()}
+                within = [kk for kk in mean if mean[kk]["fpr"] <= self.target_fpr]
+                if within:  # most recall within the budget, then fewer features
+                    k = max(within, key=lambda kk: (mean[kk]["recall"], -kk))
+                else:  # no K keeps the budget on held-out rows: the one closest to it
+                    k = min(mean, key=lambda kk: (mean[kk]["fpr"], kk))
+                self.k_selection_ = (f"mean recall among K with mean clean FPR <= {self.target_fpr:g} on {holdouts}"
+                                     + ("" if within else "; no K met the FPR budget, K with the lowest FPR taken"))
+        # what the chosen K did on each hold-out (recall, clean FPR, F1); the final rule may have fewer
+        # features than K when recall_at_fpr selection stopped early
+        self.holdout_ = self.k_folds_.get(k, [])
         feats, thr = self._select(X, y, k)
         self.features_, self.thresholds_ = feats.astype(np.int64), thr
         # firing rates of each selected feature at its own threshold: what the rule does with it
@@ -211,8 +275,12 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         feats = [{"id": int(f), "threshold": float(t), "delta": float(d), "p_fire_toxic": float(pt),
                   "p_fire_clean": float(pc)}
                  for f, t, d, pt, pc in zip(self.features_, self.thresholds_, self.delta_, self.p_toxic_, self.p_clean_)]
-        return {"kind": "or_rule", "params": self.get_params(), "features": feats, "n_features_in": self.n_features_in_,
-                "k": len(feats), "k_selection": self.k_selection_, "k_scores": self.k_scores_}
+        out = {"kind": "or_rule", "params": self.get_params(), "features": feats, "n_features_in": self.n_features_in_,
+               "k": len(feats), "k_selection": self.k_selection_, "k_scores": self.k_scores_}
+        if self.k_folds_:
+            out["k_folds"] = self.k_folds_
+            out["holdout"] = self.holdout_
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "OrRuleClassifier":
@@ -226,6 +294,8 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         clf.delta_, clf.p_toxic_, clf.p_clean_ = f["delta"], f["p_fire_toxic"], f["p_fire_clean"]
         clf.n_features_in_ = n
         clf.k_selection_, clf.k_scores_ = d.get("k_selection", ""), {int(k): v for k, v in d.get("k_scores", {}).items()}
+        clf.k_folds_ = {int(k): v for k, v in d.get("k_folds", {}).items()}
+        clf.holdout_ = d.get("holdout", [])
         return clf
 
 

@@ -28,6 +28,7 @@ from .metrics import binary_metrics, majority_predict, raw_activation_probe
 def methods(seed: int):
     """name -> (estimator factory, uses raw activations)."""
     out = {
+        "or_rule_fpr2": (lambda: OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.02, random_state=seed), False),
         "or_rule": (lambda: OrRuleClassifier(random_state=seed), False),
         "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), False),
         "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), False),
