@@ -310,3 +310,17 @@ def test_shipped_classifier_file_still_loads():
 
     clf = classifier_from_dict(read_classifier(None)["rule"])
     assert len(clf.features_) == len(clf.thresholds_) >= 1 and clf.criterion in ("f1", "recall_at_fpr")
+
+
+def test_random_matched_control_is_seeded_matches_clean_rates_and_loses_to_selection():
+    from safetyscope.discovery.rules import RandomMatchedOrRule
+
+    X, y = _planted_overlap(3, n=800)
+    real = OrRuleClassifier(random_state=0).fit(X, y)
+    a = RandomMatchedOrRule(random_state=0).fit(X, y)
+    b = RandomMatchedOrRule(random_state=0).fit(X, y)
+    c = RandomMatchedOrRule(random_state=1).fit(X, y)
+    assert a.features_.tolist() == b.features_.tolist() and a.features_.tolist() != c.features_.tolist()
+    assert len(a.features_) == len(real.features_) and not set(a.features_) & set(real.features_)
+    assert np.all(a.p_clean_ <= np.maximum(real.p_clean_, 1 / (y == 0).sum()) + 1e-9)  # clean rates matched
+    assert real.score(X, y) > a.score(X, y) + 0.2  # the planted features do the work, random ones do not

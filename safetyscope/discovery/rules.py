@@ -341,6 +341,29 @@ def _construct(cls, params: dict):
         raise SafetyScopeError(f"classifier params do not fit {cls.__name__} ({e})") from None
 
 
+class RandomMatchedOrRule(OrRuleClassifier):
+    """Control: the fitted OR-rule's K, with each selected feature swapped for a random one (seeded) thresholded
+    to fire on the same share of clean fitting texts. If this matches the real rule, the selection did no work."""
+
+    def fit(self, X, y):
+        X, y = _check_Xy(X, y)
+        super().fit(X, y)
+        rng = np.random.default_rng(self.random_state)
+        clean = X[y == 0]
+        ever = np.flatnonzero(np.asarray((clean > self.threshold).sum(axis=0)).ravel() > 0)
+        pool = np.setdiff1d(ever, self.features_)
+        feats = rng.choice(pool, size=min(len(self.features_), len(pool)), replace=False).astype(np.int64)
+        # each stand-in fires on at most the clean share its counterpart fired on (at least one text's worth)
+        rates = np.maximum(self.p_clean_[: len(feats)], 1.0 / max(clean.shape[0], 1))
+        thr = np.array([_rate_thresholds(clean[:, [f]].toarray(), self.threshold, r)[0] for f, r in zip(feats, rates)])
+        self.features_, self.thresholds_ = feats, thr
+        fires = X[:, feats].toarray() > thr[None, :]
+        self.p_toxic_, self.p_clean_ = fires[y == 1].mean(axis=0), fires[y == 0].mean(axis=0)
+        self.delta_ = self.p_toxic_ - self.p_clean_
+        self.k_selection_ = "random features matched to the fitted rule's clean firing rates (control)"
+        return self
+
+
 def _or_predict(X, feats, thr) -> np.ndarray:
     return (X[:, feats].toarray() > thr[None, :]).any(axis=1).astype(int)
 

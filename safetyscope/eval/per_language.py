@@ -5,6 +5,8 @@ Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on 
 - ``or_rule_delta``: top-K features by delta, each thresholded at a 2% clean firing rate;
 - ``or_rule_report``: the report's plain rule (top-K by delta, threshold 0 for every feature);
 - ``or_rule_K=k``: the K sweep of ``or_rule``;
+- ``or_rule_fpr2``: ``or_rule`` at criterion recall_at_fpr, target FPR 0.02 (the ``discover`` default);
+- ``control_random_features``: ``or_rule``'s K with random features matched to its clean firing rates (a control);
 - ``sparse_linear``: L1 logistic rule with at most 128 SAE features;
 - ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
 - ``probe_raw``: logistic probe on mean-pooled raw residual activations of the same layer - a baseline;
@@ -19,7 +21,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..discovery.discover import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, SparseLinearClassifier, rank_features
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier, rank_features
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -30,6 +32,7 @@ def methods(seed: int):
     out = {
         "or_rule_fpr2": (lambda: OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.02, random_state=seed), False),
         "or_rule": (lambda: OrRuleClassifier(random_state=seed), False),
+        "control_random_features": (lambda: RandomMatchedOrRule(random_state=seed), False),
         "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), False),
         "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), False),
         "sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), False),
