@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
+from ..cli import NumberList, feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 from ..ray_engine import ray_options
 
 
@@ -38,7 +38,7 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--fpr-cap", default="auto", show_default=True,
               help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; 'none' with delta = threshold 0 for all, as in the report).")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
-@click.option("--scan-layers", default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
@@ -48,7 +48,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     from .discover import DiscoverConfig
     from .discover import discover as run
 
-    layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
+    layers = list(scan_layers or ())
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
                          seed=seed, layers=layers)
