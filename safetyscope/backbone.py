@@ -153,6 +153,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def pick_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SafetyScopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SafetyScopeError(f"device {device!r} asked for, but no CUDA GPU is available")
     return device

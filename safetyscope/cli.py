@@ -29,6 +29,27 @@ def user_errors(fn):
     return wrapper
 
 
+class NumberList(click.ParamType):
+    """A comma-separated list of numbers ("1,2,5"), checked when the command line is parsed, so a typo is a
+    one-line usage error before any model loads (not a ValueError after a long extraction)."""
+
+    def __init__(self, kind: type = int, low: float | None = None, high: float | None = None):
+        self.kind, self.low, self.high = kind, low, high
+        self.name = f"comma-separated {kind.__name__}s"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(self.kind(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a list of {self.name}", param, ctx)
+        bad = [v for v in out if (self.low is not None and v <= self.low) or (self.high is not None and v > self.high)]
+        if bad:
+            self.fail(f"{bad} outside ({self.low}, {self.high}]", param, ctx)
+        return out
+
+
 def model_options(fn):
     """--model/--sae/--layer/--k and the extraction knobs shared by every command that reads texts."""
     opts = [
@@ -92,14 +113,33 @@ def quiet_libraries() -> None:
 
 class _Group(click.Group):
     """Ctrl-C is not a crash: one line and exit code 130 wherever it lands (click would print "Aborted!" and
-    exit 1 for an interrupt that reaches it, e.g. one raised while a command unwinds)."""
+    exit 1 for an interrupt that reaches it, e.g. one raised while a command unwinds). A usage error (unknown
+    command or option, bad or missing value) is one ``error:`` line and exit code 2 like any other user
+    mistake, not click's usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options are parsed here, before invoke
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            _usage_error(e)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.ClickException as e:  # the subcommand's arguments are parsed inside invoke
+            _usage_error(e)
         except KeyboardInterrupt:
             click.echo(INTERRUPTED, err=True)
             sys.exit(130)
+
+
+def _usage_error(e: click.ClickException):
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    msg = " ".join(e.format_message().split())
+    click.echo(f"error: {where}{msg}{hint}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

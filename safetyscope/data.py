@@ -64,6 +64,8 @@ def read_table(path: str | os.PathLike, *, columns: list[str] | None = None) -> 
         raise
     except Exception as e:  # polars/arrow parse errors: the user's file is malformed
         raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    if df.height == 0:  # nothing to compute on: an empty file is a mistake, not an empty result
+        raise SafetyScopeError(f"{path}: the table has no rows")
     require_columns(df, columns or [], path)
     return df
 

@@ -8,7 +8,9 @@ real tokens are encoded. Results are cached per text in SQLite, so a rerun reuse
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +22,11 @@ from tqdm.auto import tqdm
 from .backbone import Backbone, cache_dir
 from .errors import SafetyScopeError
 from .sae import SAE, load_sae
+
+
+def _warn(msg: str) -> None:
+    """One line on stderr (not a logging record or a warnings.warn, which print source lines or nothing)."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -89,6 +96,11 @@ class FeatureExtractor:
         dtype = next(self.backbone.model.parameters()).dtype
         parts = [self.backbone.fingerprint(), self.sae.fingerprint(), self.layer, self.max_length,
                  self.skip_first_token, str(dtype), self.sae.cfg.k] + ([self.pool] if self.pool != "max" else [])
+        if dtype != torch.float32:
+            # in bf16/fp16 a text's codes depend on what it is batched with (padding changes the kernels'
+            # reduction order): 53 of 150 English texts fired a different feature set at batch size 1 vs 32
+            # on SmolLM2 in bf16, none in fp32 (max |diff| 1e-4). So a half-precision cache is per batch size.
+            parts.append(("batch_size", self.batch_size))
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
     # -- tokenisation ----------------------------------------------------------------------------
@@ -201,17 +213,43 @@ def _rows_to_csr(rows, d_sae: int) -> sp.csr_matrix:
 
 
 class _FeatureCache:
-    """Text hash -> (feature ids, acts, mean activation, n_tokens), in one SQLite file per config."""
+    """Text hash -> (feature ids, acts, mean activation, n_tokens), in one SQLite file per config.
+
+    The cache only saves time, so a fault in it never stops a run: a corrupt file (not a database, malformed)
+    is moved aside to ``<name>.corrupt`` and rebuilt; a cache that cannot be written (read-only file or
+    directory, locked) is left alone and the run goes on without it, after one warning line."""
 
     def __init__(self, key: str):
-        self.path = path = cache_dir() / "features" / f"{key}.sqlite"
+        self.path = cache_dir() / "features" / f"{key}.sqlite"
+        self.db: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path)
-            self.db.execute("CREATE TABLE IF NOT EXISTS codes (h TEXT PRIMARY KEY, ids BLOB, acts BLOB, mean BLOB, n INTEGER)")
-        except (OSError, sqlite3.OperationalError) as e:
-            raise SafetyScopeError(f"cannot open the feature cache {path}: {e}; set SAFETYSCOPE_CACHE to a writable "
-                                   "directory or pass --no-cache") from None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except sqlite3.DatabaseError as e:
+            if not self.path.exists() or isinstance(e, sqlite3.OperationalError):  # not corrupt: cannot open/write
+                self._disable(e)
+                return
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            try:
+                os.replace(self.path, aside)
+                self._open()
+                _warn(f"feature cache {self.path} was corrupt ({e}); moved it to {aside} and started a new one")
+            except (OSError, sqlite3.Error) as e2:
+                self._disable(e2)
+        except OSError as e:
+            self._disable(e)
+
+    def _open(self) -> None:
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("CREATE TABLE IF NOT EXISTS codes (h TEXT PRIMARY KEY, ids BLOB, acts BLOB, mean BLOB, n INTEGER)")
+        self.db.execute("SELECT count(*) FROM codes").fetchone()  # reads the pages: a malformed file fails here
+
+    def _disable(self, e: Exception) -> None:
+        if self.db is not None:
+            self.db.close()
+        self.db = None
+        _warn(f"feature cache {self.path} unusable ({e}); continuing without it "
+                     f"(fix its permissions or delete it, or pass --no-cache)")
 
     def get_many(self, keys: list[str]) -> dict[int, tuple]:
         where: dict[str, list[int]] = {}
@@ -219,27 +257,34 @@ class _FeatureCache:
             if k:
                 where.setdefault(k, []).append(i)
         out = {}
+        if self.db is None:
+            return out
         uniq = list(where)
         for s in range(0, len(uniq), 500):
             chunk = uniq[s : s + 500]
             q = f"SELECT h, ids, acts, mean, n FROM codes WHERE h IN ({','.join('?' * len(chunk))})"
-            for h, ids, acts, mean, n in self.db.execute(q, chunk):
+            try:
+                found = self.db.execute(q, chunk).fetchall()
+            except sqlite3.Error as e:
+                self._disable(e)
+                return {}
+            for h, ids, acts, mean, n in found:
                 hit = ((np.frombuffer(ids, np.int32), np.frombuffer(acts, np.float32)), np.frombuffer(mean, np.float32), n)
                 for i in where[h]:
                     out[i] = hit
         return out
 
     def put_many(self, items: dict[str, tuple]) -> None:
+        if self.db is None:
+            return
         try:
             self.db.executemany(
                 "INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)",
                 [(h, r[0].tobytes(), r[1].tobytes(), np.asarray(m, np.float32).tobytes(), int(t)) for h, (r, m, t) in items.items()],
             )
             self.db.commit()
-        except sqlite3.OperationalError as e:  # "database or disk is full", read-only file system, locked
-            self.db.rollback()
-            raise SafetyScopeError(f"cannot write the feature cache {self.path}: {e}; free space, set SAFETYSCOPE_CACHE "
-                                   "to another directory or pass --no-cache") from None
+        except sqlite3.Error as e:  # read-only, locked: the results are still returned, just not stored
+            self._disable(e)
 
 
 def config_dict(cfg: FeatureConfig) -> dict:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
+from ..cli import NumberList, feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 from ..ray_engine import ray_options
 
 
@@ -43,7 +43,7 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.02, show_default=True,
               help="Clean firing-rate budget of --criterion recall_at_fpr.")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
-@click.option("--scan-layers", default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
@@ -55,7 +55,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     from ..outputs import check_output
 
     check_output(output, inputs=data, overwrite=True, kind="classifier file", file_only=True)  # before the work
-    layers = [int(x) for x in scan_layers.split(",")] if scan_layers else []
+    layers = list(scan_layers or ())
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
                          criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers)

@@ -32,6 +32,8 @@ K_CANDIDATES = (1, 2, 5, 10)
 RATE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}
 CRITERIA = ("f1", "recall_at_fpr")
+# Fewest rows of each class a classifier is fitted on: 3 stratified hold-outs / CV folds need a few of each.
+MIN_PER_CLASS = 5
 
 
 def _check_Xy(X, y=None):
@@ -46,6 +48,27 @@ def _check_Xy(X, y=None):
     if set(np.unique(y)) != {0, 1}:
         raise SafetyScopeError("fitting needs both toxic (1) and clean (0) examples")
     return X, y
+
+
+def _check_enough_for_holdouts(y: np.ndarray, what: str) -> None:
+    n_toxic, n_clean = int(y.sum()), int(len(y) - y.sum())
+    if min(n_toxic, n_clean) < MIN_PER_CLASS:
+        raise SafetyScopeError(f"choosing {what} on stratified hold-outs needs at least {MIN_PER_CLASS} toxic and "
+                               f"{MIN_PER_CLASS} clean examples; got {n_toxic} toxic, {n_clean} clean")
+
+
+# Dense (rows x selected features) blocks are built this many values at a time: a classifier over 10^6
+# features must not allocate rows x 10^6 floats at once.
+DENSE_BLOCK = 1 << 22
+
+
+def _dense_blocks(X: sp.csr_matrix, features: np.ndarray):
+    """(row slice, dense X[rows, features]) in row blocks of at most DENSE_BLOCK values."""
+    step = max(1, DENSE_BLOCK // max(1, len(features)))
+    sub = X[:, features]  # still sparse: one column selection, densified a block of rows at a time
+    for start in range(0, X.shape[0], step):
+        rows = slice(start, min(start + step, X.shape[0]))
+        yield rows, sub[rows].toarray()
 
 
 def firing_rates(X: sp.csr_matrix, y: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -219,6 +242,7 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             k = int(self.max_features)
             self.k_selection_ = "fixed"
         else:
+            _check_enough_for_holdouts(y, "K")
             splits = StratifiedShuffleSplit(self.n_splits, test_size=self.holdout, random_state=self.random_state)
             folds = {int(k): [] for k in self.k_candidates}
             for idx_fit, idx_val in splits.split(np.zeros(len(y)), y):
@@ -259,8 +283,10 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         """max over selected features of (activation - threshold): > 0 exactly when predicted toxic.
         With thresholds of 0 this is the max activation over the selected features."""
         X, _ = _check_Xy(X)
-        sub = X[:, self.features_].toarray()
-        return (sub - self.thresholds_[None, :]).max(axis=1)
+        out = np.empty(X.shape[0])
+        for rows, sub in _dense_blocks(X, self.features_):
+            out[rows] = (sub - self.thresholds_[None, :]).max(axis=1)
+        return out
 
     def predict(self, X) -> np.ndarray:
         return (self.decision_function(X) > 0).astype(int)
@@ -268,8 +294,10 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features that fire."""
         X, _ = _check_Xy(X)
-        sub = X[:, self.features_].toarray() > self.thresholds_[None, :]
-        return [self.features_[row].tolist() for row in sub]
+        out = []
+        for _, sub in _dense_blocks(X, self.features_):
+            out += [self.features_[row].tolist() for row in sub > self.thresholds_[None, :]]
+        return out
 
     def to_dict(self) -> dict:
         feats = [{"id": int(f), "threshold": float(t), "delta": float(d), "p_fire_toxic": float(pt),
@@ -365,7 +393,10 @@ class RandomMatchedOrRule(OrRuleClassifier):
 
 
 def _or_predict(X, feats, thr) -> np.ndarray:
-    return (X[:, feats].toarray() > thr[None, :]).any(axis=1).astype(int)
+    out = np.zeros(X.shape[0], dtype=int)
+    for rows, sub in _dense_blocks(X, feats):
+        out[rows] = (sub > thr[None, :]).any(axis=1)
+    return out
 
 
 class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
@@ -406,6 +437,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
             C = float(self.C)
             self.C_scores_ = {}
         else:
+            _check_enough_for_holdouts(y, "C")
             skf = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
             self.C_scores_ = {}
             for C in np.logspace(-2, 1, 13):
@@ -431,8 +463,8 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         X, _ = _check_Xy(X)
-        sub = np.log1p(np.maximum(X[:, self.features_].toarray(), 0))
-        return sub @ self.weights_ + self.intercept_
+        sub = self._transform(X[:, self.features_])  # sparse: log1p(0) = 0 keeps it sparse
+        return np.asarray(sub @ self.weights_).ravel() + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
         p = 1 / (1 + np.exp(-self.decision_function(X)))
@@ -444,9 +476,11 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features with a positive weight that are active (push towards toxic)."""
         X, _ = _check_Xy(X)
-        act = X[:, self.features_].toarray() > 0
         pos = self.weights_ > 0
-        return [self.features_[row & pos].tolist() for row in act]
+        out = []
+        for _, sub in _dense_blocks(X, self.features_):
+            out += [self.features_[row & pos].tolist() for row in sub > 0]
+        return out
 
     def to_dict(self) -> dict:
         feats = [{"id": int(f), "weight": float(w)} for f, w in zip(self.features_, self.weights_)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import feature_config, model_options, user_errors
+from ..cli import NumberList, feature_config, model_options, user_errors
 
 MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
 
@@ -19,22 +19,17 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
                 "average_precision", "roc_auc", "balanced_accuracy", "f1", "precision", "recall")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """Percentages ("1,10,100") -> fractions (0.01, 0.1, 1.0)."""
-    return tuple(float(x) / 100 for x in text.split(","))
-
-
 @click.command("eval")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Report directory.")
 @click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-language and transfer runs.")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
-@click.option("--fractions", default="1,2,5,10,25,50,100", show_default=True, help="% of discovery data (efficiency).")
+@click.option("--seeds", type=NumberList(int), default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
+@click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True, help="% of discovery data (efficiency).")
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
 @click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
 @click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency.")
-@click.option("--scan-layers", default=None,
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
               help="Comma-separated layers (an SAE source with one SAE per layer, e.g. a Qwen-Scope directory): "
                    "OR-rule F1 and best single-feature delta per language and layer.")
 @model_options
@@ -72,11 +67,9 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     df = df.filter(pl.col("lang").is_in(lang_list))
     y = parse_labels(df.get_column("label"), "evaluation data")
     skip = {s.strip() for s in skip.split(",") if s.strip()}
+    _check_enough_rows(df, y, lang_list)
 
-    try:  # checked before the long extraction, not after it
-        scan = sorted({int(v) for v in scan_layers.split(",")}) if scan_layers else []
-    except ValueError:
-        raise SafetyScopeError(f"--scan-layers takes comma-separated integers, not {scan_layers!r}") from None
+    scan = sorted(set(scan_layers or ()))
     fx = FeatureExtractor.from_config(cfg)
     # the sweep's extractors share the loaded model; built now so that a bad layer or a missing SAE fails early
     scan_fx = {la: FeatureExtractor.from_config(replace(cfg, layer=la), backbone=fx.backbone)
@@ -97,7 +90,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
                               only=only.split(",") if only else None)
     transfer = None if "transfer" in skip else transfer_matrix(df, y, ex.codes, lang_list, seed=seed)
     eff = None if "efficiency" in skip else efficiency_curves(
-        df, y, ex.codes, lang_list, fractions=_floats(fractions), seeds=tuple(int(s) for s in seeds.split(",")))
+        df, y, ex.codes, lang_list, fractions=tuple(f / 100 for f in fractions), seeds=seeds)
 
     sweep = None
     if scan:
@@ -107,7 +100,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
 
     k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
-    config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": seeds, "fractions": fractions,
+    config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": ",".join(map(str, seeds)), "fractions": ",".join(f"{f:g}" for f in fractions),
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
               "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
@@ -180,6 +173,26 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     click.echo(f"wrote {out}/results.json, report.md, report.html and {len(images)} plot(s)", err=True)
 
 
+def _check_enough_rows(df, y, langs) -> None:
+    """Every language needs enough discovery rows of each class to fit on and test rows to score, checked
+    before the extraction (a language short of them would otherwise vanish from the report or crash a fit)."""
+    from ..discovery.rules import MIN_PER_CLASS
+    from ..errors import SafetyScopeError
+
+    from .per_language import split_indices
+
+    short = []
+    for lang in langs:
+        d_idx, t_idx = split_indices(df, lang)
+        n_toxic = int(y[d_idx].sum())
+        if min(n_toxic, len(d_idx) - n_toxic) < MIN_PER_CLASS or len(t_idx) == 0:
+            short.append(f"{lang} ({n_toxic} toxic / {len(d_idx) - n_toxic} clean discovery, {len(t_idx)} test)")
+    if short:
+        raise SafetyScopeError(f"too few rows to evaluate: each language needs >= {MIN_PER_CLASS} toxic and "
+                               f"{MIN_PER_CLASS} clean discovery rows and some test rows; short: {', '.join(short)} "
+                               "(leave them out with --langs)")
+
+
 def _pct(f):
     return None if f is None else f"{f * 100:g}%"
 
@@ -215,7 +228,7 @@ def _frame_hash(df) -> str:
 @click.option("--name", "names", multiple=True, help="Display name per DATA, in order [default: file stems].")
 @click.option("--pool", type=click.Choice(["max", "last"]), default="max", show_default=True,
               help="max: a feature fires anywhere in the text; last: at the last token only.")
-@click.option("--min-count", type=int, default=1, show_default=True, help="Texts a feature must fire on to count.")
+@click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Texts a feature must fire on to count.")
 @model_options
 @user_errors
 def overlap_command(data, output, text_column, names, pool, min_count, **kw):
