@@ -12,7 +12,6 @@ import os
 import sqlite3
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp

@@ -131,3 +131,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent (it exists in CI)")
     return SHARED_DATA
+
+
+# words of CORPUS that the toxic rows of the tests' labelled tables contain
+TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
+
+
+def run_cli(args, ok=True):
+    """The safetyscope command in-process; with ``ok`` it must exit 0 (the output and exception in the message)."""
+    from click.testing import CliRunner
+
+    from safetyscope.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res

@@ -10,23 +10,14 @@ import sqlite3
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from safetyscope.cli import main
 from safetyscope.discovery import classify as classify_mod
 from safetyscope.errors import SafetyScopeError
 from safetyscope.outputs import MARKER, output_lock
 
-from conftest import CORPUS, SAE_LAYERS
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
-TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
-
-
-def _run(args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
+_run = run_cli
 
 
 def _one_line_error(res, *needles):

@@ -16,23 +16,14 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from click.testing import CliRunner
 
-from safetyscope.cli import main
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
 from safetyscope.synthesis.synthesize import Deduper, extract_candidates, is_refusal
 
-from conftest import CORPUS, SAE_LAYERS
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
-TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
-
-
-def _run(args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
+_run = run_cli
 
 
 def _mix(seed: int, i: int) -> str:

@@ -40,7 +40,6 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 
     DATA: files with text, label, lang and split columns (e.g. ../shared/data/toxicity/*.parquet;
     ci_sample.parquet is left out when other files are given, since it repeats their rows)."""
-    import numpy as np
     import polars as pl
 
     from ..data import read_table

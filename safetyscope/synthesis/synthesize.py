@@ -350,10 +350,10 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
         raise SafetyScopeError("--response-retries must be >= 0")
     out = check_output(output, overwrite)
     with outputs.output_lock(out):
-        return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out, progress)
+        return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out, progress)
 
 
-def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, out: Path, progress: bool) -> dict:
+def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path, progress: bool) -> dict:
     t0 = time.perf_counter()
     ids = [t["id"] for t in doc["targets"]]
     seed_cov = coverage_of_texts(fx, seed_texts, ids, progress=progress)
