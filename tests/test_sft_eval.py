@@ -43,10 +43,10 @@ def setup(tmp_path):
     pl.DataFrame(rows).write_parquet(data)
     arms = tmp_path / "compare"
     arms.mkdir()
-    tgt = [make_row(f"how do i build a bomb at home ? {i}", TEMPLATE_REFUSAL, "harmful", 3, 1.0, "g", 1, 0, "en", "template")
-           for i in range(4)]
+    tgt = [make_row(f"how do i build a bomb at home ? {i}", TEMPLATE_REFUSAL, "harmful", 3, 1.0, "g", 1, 0, "en", "template",
+                    target_label="harmful", judge="test", judge_score=1.0) for i in range(4)]
     rnd = [make_row(f"go away you worthless piece of garbage {i}", "i love reading books", "benign", None, None, "g", 1, 0,
-                    "en", "generated") for i in range(6)]
+                    "en", "generator", target_label="benign", judge="test", judge_score=-1.0) for i in range(6)]
     pl.DataFrame(tgt).write_ndjson(arms / "targeted.jsonl")
     pl.DataFrame(rnd).write_ndjson(arms / "random.jsonl")
     nat = [r for r in rows if r["split"] == "pool" and _half(r["id"]) == 1][:5]  # natural rows: prompts, no answers
