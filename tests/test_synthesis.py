@@ -472,7 +472,7 @@ def test_user_errors_are_one_line(tmp_path, targets, seed_data):
     assert res.exit_code == 2 and "not a safetyscope targets file" in res.output
     res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl",
                 "--judge-classifier", tmp_path / "missing.json", "--dtype", "float32"], ok=False)
-    assert res.exit_code == 2 and "neither a classifier file nor a shipped judge classifier" in res.output
+    assert res.exit_code == 2 and "neither a classifier file nor a shipped classifier" in res.output
     res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.csv",
                 "--classifier", "none", "--dtype", "float32"], ok=False)
     assert res.exit_code == 2 and ".jsonl, .parquet" in res.output and "Traceback" not in res.output

@@ -72,14 +72,14 @@ def load_detector(classifier: str | None, kw: dict):
 
 def judge_factory(kw: dict):
     """gen -> the judge of --judge / --judge-classifier (a detector judge is loaded before any generation)."""
-    from .judge import DetectorJudge, LLMJudge, judge_classifier_path
+    from .judge import DetectorJudge, LLMJudge
 
     kind, name = kw.pop("judge_kind"), kw.pop("judge_classifier")
     if kind == "llm":
         return lambda gen: LLMJudge(gen)
     from ..discovery.detector import Detector
 
-    det = Detector.load(judge_classifier_path(name), device=kw.get("device"), dtype=kw.get("dtype"),
+    det = Detector.load(name, device=kw.get("device"), dtype=kw.get("dtype"),
                         batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
     judge = DetectorJudge(det, name)
     return lambda gen: judge
