@@ -29,12 +29,17 @@ RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
 UNVALIDATED = "unvalidated language"  # a verdict is given, but the classifier was never checked on this language
 
 
-def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
+def _fsync_write(path: Path, write) -> None:
+    """``write(tmp)``, fsync, rename: a finished file is never half-written."""
     tmp = path.with_name(path.name + ".tmp")
-    df.write_parquet(tmp)
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    _fsync_write(path, df.write_parquet)
 
 
 def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_column: str | None = None) -> pl.DataFrame:
@@ -165,7 +170,7 @@ def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, pro
         with output_errors(parts):
             parts.mkdir(parents=True)
             mark(parts)
-            _fsync_write_text(json.dumps(manifest, indent=2), parts / "manifest.json")
+            _fsync_write(parts / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     try:
         return _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column)
     except BaseException:
@@ -173,15 +178,6 @@ def _classify_locked(det, inp, out, parts, out_fmt, text_column, chunk_rows, pro
         if created and parts.is_dir() and not any(parts.glob("part-*.parquet")):
             shutil.rmtree(parts, ignore_errors=True)
         raise
-
-
-def _fsync_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress, lang_column) -> dict:
