@@ -119,64 +119,33 @@ class FeatureExtractor:
         return self.extract(texts, progress=progress).codes
 
     def extract(self, texts: list[str], *, progress: bool = False) -> Extraction:
-        n = len(texts)
-        d_sae, d_model = self.sae.cfg.d_sae, self.backbone.d_model
-        rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
-        mean_acts = np.zeros((n, d_model), dtype=np.float32)
-        n_tokens = np.zeros(n, dtype=np.int64)
-        keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(t, str) else "" for t in texts]
-        n_cached = 0
-        if self._cache is not None:
-            for i, hit in self._cache.get_many(keys).items():
-                rows[i], mean_acts[i], n_tokens[i] = hit
-                n_cached += 1
-        todo = [i for i in range(n) if rows[i] is None]
-        ids, n_trunc = self.tokenize([texts[i] for i in todo]) if todo else ([], 0)
-        order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))  # longest first: memory peaks early
-        bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress, desc="features")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            res = self._encode_batch([ids[j] for j in batch])
-            new = {}
-            for j, (r, m, t) in zip(batch, res):
-                i = todo[j]
-                rows[i], mean_acts[i], n_tokens[i] = r, m, t
-                new[keys[i]] = (r, m, t)
-            if self._cache is not None:
-                self._cache.put_many(new)
-            bar.update(sum(len(ids[j]) for j in batch))
-        bar.close()
-        codes = _rows_to_csr(rows, d_sae)
-        return Extraction(codes, mean_acts, n_tokens, n_trunc, n_cached)
+        return extract_shared([self], texts, progress=progress)[0]
 
     @torch.inference_mode()
-    def _encode_batch(self, batch_ids: list[list[int]]):
+    def _hidden(self, batch_ids: list[list[int]]):
+        """The layer's residual stream of a batch (float32), the tokens to encode and the tokens to average."""
         input_ids, mask = self.backbone.pad(batch_ids)
-        hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer]
+        hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer].float()
         keep = mask.to(hidden.device).bool()
         if self.skip_first_token:
             keep[:, 0] = False
-        hidden = hidden.float()
         means_keep = keep
         if self.pool == "last":  # right padding: the last real token sits at length - 1
             last = mask.sum(1) - 1
             keep = torch.zeros_like(keep)
             keep[torch.arange(len(batch_ids)), last.to(keep.device)] = True
-        text_of_token = torch.arange(len(batch_ids), device=hidden.device)[:, None].expand_as(keep)[keep]
-        flat = hidden[keep]  # only real tokens are encoded: padding costs nothing in the SAE
-        vals, idx = self.sae.encode_sparse(flat)
+        return hidden, keep, means_keep
+
+    @torch.inference_mode()
+    def _pool(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(batch, d_sae) on the CPU: max over the kept tokens of this extractor's SAE codes."""
+        n = hidden.shape[0]
+        text_of_token = torch.arange(n, device=hidden.device)[:, None].expand_as(keep)[keep]
+        vals, idx = self.sae.encode_sparse(hidden[keep])  # only real tokens are encoded: padding costs nothing
         d_sae = self.sae.cfg.d_sae
-        pooled = torch.zeros(len(batch_ids) * d_sae, device=hidden.device)
+        pooled = torch.zeros(n * d_sae, device=hidden.device)
         pooled.scatter_reduce_(0, (text_of_token[:, None] * d_sae + idx).flatten(), vals.flatten(), "amax")
-        pooled = pooled.view(len(batch_ids), d_sae).cpu()
-        counts = means_keep.sum(1).clamp(min=1)
-        means = ((hidden * means_keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
-        out = []
-        for b in range(len(batch_ids)):
-            nz = torch.nonzero(pooled[b]).flatten()
-            out.append(((nz.numpy().astype(np.int32), pooled[b, nz].numpy().astype(np.float32)),
-                        means[b], int(means_keep[b].sum())))
-        return out
+        return pooled.view(n, d_sae).cpu()
 
     @torch.inference_mode()
     def token_codes(self, text: str) -> tuple[list[str], torch.Tensor]:
@@ -189,6 +158,59 @@ class FeatureExtractor:
             codes[0] = 0
         tokens = [self.backbone.tokenizer.decode([t]) for t in ids]
         return tokens, codes
+
+
+@torch.inference_mode()
+def extract_shared(extractors: list[FeatureExtractor], texts: list[str], *,
+                   progress: bool = False) -> list[Extraction]:
+    """One Extraction per extractor, for extractors that differ only in their SAE (one model object, layer,
+    max_length, first-token and pooling choice): each batch goes through the model once and every SAE
+    encodes the same residual stream. Each SAE's codes are cached under its own key; a text is run when any
+    extractor lacks it, and only the extractors that lacked it store it."""
+    lead = extractors[0]
+    same = ("backbone", "layer", "max_length", "skip_first_token", "pool", "batch_size")
+    for fx in extractors[1:]:
+        diff = [a for a in same if (getattr(fx, a) is not getattr(lead, a) if a == "backbone"
+                                    else getattr(fx, a) != getattr(lead, a))]
+        if diff:
+            raise SafetyScopeError(f"extractors sharing a forward pass must differ only in their SAE; they differ in {diff}")
+    n, d_model = len(texts), lead.backbone.d_model
+    keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(t, str) else "" for t in texts]
+    rows = [[None] * n for _ in extractors]  # per extractor, per text: (feature ids, acts)
+    mean_acts = np.zeros((n, d_model), dtype=np.float32)
+    n_tokens = np.zeros(n, dtype=np.int64)
+    n_cached = [0] * len(extractors)
+    for e, fx in enumerate(extractors):
+        if fx._cache is not None:
+            for i, (r, m, t) in fx._cache.get_many(keys).items():
+                rows[e][i], mean_acts[i], n_tokens[i] = r, m, t  # mean and n_tokens: the same for every SAE
+                n_cached[e] += 1
+    todo = [i for i in range(n) if any(r[i] is None for r in rows)]
+    ids, n_trunc = lead.tokenize([texts[i] for i in todo]) if todo else ([], 0)
+    order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))  # longest first: memory peaks early
+    bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress, desc="features")
+    for start in range(0, len(order), lead.batch_size):
+        batch = order[start : start + lead.batch_size]
+        hidden, keep, means_keep = lead._hidden([ids[j] for j in batch])
+        counts = means_keep.sum(1).clamp(min=1)
+        means = ((hidden * means_keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
+        for b, j in enumerate(batch):
+            mean_acts[todo[j]], n_tokens[todo[j]] = means[b], int(means_keep[b].sum())
+        for e, fx in enumerate(extractors):
+            pooled = fx._pool(hidden, keep)
+            new = {}
+            for b, j in enumerate(batch):
+                i = todo[j]
+                if rows[e][i] is None:
+                    nz = torch.nonzero(pooled[b]).flatten()
+                    rows[e][i] = (nz.numpy().astype(np.int32), pooled[b, nz].numpy().astype(np.float32))
+                    new[keys[i]] = (rows[e][i], mean_acts[i], n_tokens[i])
+            if fx._cache is not None:
+                fx._cache.put_many(new)
+        bar.update(sum(len(ids[j]) for j in batch))
+    bar.close()
+    return [Extraction(_rows_to_csr(r, fx.sae.cfg.d_sae), mean_acts, n_tokens, n_trunc, c)
+            for r, fx, c in zip(rows, extractors, n_cached)]
 
 
 def codes_frame(codes: sp.csr_matrix, ids=None):

@@ -164,6 +164,35 @@ class SAE(torch.nn.Module):
                 getattr(sae, name).copy_(t.float())
         return sae.requires_grad_(False).eval()
 
+    @classmethod
+    def random_like(cls, sae: "SAE", seed: int = 0) -> "SAE":
+        """A control (Korznikov et al. 2026, "Do SAEs beat random baselines?"): an untrained SAE of ``sae``'s
+        kind and shapes (d_model, d_sae, activation, k, layer), seeded, set up as ``train.py`` starts training:
+        decoder columns random unit vectors, encoder rows along them (tied, W_enc = W_dec.T up to row scale),
+        encoding x - b_dec (b_enc = -W_enc @ b_dec). It differs from ``sae`` only in its feature directions:
+
+        - b_dec is ``sae``'s, its learned centre of the activations (the trainer starts from their geometric
+          median). Uncentred, every token's top k would be the few random directions nearest the residual
+          stream's large mean offset, an easier control to beat than the data allows.
+        - each encoder row gets the norm of ``sae``'s row of the same index (and a JumpReLU its thresholds), so
+          codes keep the trained scale that sparse_linear's log1p and a JumpReLU's thresholds expect. Random
+          directions are less aligned with the data than trained ones, so a random JumpReLU fires less.
+        """
+        c = sae.cfg
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(c.d_model, c.d_sae, generator=g)
+        W_dec /= W_dec.norm(dim=0, keepdim=True).clamp(min=1e-12)
+        W_enc = W_dec.T * sae.W_enc.detach().float().cpu().norm(dim=1, keepdim=True)
+        b_dec = sae.b_dec.detach().float().cpu()
+        extra = {"random_like": sae.fingerprint(), "seed": seed}
+        if "position_0_excluded" in c.extra:  # encode the same tokens as the trained SAE
+            extra["position_0_excluded"] = c.extra["position_0_excluded"]
+        cfg = SAEConfig(d_model=c.d_model, d_sae=c.d_sae, activation=c.activation, k=c.k, model=c.model,
+                        layer=c.layer, source=f"random_like({c.source or 'sae'}, seed={seed})", extra=extra)
+        threshold = sae.threshold.detach().float().cpu() if c.activation == "jumprelu" else None
+        out = cls.from_tensors(cfg, W_enc, -(W_enc @ b_dec), W_dec, b_dec, threshold)
+        return out.to(sae.W_enc.device)
+
 
 # -- loaders -------------------------------------------------------------------------------------
 

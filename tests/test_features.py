@@ -154,3 +154,33 @@ def test_from_config(tiny_model_dir, qwen_scope_sae_dir, tiny_backbone, tiny_sae
     np.testing.assert_allclose(fx.extract(TEXTS).codes.toarray(), ref, atol=1e-5)
     with pytest.raises(SafetyScopeError, match="pass --layer"):
         FeatureExtractor.from_config(FeatureConfig(model=str(tiny_model_dir), sae=str(qwen_scope_sae_dir)))
+
+
+def test_extract_shared_runs_the_model_once_for_several_saes(tiny_backbone, tiny_sae, full_model,
+                                                             monkeypatch):
+    from safetyscope import SAE
+    from safetyscope.features import extract_shared
+
+    rand = SAE.random_like(tiny_sae, seed=0)
+    texts = [f"{t} shared-test" for t in TEXTS]
+    fxs = [FeatureExtractor(tiny_backbone, s, LAYER, batch_size=3, cache=True) for s in (tiny_sae, rand)]
+    calls = []
+    capture = tiny_backbone.capture
+    monkeypatch.setattr(tiny_backbone, "capture", lambda *a: calls.append(1) or capture(*a))
+    ex, rex = extract_shared(fxs, texts)
+    assert len(calls) == 3  # 7 texts in batches of 3: one forward pass per batch, not per SAE
+    for sae, got in ((tiny_sae, ex), (rand, rex)):  # each SAE's codes as if extracted alone
+        ref_codes, ref_means, ref_n = naive(full_model, tiny_backbone.tokenizer, sae, texts)
+        np.testing.assert_allclose(got.codes.toarray(), ref_codes, atol=1e-4)
+        np.testing.assert_allclose(got.mean_acts, ref_means, atol=1e-5)
+        np.testing.assert_array_equal(got.n_tokens, ref_n)
+    assert (ex.codes != rex.codes).nnz > 0
+    # each SAE has its own cache: the random one is served from it alone, the trained one recomputes a new text
+    calls.clear()
+    again = fxs[1].extract(texts)
+    assert again.n_cached == len(texts) and not calls and (again.codes != rex.codes).nnz == 0
+    ex2, rex2 = extract_shared(fxs, texts + ["one more new text"])
+    assert (ex2.n_cached, rex2.n_cached) == (len(texts), len(texts)) and len(calls) == 1
+    other = FeatureExtractor(tiny_backbone, rand, LAYER, max_length=5, cache=False)
+    with pytest.raises(SafetyScopeError, match=r"differ only in their SAE.*max_length"):
+        extract_shared([fxs[0], other], texts)

@@ -487,3 +487,42 @@ def test_fingerprint_hashes_every_value():
         sae.W_dec.copy_(sae.W_dec[:, idx])
     assert sae.legacy_fingerprint() == legacy
     assert sae.fingerprint() != fp
+
+
+# -- random control --------------------------------------------------------------------------------
+
+def test_random_like_is_seeded_and_keeps_kind_and_shapes(tiny_sae, tiny_backbone):
+    a, a2, b = SAE.random_like(tiny_sae, 0), SAE.random_like(tiny_sae, 0), SAE.random_like(tiny_sae, 1)
+    assert a.fingerprint() == a2.fingerprint() != b.fingerprint() != tiny_sae.fingerprint()
+    assert torch.equal(a.W_enc, a2.W_enc) and not torch.allclose(a.W_enc, b.W_enc)
+    for r in (a, b):
+        c = r.cfg
+        assert (c.d_model, c.d_sae, c.activation, c.k, c.layer) == (D_MODEL, D_SAE, "topk", SAE_K, tiny_sae.cfg.layer)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert getattr(r, name).shape == getattr(tiny_sae, name).shape
+        assert c.extra["random_like"] == tiny_sae.fingerprint() and not r.W_enc.requires_grad
+    # the init: unit decoder columns, encoder rows along them with the trained rows' norms, the trained b_dec
+    # as centre (x = b_dec encodes to all-zero pre-activations)
+    torch.testing.assert_close(a.W_dec.norm(dim=0), torch.ones(D_SAE))
+    torch.testing.assert_close(a.W_enc.norm(dim=1), tiny_sae.W_enc.norm(dim=1))
+    cos = torch.nn.functional.cosine_similarity(a.W_enc, a.W_dec.T, dim=1)
+    torch.testing.assert_close(cos, torch.ones(D_SAE))
+    assert torch.equal(a.b_dec, tiny_sae.b_dec)
+    torch.testing.assert_close(a.pre_acts(tiny_sae.b_dec[None]), torch.zeros(1, D_SAE), atol=1e-4, rtol=0)
+    # on the tiny model's real activations: exactly k features per token, and different ones from token to token
+    ids, mask = tiny_backbone.pad([tiny_backbone.tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    x = tiny_backbone.capture(ids, mask, [tiny_sae.cfg.layer])[tiny_sae.cfg.layer][0].float()
+    z = a.encode(x)
+    assert ((z > 0).sum(1) == SAE_K).all()
+    assert len({tuple(torch.nonzero(r).flatten().tolist()) for r in z}) == len(x)
+    assert not torch.equal(z > 0, tiny_sae.encode(x) > 0)
+
+
+def test_random_like_jumprelu_keeps_thresholds():
+    threshold = torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) * 0.1
+    sae, _ = _sae("jumprelu", threshold=threshold)
+    r = SAE.random_like(sae, seed=5)
+    assert r.cfg.activation == "jumprelu" and r.cfg.k is None
+    assert torch.equal(r.threshold, threshold) and r.fingerprint() != sae.fingerprint()
+    z = r.encode(_x() + sae.b_dec)
+    assert ((z > 0) <= (r.pre_acts(_x() + sae.b_dec) > threshold)).all() and (z > 0).any()
