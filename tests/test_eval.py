@@ -190,3 +190,124 @@ def test_overlap_command_on_tiny_model(tmp_path, tiny_model_dir, qwen_scope_sae_
     assert res.exit_code == 0, res.output
     o_last = json.loads((tmp_path / "ov" / "overlap.json").read_text())
     assert o_last["pool"] == "last" and o_last["sizes"][0] < o["sizes"][0]  # one token fires fewer features
+
+
+# -- random controls -------------------------------------------------------------------------------
+
+def test_recall_at_fpr_keeps_collinear_thresholds():
+    # each score level holds one clean and one toxic text: the ROC curve is one straight diagonal, whose inner
+    # points roc_curve drops by default; 3 of 10 clean texts (30 %) flagged allow 3 of 10 toxic ones
+    y, s = np.array([1, 0] * 10), np.repeat(np.arange(10, 0, -1), 2).astype(float)
+    assert recall_at_fpr(y, s, 0.35) == pytest.approx(0.3)
+
+
+def test_resampled_metrics_match_binary_metrics_on_each_resample():
+    from safetyscope.eval.controls import resampled_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    score = np.round(y * 0.8 + rng.normal(0, 1, 300), 1)  # rounded: many ties within and across classes
+    pred = score > 0.4
+    idx = np.vstack([np.arange(300), rng.integers(0, 300, (20, 300))])
+    got = resampled_metrics(y, pred, score, idx)
+    for b in range(len(idx)):
+        want = binary_metrics(y[idx[b]], pred[idx[b]], score[idx[b]])
+        for m in ("f1", "recall_at_5pct_fpr", "roc_auc"):
+            assert got[m][b] == pytest.approx(want[m]), (m, b)
+    assert len(set(got["f1"].round(6))) > 5  # the resamples really differ
+
+
+def _outputs(seed=0, n=200):
+    """Three languages: a trained rule far better than its control (a), equal to it (b), worse (c)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for lang in "abc":
+        y = np.arange(n) % 2
+        good, noise = y + rng.normal(0, 0.3, n), rng.normal(0, 1, n)
+        pairs = {"a": (good, noise), "b": (good, good), "c": (noise, good)}[lang]
+        for method, s in zip(("or_rule", "control_random_features"), pairs):
+            out[(lang, method)] = (y, s > 0.5, s)
+    return out
+
+
+def test_compare_controls_verdicts_follow_the_planted_gaps():
+    from safetyscope.eval.controls import compare_controls, sentences
+
+    c = compare_controls(_outputs(), ["a", "b", "c"], seed=0, n_boot=300)
+    v = {g: c["langs"][g]["control_random_features"] for g in "abc"}
+    assert (v["a"]["verdict"], v["b"]["verdict"], v["c"]["verdict"]) == ("beats", "does not clearly beat", "loses to")
+    assert v["a"]["f1"]["ci95"][0] > 0.3 and v["c"]["f1"]["ci95"][1] < -0.3
+    assert v["b"]["roc_auc"]["diff"] == 0 and v["b"]["f1"]["ci95"] == [0.0, 0.0]  # paired: same rows, no noise
+    f1 = {g: binary_metrics(*_outputs()[(g, "or_rule")])["f1"] for g in "abc"}
+    assert v["a"]["f1"]["trained"] == pytest.approx(f1["a"])
+    macro = c["macro"]["control_random_features"]["f1"]
+    assert macro["trained"] == pytest.approx(np.mean(list(f1.values())))
+    assert macro["diff"] == pytest.approx(np.mean([v[g]["f1"]["diff"] for g in "abc"]))
+    assert set(c["langs"]["a"]) == {"control_random_features"}  # no random-SAE rows, no such comparison
+    lines = sentences(c)
+    assert [s.split(":")[0] for s in lines] == ["a", "b", "c", "macro"]
+    assert "the trained SAE beats random features" in lines[0] and "loses to" in lines[2]
+    assert compare_controls(_outputs(), ["a", "b", "c"], seed=0, n_boot=300) == c  # seeded
+
+
+def _labelled_table(path):
+    rows = [{"text": f"{t} {i}", "label": int(any(w in t for w in ("stupid", "hate", "garbage", "shut", "bomb"))),
+             "lang": "en" if i % 3 else "de", "split": "test" if i % 4 == 0 else "discovery"}
+            for i, t in enumerate(CORPUS * 8)]
+    pl.DataFrame(rows).write_parquet(path)
+    return pl.DataFrame(rows)
+
+
+def test_eval_random_controls_and_skip(tmp_path, tiny_model_dir, qwen_scope_sae_dir, tiny_backbone, tiny_sae):
+    from safetyscope import SAE, FeatureExtractor
+
+    from conftest import run_cli
+
+    df = _labelled_table(tmp_path / "tox.parquet")
+    base = ["eval", tmp_path / "tox.parquet", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer",
+            SAE_LAYERS[0], "--dtype", "float32"]
+    run_cli(base + ["-o", tmp_path / "r", "--skip", "transfer,efficiency", "--seed", "3"])
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    rand = SAE.random_like(tiny_sae, 3)
+    assert res["config"]["random_sae_fingerprint"] == rand.fingerprint() != res["config"]["sae_fingerprint"]
+    # the control rows are the same rules fitted on the random SAE's codes of the same split
+    texts = df["text"].to_list()
+    ex = FeatureExtractor(tiny_backbone, tiny_sae, SAE_LAYERS[0], cache=False).extract(texts)
+    rex = FeatureExtractor(tiny_backbone, rand, SAE_LAYERS[0], cache=False).extract(texts)
+    want = evaluate_languages(df.with_columns(pl.col("label").cast(pl.String)), ex, seed=3, random_ex=rex,
+                              only=["random_sae_or_rule", "random_sae_sparse_linear"], progress=False)
+    got = {(r["lang"], r["method"]): r for r in res["per_language"]}
+    want = [r for r in want if r["method"] != "majority"]
+    assert len(want) == 2 * 2  # two languages x two control rules
+    for r in want:
+        for m in ("f1", "roc_auc", "recall_at_5pct_fpr", "n"):
+            assert got[(r["lang"], r["method"])][m] == pytest.approx(r[m])
+    # and they are not the trained SAE's rows under another name
+    assert any(got[(r["lang"], r["method"])][m] != got[(r["lang"], r["method"][len("random_sae_"):])][m]
+               for r in want for m in ("roc_auc", "recall_at_5pct_fpr"))
+    ctl = res["random_controls"]
+    assert set(ctl["langs"]) == {"de", "en"} and set(ctl["macro"]) == set(ctl["langs"]["en"]) == {
+        "random_sae_or_rule", "control_random_features", "random_sae_sparse_linear"}
+    for lang in ("de", "en"):
+        e = ctl["langs"][lang]["random_sae_sparse_linear"]["f1"]
+        assert e["trained"] == pytest.approx(got[(lang, "sparse_linear")]["f1"])
+        assert e["control"] == pytest.approx(got[(lang, "random_sae_sparse_linear")]["f1"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    section = md[md.index("## Random controls"):md.index("## Plots")]
+    for where in ("de", "en", "macro"):
+        line = next(ln for ln in section.splitlines() if ln.startswith(f"- {where}: the trained SAE "))
+        assert "the random-weight SAE's OR-rule" in line and "random features" in line and "sparse linear" in line
+    assert section.count("| lang | or_rule | random_sae_or_rule | control_random_features | sparse_linear | "
+                         "random_sae_sparse_linear |") == 3  # F1, recall at 5 % FPR, ROC-AUC
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<h2>Random controls (is the SAE doing the work?)</h2>" in html and html.count("<li>de: the trained SAE") == 1
+
+    run_cli(base + ["-o", tmp_path / "s", "--skip", "random_sae,transfer,efficiency"])
+    res = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert res["config"]["random_sae_fingerprint"] is None
+    assert not [r for r in res["per_language"] if r["method"].startswith("random_sae")]
+    assert set(res["random_controls"]["langs"]["en"]) == {"control_random_features"}  # the other control stays
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "random-weight SAE's" not in md and "- en: the trained SAE" in md
+    bad = run_cli(base + ["-o", tmp_path / "t", "--skip", "random"], ok=False)
+    assert bad.exit_code == 2 and "error: --skip ['random']: unknown" in bad.output

@@ -15,6 +15,7 @@ from ..cli import NumberList, feature_config, model_options, user_errors
 MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
 
 
+SKIPPABLE = ("transfer", "efficiency", "random_sae")
 LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at_5pct", "precision_at_10pct",
                 "average_precision", "roc_auc", "balanced_accuracy", "f1", "precision", "recall")
 
@@ -23,12 +24,14 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Report directory.")
 @click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-language and transfer runs.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the per-language and transfer runs, the random SAE and the controls' bootstrap.")
 @click.option("--seeds", type=NumberList(int), default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
 @click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True, help="% of discovery data (efficiency).")
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
 @click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
-@click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency.")
+@click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency, random_sae "
+              "(the random-weight SAE control: a second SAE encoding, about doubling the SAE work).")
 @click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
               help="Comma-separated layers (an SAE source with one SAE per layer, e.g. a Qwen-Scope directory): "
                    "OR-rule F1 and best single-feature delta per language and layer.")
@@ -45,13 +48,17 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     from ..data import read_table
     from ..discovery.discover import parse_labels
     from ..errors import SafetyScopeError
-    from ..features import FeatureExtractor
+    from ..features import FeatureExtractor, extract_shared
     from ..outputs import check_report_dir
-    from . import report
+    from ..sae import SAE
+    from . import controls as ctl, report
     from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
     from .transfer import efficiency_curves, transfer_matrix
 
     out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
+    skip = {s.strip() for s in skip.split(",") if s.strip()}
+    if skip - set(SKIPPABLE):
+        raise SafetyScopeError(f"--skip {sorted(skip - set(SKIPPABLE))}: unknown; use any of {', '.join(SKIPPABLE)}")
     cfg = feature_config(kw)
     paths = [p for p in data if not Path(p).name.startswith("ci_sample")] or list(data)
     df = pl.concat([read_table(p, columns=["text", "label", "lang", "split"]).select("text", "label", "lang", "split")
@@ -65,7 +72,6 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         raise SafetyScopeError(f"--langs {unknown} not in the data (present: {present})")
     df = df.filter(pl.col("lang").is_in(lang_list))
     y = parse_labels(df.get_column("label"), "evaluation data")
-    skip = {s.strip() for s in skip.split(",") if s.strip()}
     _check_enough_rows(df, y, lang_list)
 
     scan = sorted(set(scan_layers or ()))
@@ -82,11 +88,21 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         d = read_classifier(classifier)
         check_compatible(d, fx, classifier)
         shipped = classifier_from_dict(d["rule"])
+    only = only.split(",") if only else None
+    extractors = [fx]
+    if "random_sae" not in skip and (only is None or {"random_sae_or_rule", "random_sae_sparse_linear"} & set(only)):
+        # same model, layer and tokens, random feature directions; its own fingerprint keys its own cache
+        extractors.append(FeatureExtractor(fx.backbone, SAE.random_like(fx.sae, seed), fx.layer,
+                                           batch_size=fx.batch_size, max_length=fx.max_length,
+                                           skip_first_token=fx.skip_first_token, pool=fx.pool, cache=cfg.cache))
     t0 = time.perf_counter()
-    ex = fx.extract(df.get_column("text").to_list(), progress=True)  # once; every analysis reuses it
+    # once, every analysis reuses it; one forward pass per batch serves both SAEs
+    ex, *random_ex = extract_shared(extractors, df.get_column("text").to_list(), progress=True)
     t_feat = time.perf_counter() - t0
-    rows = evaluate_languages(df, ex, langs=lang_list, seed=seed, shipped=shipped,
-                              only=only.split(",") if only else None)
+    outputs = {}
+    rows = evaluate_languages(df, ex, langs=lang_list, seed=seed, shipped=shipped, only=only,
+                              random_ex=random_ex[0] if random_ex else None, outputs=outputs)
+    controls = ctl.compare_controls(outputs, lang_list, seed=seed)
     transfer = None if "transfer" in skip else transfer_matrix(df, y, ex.codes, lang_list, seed=seed)
     eff = None if "efficiency" in skip else efficiency_curves(
         df, y, ex.codes, lang_list, fractions=tuple(f / 100 for f in fractions), seeds=seeds)
@@ -103,9 +119,10 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
               "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
-              "data_sha256": _frame_hash(df)}
-    results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "transfer": transfer,
-               "efficiency": eff, "layer_sweep": sweep}
+              "data_sha256": _frame_hash(df),
+              "random_sae_fingerprint": extractors[1].sae.fingerprint() if random_ex else None}
+    results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "random_controls": controls,
+               "transfer": transfer, "efficiency": eff, "layer_sweep": sweep}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     images = [out / "per_language_f1.png"]
@@ -135,6 +152,10 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     sections.append(("Per language (F1)", _html_from_rows(rows, MAIN_METHODS, "f1", lang_list, report)))
     sections.append(("Per language (ROC-AUC)", _html_from_rows(rows, MAIN_METHODS, "roc_auc", lang_list, report)))
     sections.append(("OR-rule K sweep (F1)", _html_from_rows(rows, k_sweep, "f1", lang_list, report)))
+    if controls["langs"]:
+        md += ctl.markdown(rows, controls)
+        sections.append(("Random controls (is the SAE doing the work?)", ctl.html(
+            rows, controls, lang_list, lambda r, m, metric, g: _html_from_rows(r, m, metric, g, report))))
     if transfer:
         images.append(out / "transfer_f1.png")
         report.plot_heatmap(transfer["f1"], lang_list, lang_list, "F1: discover on row, test on column", images[-1],
@@ -234,9 +255,10 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
-    from ..features import FeatureExtractor
+    from ..features import FeatureExtractor, extract_shared
     from ..outputs import check_report_dir
-    from . import report
+    from ..sae import SAE
+    from . import controls as ctl, report
     from .overlap import footprint, overlap_matrices, redundancy
 
     if names and len(names) != len(data):

@@ -26,7 +26,8 @@ def recall_at_fpr(y_true, score, max_fpr: float) -> float:
     """The highest recall any threshold on ``score`` reaches while at most ``max_fpr`` of clean rows score above it."""
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, _ = roc_curve(y_true, score)
+    # every threshold: the collinear points roc_curve drops by default can hold the best recall under the cap
+    fpr, tpr, _ = roc_curve(y_true, score, drop_intermediate=False)
     ok = fpr <= max_fpr + 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
 

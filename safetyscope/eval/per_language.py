@@ -8,6 +8,8 @@ Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on 
 - ``or_rule_fpr2``: ``or_rule`` at criterion recall_at_fpr, target FPR 0.02 (the ``discover`` default);
 - ``control_random_features``: ``or_rule``'s K with random features matched to its clean firing rates (a control);
 - ``sparse_linear``: L1 logistic rule with at most 128 SAE features;
+- ``random_sae_or_rule`` / ``random_sae_sparse_linear``: ``or_rule`` / ``sparse_linear`` on the codes of an
+  untrained SAE of the same shapes (``SAE.random_like``), when its extraction is given - controls;
 - ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
 - ``probe_raw``: logistic probe on mean-pooled raw residual activations of the same layer - a baseline;
 - ``majority``: the majority class of the discovery split - a baseline;
@@ -28,19 +30,21 @@ from .metrics import binary_metrics, majority_predict, raw_activation_probe
 
 
 def methods(seed: int):
-    """name -> (estimator factory, uses raw activations)."""
+    """name -> (estimator factory, what it reads: "sae" codes, "raw" mean activations or "random_sae" codes)."""
     out = {
-        "or_rule_fpr2": (lambda: OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.02, random_state=seed), False),
-        "or_rule": (lambda: OrRuleClassifier(random_state=seed), False),
-        "control_random_features": (lambda: RandomMatchedOrRule(random_state=seed), False),
-        "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), False),
-        "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), False),
-        "sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), False),
-        "logreg_sae": (lambda: SparseLinearClassifier(max_features=10**9, random_state=seed), False),
-        "probe_raw": (lambda: raw_activation_probe(seed), True),
+        "or_rule_fpr2": (lambda: OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.02, random_state=seed), "sae"),
+        "or_rule": (lambda: OrRuleClassifier(random_state=seed), "sae"),
+        "control_random_features": (lambda: RandomMatchedOrRule(random_state=seed), "sae"),
+        "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), "sae"),
+        "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), "sae"),
+        "sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), "sae"),
+        "logreg_sae": (lambda: SparseLinearClassifier(max_features=10**9, random_state=seed), "sae"),
+        "probe_raw": (lambda: raw_activation_probe(seed), "raw"),
+        "random_sae_or_rule": (lambda: OrRuleClassifier(random_state=seed), "random_sae"),
+        "random_sae_sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), "random_sae"),
     }
     for k in K_CANDIDATES:
-        out[f"or_rule_K={k}"] = (lambda k=k: OrRuleClassifier(max_features=k, random_state=seed), False)
+        out[f"or_rule_K={k}"] = (lambda k=k: OrRuleClassifier(max_features=k, random_state=seed), "sae")
     return out
 
 
@@ -51,14 +55,17 @@ def split_indices(df: pl.DataFrame, lang: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | None = None, seed: int = 0,
-                       shipped=None, only: list[str] | None = None, progress: bool = True) -> list[dict]:
-    """``df`` has text, label, lang, split; ``ex`` holds its features row for row."""
+                       shipped=None, only: list[str] | None = None, progress: bool = True,
+                       random_ex: Extraction | None = None, outputs: dict | None = None) -> list[dict]:
+    """``df`` has text, label, lang, split; ``ex`` holds its features row for row, ``random_ex`` (optional)
+    those of a random SAE (the ``random_sae_*`` methods run only with it). ``outputs``, when given, is
+    filled with {(lang, method): (test labels, predictions, scores)} for paired comparisons."""
     for c in ("label", "lang", "split"):
         if c not in df.columns:
             raise SafetyScopeError(f"evaluation data needs a {c!r} column; columns present: {df.columns}")
     y = parse_labels(df.get_column("label"), "evaluation data")
     langs = langs or sorted(set(df.get_column("lang").to_list()))
-    table = methods(seed)
+    table = {k: v for k, v in methods(seed).items() if random_ex is not None or v[1] != "random_sae"}
     if only:
         table = {k: v for k, v in table.items() if k in only}
     rows = []
@@ -66,11 +73,13 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
         d_idx, t_idx = split_indices(df, lang)
         if len(d_idx) == 0 or len(t_idx) == 0 or len(set(y[d_idx])) < 2:
             continue
-        for name, (make, raw) in table.items():
-            X = ex.mean_acts if raw else ex.codes
+        for name, (make, source) in table.items():
+            X = {"sae": ex.codes, "raw": ex.mean_acts}[source] if source != "random_sae" else random_ex.codes
             est = make().fit(X[d_idx], y[d_idx])
-            score = est.decision_function(X[t_idx])
-            rows.append({"lang": lang, "method": name, **binary_metrics(y[t_idx], est.predict(X[t_idx]), score)})
+            score, pred = est.decision_function(X[t_idx]), est.predict(X[t_idx])
+            rows.append({"lang": lang, "method": name, **binary_metrics(y[t_idx], pred, score)})
+            if outputs is not None:
+                outputs[(lang, name)] = (y[t_idx], pred, score)
         rows.append({"lang": lang, "method": "majority",
                      **binary_metrics(y[t_idx], majority_predict(y[d_idx], len(t_idx)))})
         if shipped is not None:
