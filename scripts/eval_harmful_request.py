@@ -63,7 +63,8 @@ def score_methods(ex_seed, y_seed, ex_pool, shipped, seed: int) -> dict:
     out["shipped"] = (score > 0, score)
     table = methods(seed)
     for name in ("sparse_linear", "probe_raw"):
-        make, raw = table[name]
+        make, source = table[name]
+        raw = source == "raw"
         est = make().fit(ex_seed.mean_acts if raw else ex_seed.codes, y_seed)
         X = ex_pool.mean_acts if raw else ex_pool.codes
         out[name] = (est.predict(X).astype(bool), est.decision_function(X))

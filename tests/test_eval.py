@@ -301,6 +301,7 @@ def test_eval_random_controls_and_skip(tmp_path, tiny_model_dir, qwen_scope_sae_
                          "random_sae_sparse_linear |") == 3  # F1, recall at 5 % FPR, ROC-AUC
     html = (tmp_path / "r" / "report.html").read_text()
     assert "<h2>Random controls (is the SAE doing the work?)</h2>" in html and html.count("<li>de: the trained SAE") == 1
+    assert "<code>control_random_features</code>" in html and "<em>beats</em>" in html
 
     run_cli(base + ["-o", tmp_path / "s", "--skip", "random_sae,transfer,efficiency"])
     res = json.loads((tmp_path / "s" / "results.json").read_text())

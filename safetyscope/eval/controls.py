@@ -144,7 +144,7 @@ def sentences(controls: dict) -> list[str]:
 
 
 EXPLAIN = ("Is the SAE doing the work? Each trained-SAE rule beside the same rule on an untrained SAE of the same "
-           "shapes, k and layer (`random_sae_*`: random unit decoder directions, encoder tied to them with the "
+           "shapes, k and layer (`random_sae_or_rule`, `random_sae_sparse_linear`: random unit decoder directions, encoder tied to them with the "
            "trained encoder's row norms, the trained b_dec as centre; seeded by `--seed`) and beside "
            "`control_random_features` (the OR-rule's K with random features thresholded to its clean firing "
            "rates), all fitted on the same discovery split and scored on the same test split. A verdict *beats* "
@@ -165,10 +165,14 @@ def markdown(rows: list[dict], controls: dict) -> list[str]:
 
 def html(rows: list[dict], controls: dict, langs: list[str], table) -> str:
     """``table(rows, methods, metric, langs)``: the report's per-language HTML table."""
+    import re
     from html import escape
 
+    def marked(text):  # the markdown's `code` and *emphasis*, as HTML
+        return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text)))
+
     items = "".join(f"<li>{escape(s)}</li>" for s in sentences(controls))
-    parts = [f"<p>{escape(EXPLAIN.format(n=controls['n_boot']))}</p><ul>{items}</ul>"]
+    parts = [f"<p>{marked(EXPLAIN.format(n=controls['n_boot']))}</p><ul>{items}</ul>"]
     for metric in METRICS:
         parts.append(f"<h3>{escape(LABELS[metric])}</h3>{table(rows, METHODS, metric, langs)}")
     return "".join(parts)
