@@ -255,10 +255,9 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
-    from ..features import FeatureExtractor, extract_shared
+    from ..features import FeatureExtractor
     from ..outputs import check_report_dir
-    from ..sae import SAE
-    from . import controls as ctl, report
+    from . import report
     from .overlap import footprint, overlap_matrices, redundancy
 
     if names and len(names) != len(data):
