@@ -75,13 +75,14 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
                for la in scan if la != fx.layer}
     shipped = None
     if classifier:
-        from ..discovery.detector import read_classifier
+        from ..discovery.detector import read_classifier, read_rules
         from ..provenance import check_compatible
-        from ..discovery.rules import classifier_from_dict
 
         d = read_classifier(classifier)
         check_compatible(d, fx, classifier)
-        shipped = classifier_from_dict(d["rule"])
+        fallback, by_lang = read_rules(d, classifier, fx.sae.cfg.d_sae)
+        # a per-language file scores each language with its own rule (others: its fallback), as classify does
+        shipped = lambda lang: by_lang.get(lang, fallback)  # noqa: E731
     t0 = time.perf_counter()
     ex = fx.extract(df.get_column("text").to_list(), progress=True)  # once; every analysis reuses it
     t_feat = time.perf_counter() - t0
