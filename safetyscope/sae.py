@@ -27,6 +27,8 @@ ACTIVATIONS = ("topk", "jumprelu", "relu")
 OWN_FORMAT = "safetyscope-sae"
 FINGERPRINT_PREFIX = "sha256:"  # full-weight fingerprints; older files hold a 16-hex legacy one
 EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
+# SAEs shipped in the package, by name: a classifier that records the name (not a path) loads from any directory
+SHIPPED_SAES = {"gemma3-270m": Path(__file__).parent / "assets" / "sae-gemma3-270m"}
 
 
 @dataclass
@@ -355,9 +357,9 @@ def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
 
 def load_sae(spec: str | Path | None = None, *, layer: int | None = None, k: int | None = None,
              device: str = "cpu") -> SAE:
-    """Load an SAE from: None/'default' (the embedded one), a directory in any of the four formats,
-    a Qwen-Scope ``.pt`` file, a Qwen-Scope directory or hub repo plus ``layer``, or a sparsify
-    checkpoint directory with one sub-directory per hook point plus ``layer``."""
+    """Load an SAE from: None/'default' (the embedded one), a shipped SAE's name (SHIPPED_SAES, e.g. gemma3-270m),
+    a directory in any of the four formats, a Qwen-Scope ``.pt`` file, a Qwen-Scope directory or hub repo plus
+    ``layer``, or a sparsify checkpoint directory with one sub-directory per hook point plus ``layer``."""
     sae = _load_any(spec, layer, k)
     if k is not None and sae.cfg.activation == "topk":
         if not 0 < k <= sae.cfg.d_sae:
@@ -371,6 +373,8 @@ def _load_any(spec, layer, k) -> SAE:
         if not (EMBEDDED_SAE_DIR / "config.json").exists():
             raise SafetyScopeError("the embedded default SAE is missing from this installation")
         return load_own(EMBEDDED_SAE_DIR)
+    if str(spec) in SHIPPED_SAES:
+        return load_own(SHIPPED_SAES[str(spec)])
     p = Path(spec)
     if p.is_file():
         if p.suffix == ".pt":

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from safetyscope.cli import main
-from safetyscope.discovery.detector import ASSETS, CLASSIFIERS, Detector, classifier_path, read_classifier
+from safetyscope.discovery.detector import ASSETS, CLASSIFIERS, Detector, classifier_path, read_classifier, read_rules
 from safetyscope.discovery.discover import parse_labels
 from safetyscope.errors import SafetyScopeError
 
@@ -30,11 +30,22 @@ def _strings(obj):
             yield from _strings(v)
 
 
+# registered names whose file is made later (issue 12: `discover --per-language` on Gemma 3 270M features);
+# until then the name is a one-line error (tests/test_per_language.py)
+PENDING = {"multilingual"}
+
+
 def test_every_registered_name_is_a_shipped_classifier_file():
     for name, file in CLASSIFIERS.items():
+        if not (ASSETS / file).exists():
+            assert name in PENDING, f"{name}: {file} is missing"
+            continue
         assert classifier_path(name) == ASSETS / file
         d = read_classifier(name)
         assert d["format"] == "safetyscope-classifier" and d["rule"]["features"], name
+        _, by_lang = read_rules(d, name)  # every rule of the file (fallback and per-language) validates
+        if by_lang:  # each per-language rule belongs to a recorded, validated language
+            assert sorted(by_lang) == d["validation"]["languages"], name
     assert classifier_path(None) == classifier_path("default") == classifier_path("toxicity")
 
 

@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 from ..data import count_rows, csv_safe, iter_chunks, require_columns, table_format
 from ..errors import SafetyScopeError
 from ..outputs import check_output, mark, output_errors, output_lock, remove_temp, replace, temp_path
-from .detector import Detector
+from .detector import UNVALIDATED, Detector
 
 RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
-UNVALIDATED = "unvalidated language"  # a verdict is given, but the classifier was never checked on this language
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -45,7 +44,8 @@ def _fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
 def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_column: str | None = None) -> pl.DataFrame:
     """Verdict columns for one chunk. Each row's language comes from ``lang_column``, else the input's ``lang``
     column, else language identification (written to a new ``lang`` column); rows outside the classifier's
-    validated languages get status "unvalidated language" (their verdict is still given)."""
+    validated languages get status "unvalidated language" (their verdict is still given). A per-language
+    classifier scores each row with its language's rule (other languages: its fallback rule)."""
     texts = df.get_column(text_column).to_list()
     status = ["null text" if t is None else "empty text" if not str(t).strip() else "ok" for t in texts]
     column = lang_column or "lang"
@@ -65,7 +65,7 @@ def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_colum
     score: list = [None] * len(texts)
     fired: list = [None] * len(texts)
     if ok:
-        t, s, f = det.predict([texts[i] for i in ok])
+        t, s, f = det.predict([texts[i] for i in ok], langs=[langs[i] for i in ok])
         for j, i in enumerate(ok):
             toxic[i], score[i], fired[i] = bool(t[j]), float(s[j]), f[j]
     clash = [c for c in RESULT_COLUMNS if c in df.columns]

@@ -44,11 +44,14 @@ def _fpr_cap(value: str) -> float | None | str:
               help="Clean firing-rate budget of --criterion recall_at_fpr.")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
 @click.option("--scan-layers", type=NumberList(int, low=-1), default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--per-language", is_flag=True,
+              help="One rule per language of the `lang` column, each fitted on its own rows, plus the rule fitted on "
+                   "all rows as the fallback for other languages; classify picks each row's rule by its language.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
-             target_fpr, threshold, scan_layers, seed, **kw):
+             target_fpr, threshold, scan_layers, per_language, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from .discover import DiscoverConfig
     from .discover import discover as run
@@ -58,11 +61,18 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     layers = list(scan_layers or ())
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
-                         criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers)
+                         criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers, per_language=per_language)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)
     r = det.rule.to_dict()
     d = det.meta["discovery_data"]
+    if det.rules_by_lang:
+        per_lang = det.meta["validation"]["per_lang"]
+        for lang, rule in det.rules_by_lang.items():
+            v = per_lang[lang]
+            click.echo(f"{lang}: {kind} with {len(rule.features_)} feature(s) from {v['toxic']} toxic / {v['clean']} "
+                       f"clean rows; hold-out recall {v['holdout_recall']:.3f}, clean FPR {v['holdout_fpr']:.3f}", err=True)
+        click.echo("fallback for other languages (fitted on all rows pooled):", err=True)
     click.echo(f"{kind}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
     for i, fold in enumerate(r.get("holdout", [])):
@@ -120,7 +130,8 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
             det = _detector(classifier, kw)
         langs = ", ".join(det.validated_languages()) or "none recorded"
         click.echo(f"{s['unvalidated']} of {s['rows']} rows are outside the classifier's validated languages "
-                   f"({langs}): status 'unvalidated language', verdict given but unchecked", err=True)
+                   f"({langs}): status 'unvalidated language', verdict given but unchecked"
+                   + (" (scored by its fallback rule)" if det.rules_by_lang else ""), err=True)
 
 
 @click.command()
@@ -129,13 +140,16 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
 @click.option("--input", "input_path", default=None, help="Read texts from a table instead.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--limit", type=int, default=20, show_default=True, help="At most this many texts from --input.")
+@click.option("--lang", default=None,
+              help="The texts' language: picks a per-language classifier's rule and sets the status [default: "
+                   "identified offline for a per-language classifier].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
 @recorded_model_options("classifier")
 @user_errors
-def explain(classifier, texts, input_path, text_column, limit, as_json, **kw):
+def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **kw):
     """Per text: the verdict, which selected features fired, at which tokens and how strongly.
 
-    CLASSIFIER is a classifier JSON file or 'default'."""
+    CLASSIFIER is a classifier JSON file or a shipped classifier's name (see `classify -c`)."""
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
     from .explain import explain_text
@@ -147,14 +161,16 @@ def explain(classifier, texts, input_path, text_column, limit, as_json, **kw):
         raise SafetyScopeError("give texts as arguments or --input FILE")
     det = _detector(classifier, kw)
     for t in texts:
-        e = explain_text(det, t)
+        e = explain_text(det, t, lang)
         click.echo(json.dumps(e, ensure_ascii=False) if as_json else format_explanation(e))
 
 
 def format_explanation(e: dict) -> str:
     if e["toxic"] is None:
         return f"[skipped: {e['status']}] {e['text']!r}\n"
-    lines = [f"[{'TOXIC' if e['toxic'] else 'clean'} score={e['score']:+.3f}] {e['text']}"]
+    where = "".join(f" {k}={e[k]}" for k in ("lang", "rule") if k in e)
+    status = "" if e["status"] == "ok" else f" {e['status']}"
+    lines = [f"[{'TOXIC' if e['toxic'] else 'clean'} score={e['score']:+.3f}{where}{status}] {e['text']}"]
     for f in e["features"]:
         toks = ", ".join(f"{t['token']!r}@{t['position']}={t['act']:.2f}" for t in f["tokens"][:8])
         extra = f" weight={f['weight']:+.3f}" if "weight" in f else f" threshold={f['threshold']:.2f}"

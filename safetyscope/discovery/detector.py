@@ -4,12 +4,19 @@ The JSON records the model and SAE (ids and weight fingerprints), the layer, the
 the rule (feature ids, thresholds, deltas, firing rates or weights), how K was chosen and a summary
 of the discovery data. It never holds the data itself. Loading it against another model or SAE is
 an error, because feature ids only mean something for the SAE they were found in.
+
+A per-language file (``discover --per-language``) also holds ``rules_by_lang``: one rule per language, found
+on that language's rows only (a feature that separates toxic from clean in one language is often noise in
+another). Each row is scored by its own language's rule; ``rule`` is then the fallback for every other
+language, found on all languages' rows pooled (those rows are outside the validated languages).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
@@ -23,8 +30,12 @@ CLASSIFIERS = {
     "default": "toxicity-smollm2-135m-instruct.json",
     "toxicity": "toxicity-smollm2-135m-instruct.json",
     "harmful-request": "harmful-request-smollm2-135m-instruct.json",
+    # one rule per language of the 14 toxicity languages, on Gemma 3 270M (extra `safetyscope[gemma]`)
+    "multilingual": "toxicity-multilingual-gemma3-270m.json",
 }
 DEFAULT_CLASSIFIER = ASSETS / CLASSIFIERS["default"]
+# a verdict is given, but the classifier was never checked on this language
+UNVALIDATED = "unvalidated language"
 
 
 def classifier_path(name_or_path: str | Path | None) -> Path:
@@ -32,7 +43,11 @@ def classifier_path(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         return DEFAULT_CLASSIFIER
     if str(name_or_path) in CLASSIFIERS:
-        return ASSETS / CLASSIFIERS[str(name_or_path)]
+        path = ASSETS / CLASSIFIERS[str(name_or_path)]
+        if not path.is_file():  # a registered name whose file this installation does not (yet) hold
+            raise SafetyScopeError(f"shipped classifier {str(name_or_path)!r} is missing from this installation "
+                                   f"({path} does not exist)")
+        return path
     p = Path(name_or_path)
     if not p.is_file():
         raise SafetyScopeError(f"{name_or_path}: neither a classifier file nor a shipped classifier "
@@ -40,17 +55,68 @@ def classifier_path(name_or_path: str | Path | None) -> Path:
     return p
 
 
+def read_rules(d: dict, where, d_sae: int | None = None) -> tuple[object, dict[str, object]]:
+    """(rule, {language: rule}) of a classifier document, every rule validated as ``classifier_from_dict`` does
+    (and against the SAE's ``d_sae`` when given); an error names the file and the language."""
+    def one(rd, label: str):
+        try:
+            rule = classifier_from_dict(rd)
+        except SafetyScopeError as e:
+            raise SafetyScopeError(f"{where}: {label}{e}") from None
+        if d_sae is not None and rule.n_features_in_ != d_sae:
+            raise SafetyScopeError(f"{where}: {label}rule n_features_in {rule.n_features_in_} is not the SAE's "
+                                   f"d_sae {d_sae}")
+        return rule
+
+    rule = one(d.get("rule"), "")
+    by_lang = d.get("rules_by_lang")
+    if by_lang is None:  # a single-rule file (every file written before per-language rules)
+        return rule, {}
+    if not isinstance(by_lang, dict) or not by_lang:
+        raise SafetyScopeError(f"{where}: key 'rules_by_lang' must be a non-empty object of language -> rule; "
+                               f"got {by_lang!r:.80}")
+    out = {}
+    for lang, rd in by_lang.items():
+        if not lang.strip():
+            raise SafetyScopeError(f"{where}: rules_by_lang has a rule under an empty language code")
+        out[lang] = one(rd, f"rules_by_lang[{lang!r}]: ")
+    return rule, out
+
+
 @dataclass
 class Detector:
     extractor: FeatureExtractor
-    rule: object  # OrRuleClassifier or SparseLinearClassifier
+    rule: object  # OrRuleClassifier or SparseLinearClassifier; the fallback when rules_by_lang is set
     meta: dict
+    rules_by_lang: dict = field(default_factory=dict)  # language -> rule found on that language's rows
 
-    def predict(self, texts: list[str], *, progress: bool = False):
-        """(toxic bool array, score float array, fired feature ids per text) for non-empty texts."""
+    def rule_for(self, lang: str | None):
+        """The rule that scores a row in ``lang``: its own language's rule, else the (fallback) ``rule``."""
+        return self.rules_by_lang.get(lang, self.rule)
+
+    def predict(self, texts: list[str], *, langs: list[str | None] | None = None, progress: bool = False):
+        """(toxic bool array, score float array, fired feature ids per text) for non-empty texts. A per-language
+        detector scores each text with its language's rule (``langs``; None: identified offline, as classify
+        does); a single-rule detector ignores ``langs``."""
         codes = self.extractor.transform(texts, progress=progress)
-        score = self.rule.decision_function(codes)
-        return score > 0, score, self.rule.fired(codes)
+        if not self.rules_by_lang:
+            score = self.rule.decision_function(codes)
+            return score > 0, score, self.rule.fired(codes)
+        if langs is None:
+            from ..langid import identify
+
+            langs = identify(texts)
+        if len(langs) != len(texts):
+            raise SafetyScopeError(f"{len(texts)} texts but {len(langs)} languages")
+        keys = np.array([lang if lang in self.rules_by_lang else "" for lang in langs], dtype=object)
+        score, fired = np.empty(len(texts)), [None] * len(texts)
+        for key in set(keys.tolist()):  # "" = the fallback rule
+            idx = np.flatnonzero(keys == key)
+            rule = self.rule_for(key)
+            score[idx] = rule.decision_function(codes[idx])
+            for i, f in zip(idx, rule.fired(codes[idx])):
+                fired[i] = f
+        return score > 0, score, fired
 
     def validated_languages(self) -> list[str]:
         """Languages the classifier was checked on: ``validation.languages`` of the file, else (files written
@@ -61,8 +127,9 @@ class Detector:
         return sorted(self.meta.get("discovery_data", {}).get("per_lang", {}))
 
     def to_dict(self) -> dict:
+        by_lang = {"rules_by_lang": {la: r.to_dict() for la, r in self.rules_by_lang.items()}} if self.rules_by_lang else {}
         return {"format": FORMAT, **extractor_record(self.extractor, self.meta.get("sae_id")),
-                "rule": self.rule.to_dict(), **{k: v for k, v in self.meta.items() if k not in ("sae_id",)}}
+                "rule": self.rule.to_dict(), **by_lang, **{k: v for k, v in self.meta.items() if k not in ("sae_id",)}}
 
     def save(self, path: str | Path) -> None:
         write_document(self.to_dict(), path)
@@ -78,16 +145,10 @@ class Detector:
         fx = extractor_from_record(d, path, model=model, sae=sae, device=device, dtype=dtype,
                                    batch_size=batch_size, cache=cache)
         meta = {k: v for k, v in d.items() if k not in ("format", "package_version", "model", "sae", "layer",
-                                                         "extraction", "rule")}
+                                                         "extraction", "rule", "rules_by_lang")}
         meta["sae_id"] = d["sae"]["id"]
-        try:
-            rule = classifier_from_dict(d.get("rule"))
-        except SafetyScopeError as e:
-            raise SafetyScopeError(f"{path or DEFAULT_CLASSIFIER}: {e}") from None
-        if rule.n_features_in_ != fx.sae.cfg.d_sae:
-            raise SafetyScopeError(f"{path or DEFAULT_CLASSIFIER}: rule n_features_in {rule.n_features_in_} is not "
-                                   f"the SAE's d_sae {fx.sae.cfg.d_sae}")
-        return cls(fx, rule, meta)
+        rule, by_lang = read_rules(d, path, fx.sae.cfg.d_sae)
+        return cls(fx, rule, meta, by_lang)
 
 
 def read_classifier(name_or_path: str | Path | None) -> dict:

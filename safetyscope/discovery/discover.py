@@ -13,7 +13,7 @@ from ..data import read_table, require_columns, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from .detector import Detector
-from .rules import OrRuleClassifier, SparseLinearClassifier, rank_features
+from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
 
 POSITIVE = {"1", "true", "toxic", "harmful", "yes"}
 NEGATIVE = {"0", "false", "clean", "benign", "no", "non-toxic", "nontoxic"}
@@ -35,6 +35,8 @@ class DiscoverConfig:
     target_fpr: float = 0.02
     seed: int = 0
     layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
+    # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
+    per_language: bool = False
 
 
 def parse_labels(values: pl.Series, where: str) -> np.ndarray:
@@ -97,6 +99,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     y = parse_labels(df.get_column(cfg.label_column), ", ".join(map(str, paths)))
     if len(set(y.tolist())) < 2:
         raise SafetyScopeError("discovery needs both toxic and clean rows; found only one class")
+    if cfg.per_language:
+        check_per_language(df, y)  # before the feature extraction, the expensive part
     texts = text_list(df, cfg.text_column)
     layers = cfg.layers or ([fcfg.layer] if fcfg.layer is not None else [])
     if len(layers) <= 1:
@@ -122,14 +126,50 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         from ..langid import identify
 
         langs = identify(texts)
+    validation = language_validation(rule, codes, y, langs, cfg.seed)
+    rules_by_lang = {}
+    if cfg.per_language:
+        rules_by_lang, own = fit_per_language(codes, y, langs, cfg)
+        validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
-            "validation": language_validation(rule, codes, y, langs, cfg.seed),
+            "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
-                         "criterion": cfg.criterion, "target_fpr": cfg.target_fpr}}
+                         "criterion": cfg.criterion, "target_fpr": cfg.target_fpr, "per_language": cfg.per_language}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
-    return Detector(fx, rule, meta)
+    return Detector(fx, rule, meta, rules_by_lang)
+
+
+def check_per_language(df: pl.DataFrame, y: np.ndarray) -> None:
+    """--per-language needs each row's language and, per language, enough toxic and clean rows for the
+    hold-outs that choose and validate its rule."""
+    if "lang" not in df.columns:
+        raise SafetyScopeError("--per-language needs a `lang` column naming each row's language")
+    langs = df.get_column("lang")
+    if langs.null_count():
+        raise SafetyScopeError(f"--per-language: {langs.null_count()} row(s) have no `lang`")
+    langs = langs.cast(pl.String).to_numpy()
+    for lang in sorted(set(langs.tolist())):
+        try:
+            _check_enough_for_holdouts(y[langs == lang], "its rule")
+        except SafetyScopeError as e:
+            raise SafetyScopeError(f"--per-language: language {lang!r}: {e}; add rows or leave it out with --lang") from None
+
+
+def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig) -> tuple[dict, dict]:
+    """({language: rule fitted on that language's rows only}, the validation record): same kind, K choice and
+    criterion as the pooled rule; per language, the hold-out recall and clean FPR of its own rule."""
+    langs = np.asarray(langs, dtype=object)
+    rules, per_lang = {}, {}
+    for lang in sorted(set(langs.tolist())):
+        rows = np.flatnonzero(langs == lang)
+        rules[lang] = make_rule(cfg).fit(codes[rows], y[rows])
+        v = language_validation(rules[lang], codes[rows], y[rows], [lang] * len(rows), cfg.seed)
+        per_lang[lang] = {**v["per_lang"][lang], "k": len(rules[lang].features_), "method": v["method"]}
+    return rules, {"languages": sorted(rules), "per_lang": per_lang,
+                   "method": "each language's own rule, fitted and validated on that language's rows only "
+                             "(per_lang.*.method); `fallback`: the rule fitted on all languages pooled"}
 
 
 def language_validation(rule, codes, y: np.ndarray, langs: list[str], seed: int, n_splits: int = 3,

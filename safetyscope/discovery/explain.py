@@ -5,15 +5,21 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .detector import Detector
+from .detector import UNVALIDATED, Detector
 
 
-def explain_text(det: Detector, text: str | None) -> dict:
+def explain_text(det: Detector, text: str | None, lang: str | None = None) -> dict:
+    """``lang``: the text's language; a per-language classifier identifies it when not given, and explains the
+    rule of that language (else its fallback rule). Status as classify gives it."""
     if text is None or not str(text).strip():
         return {"text": text, "toxic": None, "score": None, "status": "null text" if text is None else "empty text",
                 "features": []}
+    if lang is None and det.rules_by_lang:
+        from ..langid import identify
+
+        lang = identify([text])[0]
     tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae)
-    rule = det.rule
+    rule = det.rule_for(lang)
     pooled = sp.csr_matrix(codes.amax(0).numpy()[None, :])
     score = float(rule.decision_function(pooled)[0])
     fired = set(rule.fired(pooled)[0])
@@ -36,4 +42,11 @@ def explain_text(det: Detector, text: str | None) -> dict:
             entry["contribution"] = float(weights[j] * np.log1p(col.max()))
         feats.append(entry)
     feats.sort(key=lambda e: (not e["fired"], -e.get("contribution", e["max_act"])))
-    return {"text": text, "toxic": score > 0, "score": score, "status": "ok", "features": feats}
+    out = {"text": text, "toxic": score > 0, "score": score,
+           "status": UNVALIDATED if lang is not None and lang not in det.validated_languages() else "ok",
+           "features": feats}
+    if lang is not None:
+        out["lang"] = lang
+    if det.rules_by_lang:  # which rule gave the verdict: the language's own or the fallback
+        out["rule"] = lang if lang in det.rules_by_lang else "fallback"
+    return out

@@ -81,13 +81,14 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
                for la in scan if la != fx.layer}
     shipped = None
     if classifier:
-        from ..discovery.detector import read_classifier
+        from ..discovery.detector import read_classifier, read_rules
         from ..provenance import check_compatible
-        from ..discovery.rules import classifier_from_dict
 
         d = read_classifier(classifier)
         check_compatible(d, fx, classifier)
-        shipped = classifier_from_dict(d["rule"])
+        fallback, by_lang = read_rules(d, classifier, fx.sae.cfg.d_sae)
+        # a per-language file scores each language with its own rule (others: its fallback), as classify does
+        shipped = lambda lang: by_lang.get(lang, fallback)  # noqa: E731
     only = only.split(",") if only else None
     extractors = [fx]
     if "random_sae" not in skip and (only is None or {"random_sae_or_rule", "random_sae_sparse_linear"} & set(only)):

@@ -13,7 +13,8 @@ Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on 
 - ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
 - ``probe_raw``: logistic probe on mean-pooled raw residual activations of the same layer - a baseline;
 - ``majority``: the majority class of the discovery split - a baseline;
-- ``shipped``: a given classifier (e.g. the shipped all-language one) applied as is.
+- ``shipped``: a given classifier (e.g. the shipped all-language one) applied as is; a per-language file
+  scores each language with its own rule (its fallback rule for other languages).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
                        random_ex: Extraction | None = None, outputs: dict | None = None) -> list[dict]:
     """``df`` has text, label, lang, split; ``ex`` holds its features row for row, ``random_ex`` (optional)
     those of a random SAE (the ``random_sae_*`` methods run only with it). ``outputs``, when given, is
-    filled with {(lang, method): (test labels, predictions, scores)} for paired comparisons."""
+    filled with {(lang, method): (test labels, predictions, scores)} for paired comparisons. ``shipped``:
+    language -> the rule of a given classifier that scores that language's rows."""
     for c in ("label", "lang", "split"):
         if c not in df.columns:
             raise SafetyScopeError(f"evaluation data needs a {c!r} column; columns present: {df.columns}")
@@ -83,7 +85,7 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
         rows.append({"lang": lang, "method": "majority",
                      **binary_metrics(y[t_idx], majority_predict(y[d_idx], len(t_idx)))})
         if shipped is not None:
-            score = shipped.decision_function(ex.codes[t_idx])
+            score = shipped(lang).decision_function(ex.codes[t_idx])
             rows.append({"lang": lang, "method": "shipped", **binary_metrics(y[t_idx], score > 0, score)})
     return rows
 
