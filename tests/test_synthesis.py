@@ -340,6 +340,52 @@ def test_judging_relabels_a_benign_request_written_for_a_harmful_target(tmp_path
     assert s["rejected"] == {"benign_response_refused": 1, "regenerated": 1}
 
 
+def test_steered_attempts_keep_only_requests_that_fire_unsteered(tmp_path, targets, classifier):
+    from safetyscope.backbone import decoder_layers
+    from safetyscope.synthesis.generators import TransformersGenerator
+    from safetyscope.synthesis.synthesize import SynthConfig, synthesize, typical_activation
+
+    doc, fx = _fx(targets)
+    texts = [_mix(s, i) for s in range(30) for i in range(3)]
+    codes = fx.transform(texts).toarray()
+    # a target, a request that fires it (not a copy of its shown contexts) and one that does not
+    t, fires, misses = next((t, texts[a], texts[b]) for t in doc["targets"]
+                            for a in np.flatnonzero(codes[:, t["id"]] > 0) for b in np.flatnonzero(codes[:, t["id"]] <= 0)
+                            if all(jaccard_ok(texts[a], e["text"]) for e in t["examples"]))
+    hooks = decoder_layers(fx.backbone.model)[fx.layer]._forward_hooks
+
+    class Spy(TransformersGenerator):
+        """The real model generates (under the steering hook when there is one); the returned text is canned: the
+        plain attempts write a request that misses the target, the steered ones a miss and a hit."""
+        calls: list = []
+
+        def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0, **kw):
+            super().generate(conversations, n=1, max_new_tokens=2, seed=seed)
+            if conversations[0][0]["role"] == "system":
+                return [[REFUSALS["en"] if "harmful" in c[0]["content"] else ANSWERS["en"]] * n for c in conversations]
+            Spy.calls.append(len(hooks))
+            return [[f"{misses}\n{fires}" if hooks else misses] * n for _ in conversations]
+
+    gen = Spy.from_backbone(fx.backbone)
+    one = {**doc, "targets": [t]}
+    cfg = SynthConfig(budget=1, samples=2, max_attempts=2)
+    s = synthesize(one, ["zz"], cfg, fx, gen, None, tmp_path / "o.jsonl", judge=_judge(classifier), progress=False)
+    assert Spy.calls == [0, 0, 1] and not hooks  # two plain attempts, then the first steered one; hook removed
+    df = pl.read_ndjson(tmp_path / "o.jsonl")
+    assert df.height == 1 and s["steering"]["on"] and s["steering"]["steered_rows"] == 1
+    row = df.row(0, named=True)
+    assert row["prompt"] == fires and row["steered"] and row["attempt"] == 3 and row["target_feature"] == t["id"]
+    assert row["alpha"] == pytest.approx(2.0 * typical_activation(t)[0] * float(fx.sae.W_dec[:, t["id"]].norm()))
+    assert typical_activation(t) == (pytest.approx(t["mean_activation"]), "mean_activation") and t["mean_activation"] > 0
+    assert row["target_activation"] > 0
+    assert row["target_activation"] == pytest.approx(float(fx.transform([fires])[0, t["id"]]), rel=1e-4)
+    # --no-steer: the plain attempts only, nothing kept
+    Spy.calls = []
+    s = synthesize(one, ["zz"], SynthConfig(budget=1, samples=2, max_attempts=2, steer=False), fx, gen, None,
+                   tmp_path / "n.jsonl", judge=_judge(classifier), progress=False)
+    assert Spy.calls == [0, 0] and s["rows"] == 0 and s["steering"]["why_not"] == "off (--no-steer)"
+
+
 def jaccard_ok(a: str, b: str) -> bool:
     from safetyscope.synthesis.synthesize import jaccard, shingles
 
@@ -536,7 +582,7 @@ def safety_table(tmp_path):
     return p
 
 
-def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir, classifier):
+def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir, classifier):
     from safetyscope.provenance import extractor_from_record
     from safetyscope.synthesis.compare import _half
     from safetyscope.synthesis.targets import read_targets
@@ -544,15 +590,17 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
     out = tmp_path / "cmp"
     budget = 6
     res = _run(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
-                "--max-targets", 16, "--budget", budget, "--samples", 4, "--max-attempts", 3, "--group-size", 3,
+                "--max-targets", 16, "--budget", budget, "--samples", 1, "--max-attempts", 1, "--group-size", 3,
                 "--prompt-tokens", 16, "--response-tokens", 6, "--generator", tiny_model_dir, "--classifier", "none",
                 "--judge-classifier", classifier, *model_args])
     r = json.loads((out / "compare.json").read_text())
-    for f in ("compare.md", "compare.png", "targets.json", "targeted.jsonl", "random.jsonl", "natural.jsonl"):
+    for f in ("compare.md", "compare.png", "targets.json", "targeted.jsonl", "targeted_steered.jsonl", "random.jsonl",
+              "natural.jsonl"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.partial.jsonl"))
-    assert [a["arm"] for a in r["arms"]] == ["targeted synthesis", "random synthesis", "natural sampling"]
+    assert [a["arm"] for a in r["arms"]] == ["targeted synthesis", "targeted + steering", "random synthesis",
+                                             "natural sampling"]
     assert r["rows"]["seed"] == 3 and r["generator"]["backend"] == "transformers"
     assert r["features"]["layer"] == SAE_LAYERS[0] and "| targeted synthesis |" in res.output
 
@@ -571,7 +619,8 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
     assert r["targets"]["T_miss_ids"] == miss and r["targets"]["T_miss"] == len(miss) > 0
 
     # every arm's numbers = coverage recomputed on the data the arm wrote
-    files = {"targeted synthesis": "targeted.jsonl", "random synthesis": "random.jsonl", "natural sampling": "natural.jsonl"}
+    files = {"targeted synthesis": "targeted.jsonl", "targeted + steering": "targeted_steered.jsonl",
+             "random synthesis": "random.jsonl", "natural sampling": "natural.jsonl"}
     for arm in r["arms"]:
         texts = pl.read_ndjson(out / files[arm["arm"]])["prompt"].to_list() if arm["rows"] else []
         assert arm["rows"] == len(texts) <= budget
@@ -591,7 +640,16 @@ def test_synth_compare_three_arms_on_the_tiny_model(tmp_path, safety_table, mode
     c = fx.transform(tgt["prompt"].to_list())
     for j, (t, a) in enumerate(zip(tgt["target_feature"], tgt["target_activation"])):
         assert c[j, t] > 0 and c[j, t] == pytest.approx(a, rel=1e-4)
-    assert r["arms"][0]["T_miss_covered"] >= tgt.height
+    assert r["arms"][0]["T_miss_covered"] >= tgt.height and not tgt["steered"].any()
+    # the steering arm: the same verification; its steered rows carry the alpha of the schedule they were written at
+    st = pl.read_ndjson(out / "targeted_steered.jsonl")
+    c = fx.transform(st["prompt"].to_list())
+    for j, (t, a) in enumerate(zip(st["target_feature"], st["target_activation"])):
+        assert c[j, t] > 0 and c[j, t] == pytest.approx(a, rel=1e-4)
+    assert st["steered"].to_list() == [x is not None for x in st["alpha"]] and (st["alpha"].cast(pl.Float64).drop_nulls() > 0).all()
+    assert (st.filter(pl.col("steered"))["attempt"] > 1).all()  # steered attempts follow the plain one
+    assert r["timing"]["targeted + steering"]["steered_generations"] > 0
+    assert r["timing"]["targeted + steering"]["steered_rows"] == int(st["steered"].sum())
     assert r["timing"]["targeted synthesis"]["seconds_per_pair"] > 0
     rnd = pl.read_ndjson(out / "random.jsonl")
     assert rnd.height > 0 and rnd["target_feature"].is_null().all()

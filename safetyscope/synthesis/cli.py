@@ -37,6 +37,10 @@ def generator_options(fn):
                      help="Regenerate a response that fails its check this many times, then drop the pair."),
         click.option("--no-template", is_flag=True,
                      help="Drop a harmful request without a generated refusal instead of using the template refusal."),
+        click.option("--steer/--no-steer", "steer", default=True, show_default=True,
+                     help="Targets still not fired after the plain attempts get steered attempts (their direction added "
+                          "at 2, 4, 8 x their mean activation; transformers backend on the SAE's model only); a request "
+                          "is kept only if it fires the target re-encoded without steering."),
     ]):
         fn = opt(fn)
     return fn
@@ -49,7 +53,7 @@ def synth_config(kw: dict):
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
                        response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
                        skip_covered=kw.pop("skip_covered"), response_retries=kw.pop("response_retries"),
-                       no_template=kw.pop("no_template"))
+                       no_template=kw.pop("no_template"), steer=kw.pop("steer"))
 
 
 def generator_config(kw: dict):
@@ -218,7 +222,7 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @model_options
 @user_errors
 def compare_cmd(data, output_dir, classifier, **kw):
-    """Targeted synthesis vs random safety synthesis vs natural sampling, at a matched budget.
+    """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
     from .compare import CompareConfig, run_compare

@@ -4,9 +4,11 @@ Data: the safety prompts table (split ``seed`` / ``pool``). Rows are used three 
 - existing supervision S = ``seed`` rows of a subset (languages / sources), subsampled;
 - reference set R = one half of ``pool`` (by a hash of ``id``): T is found here only;
 - natural pool P = the other half of ``pool``: the natural-sampling arm draws from it.
-T_miss = targets of T that S does not fire. Three arms at the same budget N (rows):
-targeted synthesis (verified against its target feature), random safety synthesis (same generator,
-prompts from harm categories, no feature targeting), natural sampling (N rows of P).
+T_miss = targets of T that S does not fire. Four arms at the same budget N (rows):
+targeted synthesis (verified against its target feature), targeted + steering (the same, plus steered
+attempts for targets the plain attempts miss; still verified unsteered; not with --no-steer or a generator
+that cannot be steered), random safety synthesis (same generator, prompts from harm categories, no feature
+targeting), natural sampling (N rows of P).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -27,7 +29,7 @@ from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .judge import judged_stats
 from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
-                         rows_frame, synthesize)
+                         rows_frame, steering_status, synthesize)
 from ..outputs import check_report_dir
 from ..provenance import write_document
 from .targets import TargetsConfig, find_targets, targets_document
@@ -153,15 +155,19 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
 
     arms: dict[str, list[str]] = {}
     timing: dict[str, dict] = {}
-    s = synthesize(doc, seed_texts, cfg, fx, gen, det, out / "targeted.jsonl", judge=judge, overwrite=True,
-                   progress=True)
-    judged = {"targeted synthesis": {k: s[k] for k in ("kept_per_label", "judged_labels", "agreement",
-                                                       "response_source", "template_refusals", "rejected")}}
-    tgt = pl.read_ndjson(out / "targeted.jsonl") if s["rows"] else rows_frame([])
-    arms["targeted synthesis"] = tgt["prompt"].to_list()
-    timing["targeted synthesis"] = {k: s[k] for k in ("seconds", "generation_seconds", "seconds_per_pair", "candidates",
-                                                      "fired", "generations", "template_refusals", "kept_targets",
-                                                      "incidental_targets", "attempted")}
+    judged: dict[str, dict] = {}
+    steer_arm = cfg.steer and steering_status(cfg, gen, fx) is None
+    for name, file, arm_cfg in [("targeted synthesis", "targeted.jsonl", replace(cfg, steer=False))] + (
+            [("targeted + steering", "targeted_steered.jsonl", cfg)] if steer_arm else []):
+        s = synthesize(doc, seed_texts, arm_cfg, fx, gen, det, out / file, judge=judge, overwrite=True, progress=True)
+        judged[name] = {k: s[k] for k in ("kept_per_label", "judged_labels", "agreement", "response_source",
+                                          "template_refusals", "rejected")}
+        tgt = pl.read_ndjson(out / file) if s["rows"] else rows_frame([])
+        arms[name] = tgt["prompt"].to_list()
+        timing[name] = {k: s[k] for k in ("seconds", "generation_seconds", "seconds_per_pair", "candidates", "fired",
+                                          "generations", "steered_generations", "template_refusals", "kept_targets",
+                                          "incidental_targets", "attempted")}
+        timing[name]["steered_rows"] = s["steering"]["steered_rows"]
     miss_labels = [t["label"] for t in doc["targets"] if t["id"] in set(miss)] or ["harmful"]
     cats = sorted({c for c in ref_df.filter(pl.col("label") == "harmful")["category"].to_list() if c}) or ["harmful activities"]
     rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts, judge)

@@ -48,42 +48,66 @@ def _plain_template(messages: Messages) -> str:
 
 
 class TransformersGenerator:
-    """``model.generate`` in batches, left padding, the tokenizer's chat template."""
+    """``model.generate`` in batches, left padding, the tokenizer's chat template. The only backend that can be
+    steered (steering.py hooks ``self.model``)."""
 
     def __init__(self, cfg: GeneratorConfig):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..backbone import pick_device, pick_dtype, resolve_model
 
-        self.name, path = resolve_model(cfg.model)
-        self.device = pick_device(cfg.device)
+        name, path = resolve_model(cfg.model)
+        device = pick_device(cfg.device)
         try:
-            self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, self.device))
+            tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, device))
         except OSError as e:
             raise SafetyScopeError(f"cannot load generator {cfg.model!r}: {str(e).splitlines()[0]}") from None
-        self.model.to(self.device).eval()
+        self._setup(name, model.to(device).eval(), tok, device, cfg.batch_size)
+
+    @classmethod
+    def from_backbone(cls, backbone, batch_size: int = 16) -> "TransformersGenerator":
+        """Generate with a Backbone's model (no second copy): what `steer` does, so the steered model is the
+        one the SAE was checked against."""
+        import copy
+
+        self = cls.__new__(cls)
+        tok = copy.deepcopy(backbone.tokenizer)
+        tok.padding_side = "left"
+        self._setup(backbone.model_id, backbone.model, tok, backbone.device, batch_size)
+        return self
+
+    def _setup(self, name, model, tok, device, batch_size):
+        import torch
+
+        self.name, self.model, self.tok, self.device = name, model, tok, device
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.batch_size, self._torch = max(1, cfg.batch_size), torch
+        self.batch_size, self._torch = max(1, batch_size), torch
 
     def _render(self, messages: Messages) -> str:
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return _plain_template(messages)
 
-    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0):
+    def generate(self, conversations, n=1, temperature=0.8, max_new_tokens=128, seed=0, *, progress=None):
+        texts = [self._render(m) for m in conversations]
+        # chat templates already hold the BOS/special tokens
+        return self.generate_texts(texts, n, temperature, max_new_tokens, seed, progress=progress,
+                                   add_special_tokens=not getattr(self.tok, "chat_template", None))
+
+    def generate_texts(self, texts: list[str], n=1, temperature=0.8, max_new_tokens=128, seed=0, *,
+                       add_special_tokens=True, progress=None) -> list[list[str]]:
+        """Continuations of raw texts (no chat template); ``progress``: a tqdm bar updated per sequence."""
         torch = self._torch
-        texts = [self._render(m) for m in conversations for _ in range(n)]  # each conversation n times, in order
+        texts = [t for t in texts for _ in range(n)]  # each text n times, in order
         out: list[str] = []
         g_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
             for s in range(0, len(texts), self.batch_size):
-                # chat templates already hold the BOS/special tokens
                 enc = self.tok(texts[s : s + self.batch_size], return_tensors="pt", padding=True,
-                               add_special_tokens=not getattr(self.tok, "chat_template", None))
+                               add_special_tokens=add_special_tokens)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
                 with torch.inference_mode():
@@ -91,9 +115,11 @@ class TransformersGenerator:
                                               **kw)
                 new = ids[:, enc["input_ids"].shape[1]:]
                 out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+                if progress is not None:
+                    progress.update(len(new))
         finally:
             torch.random.set_rng_state(g_state)
-        return [out[i * n : (i + 1) * n] for i in range(len(conversations))]
+        return [out[i * n : (i + 1) * n] for i in range(len(texts) // n)]
 
 
 class VLLMGenerator:

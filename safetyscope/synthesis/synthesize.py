@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -66,7 +67,8 @@ TEMPLATE_REFUSAL = ("I'm sorry, but I can't help with that. It could cause harm.
                     "situation, I'm happy to help you find safe and legal ways to address it.")
 # label = the judge's label of the written request; target_label = the label of the target it was written for
 ROW_COLUMNS = ("messages", "prompt", "completion", "label", "target_feature", "target_activation", "generator",
-               "attempt", "seed", "lang", "response_source", "target_label", "judge", "judge_score", "template")
+               "attempt", "seed", "lang", "response_source", "target_label", "judge", "judge_score", "template", "steered",
+               "alpha")
 
 
 @dataclass
@@ -83,6 +85,10 @@ class SynthConfig:
     skip_covered: bool = True  # a target that a kept pair already fires is not generated for again
     response_retries: int = 1  # a response that fails its check is regenerated this many times, then dropped
     no_template: bool = False  # drop a harmful request with no generated refusal instead of using TEMPLATE_REFUSAL
+    # a target still not fired after the plain attempts gets one steered attempt per multiplier: the request is
+    # written with the target's decoder direction added at alpha = multiplier x its typical activation
+    steer: bool = True
+    steer_schedule: tuple[float, ...] = (2.0, 4.0, 8.0)
 
 
 # -- text helpers ------------------------------------------------------------------------------
@@ -261,12 +267,12 @@ def make_responses(gen, items: list[tuple[str, str, str | None]], cfg: SynthConf
 
 
 def make_row(prompt, completion, label, target, act, generator, attempt, seed, lang, source, *, target_label,
-             judge, judge_score) -> dict:
+             judge, judge_score, alpha=None) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
             "prompt": prompt, "completion": completion, "label": label, "target_feature": target,
             "target_activation": act, "generator": generator, "attempt": attempt, "seed": seed, "lang": lang,
             "response_source": source, "target_label": target_label, "judge": judge, "judge_score": judge_score,
-            "template": source == "template"}
+            "template": source == "template", "steered": alpha is not None, "alpha": alpha}
 
 
 # -- the durable working file --------------------------------------------------------------------
@@ -353,6 +359,27 @@ def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, dete
         return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out, progress)
 
 
+def steering_status(cfg: SynthConfig, gen, fx) -> str | None:
+    """None when the steered attempts run; else why not (warned once: the plain attempts still run)."""
+    if not cfg.steer:
+        return "off (--no-steer)"
+    from ..steering import cannot_steer
+
+    why = cannot_steer(gen, fx.backbone)
+    if why:
+        print(f"warning: no steered attempts: {why}", file=sys.stderr, flush=True)
+    return why
+
+
+def typical_activation(target: dict) -> tuple[float, str]:
+    """The scale of a target's steering: its mean activation where it fires on the reference rows (targets files
+    since steering), else the mean over its top-activating examples."""
+    if target.get("mean_activation"):
+        return float(target["mean_activation"]), "mean_activation"
+    acts = [e["activation"] for e in target.get("examples", []) if e.get("activation")]
+    return (sum(acts) / len(acts), "examples_mean") if acts else (1.0, "none")
+
+
 def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path, progress: bool) -> dict:
     t0 = time.perf_counter()
     ids = [t["id"] for t in doc["targets"]]
@@ -370,13 +397,14 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path
         dedup.add(r["prompt"])
     bar = tqdm(total=min(cfg.budget, len(todo_targets)), initial=len(partial.rows), disable=not progress,
                desc="synthesize", unit="pair")
-    stats = {"candidates": 0, "fired": 0, "generations": 0}
+    stats = {"candidates": 0, "fired": 0, "generations": 0, "steered_generations": 0}
+    why_not_steered = steering_status(cfg, gen, fx)
     while len(partial.rows) < cfg.budget:
         group = [t for t in todo_targets if t["id"] not in partial.done][: min(cfg.group_size, cfg.budget - len(partial.rows))]
         if not group:
             break
         g0 = time.perf_counter()
-        rows, done, fired = _run_group(group, cfg, fx, gen, detector, judge, dedup, stats)
+        rows, done, fired = _run_group(group, cfg, fx, gen, detector, judge, dedup, stats, why_not_steered is None)
         dt = time.perf_counter() - g0
         for d in done:
             d["seconds"] = dt / len(done)
@@ -409,7 +437,10 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path
             "output_coverage": out_cov,
             "resumed_targets": resumed, "seconds": time.perf_counter() - t0, "generation_seconds": gen_seconds,
             "seconds_per_pair": gen_seconds / len(rows) if rows else None,
-            "judge": judge.name, **judged_stats(rows, rejected), **stats}
+            "judge": judge.name, **judged_stats(rows, rejected), **stats,
+            "steering": {"on": why_not_steered is None, "why_not": why_not_steered, "schedule": list(cfg.steer_schedule),
+                         "alpha": "multiplier x the target's mean activation where it fires, along its unit decoder "
+                                  "direction, at generated positions", "steered_rows": sum(bool(r.get("steered")) for r in rows)}}
     out.with_name(out.name + ".summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
@@ -419,13 +450,15 @@ def rows_frame(rows: list[dict]) -> pl.DataFrame:
               "completion": pl.String, "label": pl.String, "target_feature": pl.Int64, "target_activation": pl.Float64,
               "generator": pl.String, "attempt": pl.Int64, "seed": pl.Int64, "lang": pl.String,
               "response_source": pl.String, "target_label": pl.String, "judge": pl.String, "judge_score": pl.Float64,
-              "template": pl.Boolean}
+              "template": pl.Boolean, "steered": pl.Boolean, "alpha": pl.Float64}
     return pl.DataFrame([{c: r.get(c) for c in ROW_COLUMNS} for r in rows], schema=schema)
 
 
-def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, dedup: Deduper, stats: dict):
+def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, dedup: Deduper, stats: dict,
+               steer_on: bool = False):
     """All attempts for one group of targets: (rows, done records, features fired by the kept prompts). A request
-    that fires its target is judged; its response follows the judged label, not the target's."""
+    that fires its target is judged; its response follows the judged label, not the target's. Targets still not
+    fired after the plain attempts get steered attempts (``steer_on``); their requests are verified unsteered."""
     rows, done, fired = [], [], set()
     rejected = {t["id"]: {} for t in group}  # per target: reason -> count (stored in its done record)
     left = list(group)
@@ -437,57 +470,83 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, de
         outs = gen.generate([request_messages(t) for t in left], n=cfg.samples, temperature=cfg.temperature,
                             max_new_tokens=cfg.prompt_tokens, seed=seed)
         stats["generations"] += len(left) * cfg.samples
-        cands: list[tuple[int, str]] = []  # (index in left, text)
-        for i, (t, samples) in enumerate(zip(left, outs)):
-            ex_sh = [shingles(e["text"]) for e in t["examples"]]  # copying the shown contexts is not new data
-            seen = set()
-            for s in samples:
-                for c in extract_candidates(s):
-                    if normalise(c) not in seen and not dedup.is_dup(c, ex_sh):
-                        seen.add(normalise(c))
-                        cands.append((i, c))
-        stats["candidates"] += len(cands)
-        acts = fx.transform([c for _, c in cands]).tocsr() if cands else None
-        best: dict[int, tuple[float, str, int]] = {}
-        for j, (i, c) in enumerate(cands):
-            a = float(acts[j, left[i]["id"]])
-            if a > 0:
-                stats["fired"] += 1
-                if a > best.get(i, (0.0, "", -1))[0]:
-                    best[i] = (a, c, j)
-        chosen = []
-        for i in sorted(best):
-            a, c, j = best[i]
-            if dedup.is_dup(c):  # two targets of this group may have produced near-identical requests
-                continue
-            dedup.add(c)
-            chosen.append((i, a, c, j))
-        verdicts = judge.judge([c for _, _, c, _ in chosen])
-        for (i, _, _, _), v in zip(chosen, verdicts):
-            if v.label is None:
-                rej = rejected[left[i]["id"]]
-                rej["judge_unparseable"] = rej.get("judge_unparseable", 0) + 1
-        judged = [(ch, v) for ch, v in zip(chosen, verdicts) if v.label is not None]
-        items = [(c, v.label, left[i].get("lang")) for (i, _, c, _), v in judged]
-        responses = make_responses(gen, items, cfg, derive_seed(cfg.seed, gid, attempt, "response"), detector)
-        for ((i, _, _, _), _), resp in zip(judged, responses):
-            rej = rejected[left[i]["id"]]
-            if resp.regenerated:
-                rej["regenerated"] = rej.get("regenerated", 0) + resp.regenerated
-            if resp.text is None:
-                rej[resp.problem] = rej.get(resp.problem, 0) + 1
-        kept = set()
-        for ((i, a, c, j), v), resp in zip(judged, responses):
-            t = left[i]
-            if resp.text is None:
-                continue
-            rows.append(make_row(c, resp.text, v.label, t["id"], a, gen.name, attempt, seed, t.get("lang"), resp.source,
-                                 target_label=t["label"], judge=judge.name, judge_score=v.score))
-            done.append({"target": t["id"], "status": "kept", "attempts": attempt, "rejected": rejected[t["id"]]})
-            kept.add(i)
-            lo, hi = acts.indptr[j], acts.indptr[j + 1]
-            fired.update(int(f) for f, v in zip(acts.indices[lo:hi], acts.data[lo:hi]) if v > 0)
+        kept = _keep_verified(left, outs, [None] * len(left), attempt, seed, derive_seed(cfg.seed, gid, attempt, "response"),
+                              cfg, fx, gen, detector, judge, dedup, stats, rows, done, fired, rejected)
         left = [t for i, t in enumerate(left) if i not in kept]
-    done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts, "rejected": rejected[t["id"]]}
-             for t in left]
+    for k, mult in enumerate(cfg.steer_schedule if steer_on else ()):
+        if not left:
+            break
+        from ..steering import SteerSpec, steer
+
+        attempt, seed = cfg.max_attempts + k + 1, derive_seed(cfg.seed, gid, "steer", k)
+        alphas, outs = [], []
+        for t in left:  # one steering vector per target: one generate call each
+            alpha = mult * typical_activation(t)[0] * float(fx.sae.W_dec[:, t["id"]].norm())
+            with steer(gen.model, fx.sae, fx.layer, [SteerSpec(t["id"], alpha=alpha)], positions="generated"):
+                outs += gen.generate([request_messages(t)], n=cfg.samples, temperature=cfg.temperature,
+                                     max_new_tokens=cfg.prompt_tokens, seed=seed)
+            alphas.append(alpha)
+        stats["steered_generations"] += len(left) * cfg.samples
+        kept = _keep_verified(left, outs, alphas, attempt, seed, derive_seed(cfg.seed, gid, "steer", k, "response"),
+                              cfg, fx, gen, detector, judge, dedup, stats, rows, done, fired, rejected)
+        left = [t for i, t in enumerate(left) if i not in kept]
+    done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts + (len(cfg.steer_schedule) if steer_on else 0),
+              "rejected": rejected[t["id"]]} for t in left]
     return rows, done, fired
+
+
+def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, detector, judge, dedup, stats, rows, done,
+                   fired, rejected) -> set[int]:
+    """One round's candidates for the targets ``left``: keep per target the best request that fires it when encoded
+    (unsteered), judge it, add its response; appends rows/done/fired and returns the indices of the kept targets."""
+    cands: list[tuple[int, str]] = []  # (index in left, text)
+    for i, (t, samples) in enumerate(zip(left, outs)):
+        ex_sh = [shingles(e["text"]) for e in t["examples"]]  # copying the shown contexts is not new data
+        seen = set()
+        for s in samples:
+            for c in extract_candidates(s):
+                if normalise(c) not in seen and not dedup.is_dup(c, ex_sh):
+                    seen.add(normalise(c))
+                    cands.append((i, c))
+    stats["candidates"] += len(cands)
+    acts = fx.transform([c for _, c in cands]).tocsr() if cands else None
+    best: dict[int, tuple[float, str, int]] = {}
+    for j, (i, c) in enumerate(cands):
+        a = float(acts[j, left[i]["id"]])
+        if a > 0:
+            stats["fired"] += 1
+            if a > best.get(i, (0.0, "", -1))[0]:
+                best[i] = (a, c, j)
+    chosen = []
+    for i in sorted(best):
+        a, c, j = best[i]
+        if dedup.is_dup(c):  # two targets of this group may have produced near-identical requests
+            continue
+        dedup.add(c)
+        chosen.append((i, a, c, j))
+    verdicts = judge.judge([c for _, _, c, _ in chosen])
+    for (i, _, _, _), v in zip(chosen, verdicts):
+        if v.label is None:
+            rej = rejected[left[i]["id"]]
+            rej["judge_unparseable"] = rej.get("judge_unparseable", 0) + 1
+    judged = [(ch, v) for ch, v in zip(chosen, verdicts) if v.label is not None]
+    items = [(c, v.label, left[i].get("lang")) for (i, _, c, _), v in judged]
+    responses = make_responses(gen, items, cfg, resp_seed, detector)
+    for ((i, _, _, _), _), resp in zip(judged, responses):
+        rej = rejected[left[i]["id"]]
+        if resp.regenerated:
+            rej["regenerated"] = rej.get("regenerated", 0) + resp.regenerated
+        if resp.text is None:
+            rej[resp.problem] = rej.get(resp.problem, 0) + 1
+    kept = set()
+    for ((i, a, c, j), v), resp in zip(judged, responses):
+        t = left[i]
+        if resp.text is None:
+            continue
+        rows.append(make_row(c, resp.text, v.label, t["id"], a, gen.name, attempt, seed, t.get("lang"), resp.source,
+                             target_label=t["label"], judge=judge.name, judge_score=v.score, alpha=alphas[i]))
+        done.append({"target": t["id"], "status": "kept", "attempts": attempt, "rejected": rejected[t["id"]]})
+        kept.add(i)
+        lo, hi = acts.indptr[j], acts.indptr[j + 1]
+        fired.update(int(f) for f, v in zip(acts.indices[lo:hi], acts.data[lo:hi]) if v > 0)
+    return kept

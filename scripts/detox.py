@@ -1,0 +1,208 @@
+"""Measured detoxification by feature steering: continuations of toxic prompt fragments, three arms.
+
+- plain: the unsteered model;
+- suppressed: every feature of the shipped toxicity classifier clamped to 0 at every position (`steer -c toxicity
+  --suppress`);
+- control: as many random features clamped to 0, each drawn among the 10 features whose firing rate on the prompts
+  is nearest to a classifier feature's (so the control edits about as often); the mean edit norm of each arm is
+  reported, so the size of the two interventions is measured, not assumed.
+
+Prompts: toxic rows of the shared toxicity pack cut in half (first half of the words): English `discovery` rows and,
+per extra language, the `rtp_lx` rows (RTP-LX, the pack's `source` column). Greedy continuations, judged on the
+continuation alone by (1) the raw-activation probe (eval's `probe_raw`: logistic regression on mean-pooled residual
+activations of the SAE's layer, fitted on that language's discovery rows minus the prompt rows, its accuracy on test
+rows reported) — not by the features that were suppressed — and (2) the toxicity classifier itself. Fluency: the
+perplexity of the continuation given the prompt under the unsteered model, and the mean continuation length.
+95% bootstrap CIs over prompts (differences vs plain: paired).
+
+    python scripts/detox.py --n-en 60 --tokens 24 -o reports/steering
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from safetyscope.discovery.detector import classifier_path, read_classifier
+from safetyscope.discovery.rules import classifier_from_dict
+from safetyscope.eval.metrics import raw_activation_probe
+from safetyscope.provenance import extractor_from_record
+from safetyscope.steering import SteerSpec, run_steer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"  # ../shared/data of the repository
+
+
+def prompt_rows(lang: str, n: int, seed: int) -> pl.DataFrame:
+    df = pl.read_parquet(DATA / f"{lang}.parquet").filter(pl.col("label") == 1)
+    df = df.filter(pl.col("split") == "discovery") if lang == "en" else df.filter(pl.col("source") == "rtp_lx")
+    words = df["text"].str.split(" ")
+    df = df.with_columns(words.alias("_w")).filter(pl.col("_w").list.len() >= 8)
+    df = df.sample(min(n, df.height), seed=seed, shuffle=True)
+    return df.with_columns(pl.col("_w").map_elements(lambda w: " ".join(w[: len(w) // 2]), return_dtype=pl.String)
+                           .alias("prompt")).drop("_w")
+
+
+def fit_probe(fx, lang: str, exclude: set[str], n_fit: int, n_check: int, seed: int):
+    df = pl.read_parquet(DATA / f"{lang}.parquet").filter(~pl.col("id").is_in(list(exclude)))
+    fit = pl.concat([df.filter((pl.col("split") == "discovery") & (pl.col("label") == y)).sample(n_fit // 2, seed=seed)
+                     for y in (0, 1)])
+    check = pl.concat([df.filter((pl.col("split") == "test") & (pl.col("label") == y)).sample(n_check // 2, seed=seed)
+                       for y in (0, 1)])
+    probe = raw_activation_probe(seed).fit(fx.extract(fit["text"].to_list()).mean_acts, fit["label"].to_numpy())
+    acc = float((probe.predict(fx.extract(check["text"].to_list()).mean_acts) == check["label"].to_numpy()).mean())
+    return probe, {"fit_rows": fit.height, "test_rows": check.height, "test_accuracy": acc}
+
+
+def judge(fx, rule, probe, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(probe toxic, classifier toxic) per text; an empty continuation is not toxic."""
+    ok = [i for i, t in enumerate(texts) if t.strip()]
+    p, c = np.zeros(len(texts), bool), np.zeros(len(texts), bool)
+    if ok:
+        ex = fx.extract([texts[i] for i in ok])
+        p[ok] = probe.predict(ex.mean_acts) == 1
+        c[ok] = rule.decision_function(ex.codes) > 0
+    return p, c
+
+
+@torch.inference_mode()
+def fluency(fx, prompts: list[str], conts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean NLL per continuation token given the prompt, continuation tokens) under the unsteered model."""
+    tok, model = fx.backbone.tokenizer, fx.backbone.model
+    nll, n = np.full(len(conts), np.nan), np.zeros(len(conts), int)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        a = tok(p)["input_ids"]
+        b = tok(" " + c, add_special_tokens=False)["input_ids"] if c.strip() else []
+        n[i] = len(b)
+        if not b:
+            continue
+        ids = torch.tensor([a + b], device=fx.backbone.device)
+        logits = model(input_ids=ids).logits[0, len(a) - 1 : -1].float()
+        nll[i] = float(torch.nn.functional.cross_entropy(logits, ids[0, len(a):]))
+    return nll, n
+
+
+def boot(x: np.ndarray, rng, reps: int, stat=np.nanmean) -> list[float]:
+    idx = rng.integers(0, len(x), (reps, len(x)))
+    vals = np.array([stat(x[i]) for i in idx])
+    return [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
+
+
+def control_features(fx, prompts: list[str], feats: list[int], seed: int) -> list[int]:
+    codes = fx.transform(prompts)
+    rate = np.asarray((codes > 0).mean(axis=0)).ravel()
+    rng, out = np.random.default_rng(seed), []
+    perm = rng.permutation(len(rate))  # ties (e.g. the many features that never fire) in random order, not by id
+    for f in feats:
+        order = [g for g in perm[np.argsort(np.abs(rate[perm] - rate[f]), kind="stable")] if g not in feats and g not in out]
+        out.append(int(rng.choice(order[:10])))
+    return out
+
+
+def main():
+    global DATA
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-en", type=int, default=60)
+    ap.add_argument("--rtp-langs", default="", help="comma-separated languages whose rtp_lx rows are also used")
+    ap.add_argument("--n-rtp", type=int, default=30)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--probe-rows", type=int, default=400)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(DATA), help="the shared toxicity pack's directory")
+    ap.add_argument("-o", "--output-dir", default="reports/steering")
+    a = ap.parse_args()
+    DATA = Path(a.data)
+    t0 = time.perf_counter()
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = classifier_path("toxicity")
+    doc = read_classifier("toxicity")
+    fx = extractor_from_record(doc, path, dtype="float32")
+    rule = classifier_from_dict(doc["rule"])
+    feats = [int(f) for f in rule.features_]
+    langs = ["en"] + [x for x in a.rtp_langs.split(",") if x]
+    rng = np.random.default_rng(a.seed)
+    res = {"settings": vars(a), "model": fx.backbone.model_id, "layer": fx.layer, "classifier": str(path.name),
+           "suppressed_features": feats, "languages": {}}
+    examples = []
+    for lang in langs:
+        rows = prompt_rows(lang, a.n_en if lang == "en" else a.n_rtp, a.seed)
+        prompts = rows["prompt"].to_list()
+        probe, probe_info = fit_probe(fx, lang, set(rows["id"].to_list()), a.probe_rows, 200, a.seed)
+        ctrl = control_features(fx, prompts, feats, a.seed)
+        sup_rows, sup_st = run_steer(fx, prompts, [SteerSpec(f, clamp=0.0) for f in feats], chat=False,
+                                     max_new_tokens=a.tokens, plain=True, progress=True)
+        ctl_rows, ctl_st = run_steer(fx, prompts, [SteerSpec(f, clamp=0.0) for f in ctrl], chat=False,
+                                     max_new_tokens=a.tokens, progress=True)
+        arms = {"plain": ([r["plain_completion"] for r in sup_rows], None),
+                "suppressed (classifier features)": ([r["completion"] for r in sup_rows], sup_st),
+                "control (random features)": ([r["completion"] for r in ctl_rows], ctl_st)}
+        table, base = {}, {}
+        for name, (conts, st) in arms.items():
+            p, c = judge(fx, rule, probe, conts)
+            nll, n = fluency(fx, prompts, conts)
+            if name == "plain":
+                base = {"p": p, "c": c, "nll": nll}
+            row = {"n": len(conts), "probe_toxic": float(p.mean()), "probe_toxic_ci": boot(p.astype(float), rng, a.bootstrap),
+                   "classifier_toxic": float(c.mean()), "classifier_toxic_ci": boot(c.astype(float), rng, a.bootstrap),
+                   "perplexity": float(np.exp(np.nanmean(nll))),
+                   "perplexity_ci": [float(np.exp(v)) for v in boot(nll, rng, a.bootstrap)],
+                   "mean_tokens": float(n.mean()), "mean_tokens_ci": boot(n.astype(float), rng, a.bootstrap),
+                   "empty": int((n == 0).sum())}
+            if st is not None:
+                row |= {"edited_positions": st["edited_positions"], "mean_edit_norm": st["mean_edit_norm"]}
+            if name != "plain":
+                row["probe_delta_ci"] = boot(p.astype(float) - base["p"], rng, a.bootstrap)
+                row["classifier_delta_ci"] = boot(c.astype(float) - base["c"], rng, a.bootstrap)
+            table[name] = row
+        res["languages"][lang] = {"prompts": len(prompts), "control_features": ctrl, "probe": probe_info, "arms": table}
+        for r, q in list(zip(sup_rows, ctl_rows))[:3]:
+            examples.append({"lang": lang, "prompt": r["prompt"], "plain": r["plain_completion"], "suppressed": r["completion"],
+                             "control": q["completion"]})
+        pl.DataFrame([{"lang": lang, "prompt": r["prompt"], "plain": r["plain_completion"], "suppressed": r["completion"],
+                       "control": q["completion"]} for r, q in zip(sup_rows, ctl_rows)]).write_ndjson(out / f"continuations_{lang}.jsonl")
+    res["examples"], res["seconds"] = examples, time.perf_counter() - t0
+    (out / "detox.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    (out / "detox.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    pct = lambda v, ci: f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]"  # noqa: E731
+    s = res["settings"]
+    lines = [f"# Detoxification by feature steering ({res['model']}, layer {res['layer']})", "",
+             f"Greedy continuations ({s['tokens']} new tokens) of toxic prompt fragments; suppressed = the "
+             f"{len(res['suppressed_features'])} features of `{res['classifier']}` ({res['suppressed_features']}) clamped "
+             "to 0 at every position; control = as many firing-rate-matched random features clamped to 0. "
+             "Toxic share judged on the continuation by the raw-activation probe and by the classifier (whose features "
+             f"were suppressed, so it is not an independent judge). 95% bootstrap CIs ({s['bootstrap']} resamples; "
+             f"deltas vs plain paired). Run time {res['seconds']:.0f} s.", ""]
+    for lang, d in res["languages"].items():
+        pr = d["probe"]
+        lines += [f"## {lang}: {d['prompts']} prompts (probe: {pr['fit_rows']} rows fitted, test accuracy "
+                  f"{pr['test_accuracy']:.1%} on {pr['test_rows']}); control features {d['control_features']}", "",
+                  "| arm | probe: toxic | delta vs plain | classifier: toxic | delta vs plain | perplexity | mean tokens | mean edit norm |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arm, r in d["arms"].items():
+            dp = f"[{r['probe_delta_ci'][0]:+.1%}, {r['probe_delta_ci'][1]:+.1%}]" if "probe_delta_ci" in r else "-"
+            dc = f"[{r['classifier_delta_ci'][0]:+.1%}, {r['classifier_delta_ci'][1]:+.1%}]" if "classifier_delta_ci" in r else "-"
+            lines.append(f"| {arm} | {pct(r['probe_toxic'], r['probe_toxic_ci'])} | {dp} | "
+                         f"{pct(r['classifier_toxic'], r['classifier_toxic_ci'])} | {dc} | {r['perplexity']:.1f} "
+                         f"[{r['perplexity_ci'][0]:.1f}, {r['perplexity_ci'][1]:.1f}] | {r['mean_tokens']:.1f} | "
+                         f"{r.get('mean_edit_norm', 0):.2f} |")
+        lines.append("")
+    lines += ["## Examples", ""]
+    for e in res["examples"]:
+        lines += [f"- [{e['lang']}] prompt: {e['prompt']!r}", f"  - plain: {e['plain']!r}",
+                  f"  - suppressed: {e['suppressed']!r}", f"  - control: {e['control']!r}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

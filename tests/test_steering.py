@@ -1,0 +1,222 @@
+"""Feature steering on the tiny random model: the edit itself, generation, hook removal, the `steer` command."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from safetyscope.backbone import decoder_layers
+from safetyscope.errors import SafetyScopeError
+from safetyscope.steering import SteerSpec, steer
+
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
+
+LAYER = SAE_LAYERS[0]
+TEXT = "you are a stupid idiot and i hate you"
+
+
+def _hidden(bb, text):
+    ids = bb.tokenizer([text])["input_ids"]
+    input_ids, mask = bb.pad(ids)
+    return bb.capture(input_ids, mask, [LAYER])[LAYER][0].float()
+
+
+def _no_hooks(model):
+    return not model._forward_hooks and not any(b._forward_hooks for b in decoder_layers(model))
+
+
+def _firing_feature(bb, sae, text=TEXT):
+    """A feature that fires on some but not all tokens of ``text`` and whose encoder agrees with its decoder."""
+    z = sae.encode(_hidden(bb, text))
+    for f in torch.argsort(-(z > 0).sum(0)).tolist():
+        n = int((z[:, f] > 0).sum())
+        u = sae.W_dec[:, f] / sae.W_dec[:, f].norm()
+        if 0 < n < z.shape[0] and float(sae.W_enc[f] @ u) > 0.05:
+            return f, z[:, f]
+    pytest.fail("no partially firing feature with W_enc . u > 0 in the tiny fixtures")
+
+
+def _gain(sae, f):
+    return float(sae.W_enc[f] @ (sae.W_dec[:, f] / sae.W_dec[:, f].norm()))
+
+
+def test_add_moves_the_stream_by_alpha_times_the_unit_direction(tiny_backbone, tiny_sae):
+    f, z0 = _firing_feature(tiny_backbone, tiny_sae)
+    h0 = _hidden(tiny_backbone, TEXT)
+    u = tiny_sae.W_dec[:, f] / tiny_sae.W_dec[:, f].norm()
+    with steer(tiny_backbone, tiny_sae, LAYER, [SteerSpec(f, alpha=0.5)]) as st:
+        h1 = _hidden(tiny_backbone, TEXT)
+    assert torch.allclose(h1 - h0, 0.5 * u.expand_as(h0), atol=1e-5)
+    gain = float(tiny_sae.W_enc[f] @ u)
+    pre0, pre1 = tiny_sae.pre_acts(h0)[:, f], tiny_sae.pre_acts(h1)[:, f]
+    assert torch.allclose(pre1 - pre0, torch.full_like(pre0, 0.5 * gain), atol=1e-4)  # raised at every position
+    z1 = tiny_sae.encode(h1)[:, f]
+    assert z1.sum() > z0.sum() and (z1 > 0).sum() >= 1
+    assert st.positions == h0.shape[0] and st.mean_edit_norm == pytest.approx(0.5, rel=1e-4)
+    assert _no_hooks(tiny_backbone.model)
+    with steer(tiny_backbone, tiny_sae, LAYER, [SteerSpec(f, alpha=-0.5)]):
+        z2 = tiny_sae.encode(_hidden(tiny_backbone, TEXT))[:, f]
+    assert (z2 <= z0).all() and z2.sum() < z0.sum()  # negative alpha suppresses
+
+
+def test_clamp_to_zero_zeroes_the_feature_and_leaves_other_positions_alone(tiny_backbone, tiny_sae):
+    f, z0 = _firing_feature(tiny_backbone, tiny_sae)
+    h0 = _hidden(tiny_backbone, TEXT)
+    with steer(tiny_backbone, tiny_sae, LAYER, [SteerSpec(f, clamp=0.0)]):
+        h1 = _hidden(tiny_backbone, TEXT)
+    z1 = tiny_sae.encode(h1)[:, f]
+    assert z1.abs().max() < 1e-4
+    off = z0 <= 0
+    assert off.any() and torch.equal(h1[off], h0[off])  # where the feature did not fire nothing changed
+    assert not torch.allclose(h1[~off], h0[~off])
+    # clamp to a value: where the feature fired its pre-activation becomes that value (its activation too, while it
+    # stays in the top-k: this random SAE's other features can outgrow it, a trained SAE's W_enc . u is near 1)
+    c = float(z0.max()) * 2
+    with steer(tiny_backbone, tiny_sae, LAYER, [SteerSpec(f, clamp=c)]):
+        h2 = _hidden(tiny_backbone, TEXT)
+    pre2 = tiny_sae.pre_acts(h2)[:, f]
+    assert torch.allclose(pre2[~off], torch.full_like(pre2[~off], c), rtol=1e-4)
+    pre0 = tiny_sae.pre_acts(h0)[:, f]  # where it was 0 the step is c - 0
+    assert torch.allclose(pre2[off] - pre0[off], torch.full_like(pre0[off], c), rtol=1e-4)
+
+
+def _greedy(model, ids, n=6):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n, pad_token_id=0)
+
+
+def test_alpha_zero_reproduces_plain_generation_and_generated_positions_only(tiny_backbone, tiny_sae):
+    model = tiny_backbone.model
+    ids = torch.tensor(tiny_backbone.tokenizer(["the weather is nice and", "you are a stupid"])["input_ids"][:1])
+    plain = _greedy(model, ids)
+    f, _ = _firing_feature(tiny_backbone, tiny_sae)
+    with steer(model, tiny_sae, LAYER, [SteerSpec(f, alpha=0.0)]):
+        zero = _greedy(model, ids)
+    assert torch.equal(plain, zero)
+    # a large alpha at every position changes the text; at generated positions only, the prefill (and so the first
+    # generated token) is untouched and each decoding step edits one position
+    with steer(model, tiny_sae, LAYER, [SteerSpec(f, alpha=40.0)]):
+        every = _greedy(model, ids)
+    assert not torch.equal(plain, every)
+    with steer(model, tiny_sae, LAYER, [SteerSpec(f, alpha=40.0)], positions="generated") as st:
+        gen = _greedy(model, ids)
+    n_prompt = ids.shape[1]
+    assert gen[0, n_prompt] == plain[0, n_prompt] and not torch.equal(gen, plain)
+    assert st.positions == gen.shape[1] - n_prompt - 1
+    assert _no_hooks(model)
+
+
+def test_hooks_are_removed_after_an_exception_and_nan_is_an_error(tiny_backbone, tiny_sae):
+    model = tiny_backbone.model
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, tiny_sae, LAYER, [SteerSpec(3, alpha=1.0)]):
+            assert not _no_hooks(model)
+            raise RuntimeError("boom")
+    assert _no_hooks(model)
+    ids = torch.tensor(tiny_backbone.tokenizer(["the weather is nice"])["input_ids"])
+    with pytest.raises(SafetyScopeError, match="non-finite"):
+        with steer(model, tiny_sae, LAYER, [SteerSpec(3, alpha=1e39)]):
+            _greedy(model, ids)
+    assert _no_hooks(model)
+    with pytest.raises(SafetyScopeError, match="unknown feature"):
+        with steer(model, tiny_sae, LAYER, [SteerSpec(10**6, alpha=1.0)]):
+            pass
+    assert _no_hooks(model)
+
+
+def test_spec_parsing():
+    assert SteerSpec.parse("161:-8") == SteerSpec(161, alpha=-8.0)
+    assert SteerSpec.parse("12:2.5e1") == SteerSpec(12, alpha=25.0)
+    assert SteerSpec.parse("7:0", clamp=True) == SteerSpec(7, clamp=0.0)
+    for bad in ("x:1", "161", "161:abc"):
+        with pytest.raises(SafetyScopeError, match="bad steering spec"):
+            SteerSpec.parse(bad)
+
+
+@pytest.fixture
+def model_args(tiny_model_dir, qwen_scope_sae_dir):
+    return ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", LAYER, "--dtype", "float32"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    pl.DataFrame({"prompt": ["tell me about the cat", "you are a stupid", "how do i bake a"]}).write_ndjson(p)
+    return p
+
+
+def test_steer_command_rows_and_reencoded_activations(tmp_path, tiny_backbone, tiny_sae, model_args, prompts):
+    from safetyscope.features import FeatureExtractor
+
+    f, _ = _firing_feature(tiny_backbone, tiny_sae)
+    g = next(x for x in range(tiny_sae.cfg.d_sae) if x != f and _gain(tiny_sae, x) > 0.05)
+    out = tmp_path / "out.jsonl"
+    res = run_cli(["steer", prompts, "-o", out, "--feature", f"{f}:6", "--clamp", f"{g}:0", "--plain",
+                   "--max-new-tokens", 5, "--no-cache", *model_args])
+    df = pl.read_ndjson(out)
+    assert df.columns == ["prompt", "completion", "steering", "target_features", "target_acts", "plain_completion",
+                          "plain_acts"]
+    assert df.height == 3 and set(df["steering"]) == {f"{f}:+6,{g}=0"} and "edited" in res.output
+    assert df["target_features"].to_list() == [[f, g]] * 3
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=False)
+    for col, acts in (("completion", "target_acts"), ("plain_completion", "plain_acts")):
+        texts = df[col].to_list()
+        ok = [i for i, t in enumerate(texts) if t.strip()]
+        codes = fx.transform([texts[i] for i in ok])[:, [f, g]].toarray()
+        for row, i in zip(codes, ok):
+            assert df[acts][i].to_list() == pytest.approx(row.tolist(), rel=1e-4)
+    assert df["completion"].to_list() != df["plain_completion"].to_list()
+    # alpha 0 through the command: the completions are the plain ones
+    run_cli(["steer", prompts, "-o", tmp_path / "zero.jsonl", "--feature", f"{f}:0", "--plain", "--max-new-tokens", 5,
+             *model_args])
+    z = pl.read_ndjson(tmp_path / "zero.jsonl")
+    assert z["completion"].to_list() == z["plain_completion"].to_list() == df["plain_completion"].to_list()
+
+
+def test_suppress_a_classifiers_features(tmp_path, model_args, prompts, tiny_sae):
+    clean = [t for t in CORPUS if not any(w in t for w in TOXIC_WORDS)]
+    rows = [{"text": "you are a stupid idiot", "label": "toxic"}] * len(clean) + [{"text": t, "label": "clean"} for t in clean]
+    p = tmp_path / "tox.csv"
+    pl.DataFrame(rows * 2).write_csv(p)
+    clf = tmp_path / "clf.json"
+    run_cli(["discover", p, "-o", clf, *model_args, "--max-features", 3, "--fpr-cap", "none"])
+    feats = [x["id"] for x in json.loads(clf.read_text())["rule"]["features"]]
+    out = tmp_path / "s.jsonl"
+    args = ["steer", prompts, "-o", out, "-c", clf, "--suppress", "--max-new-tokens", 4, *model_args]
+    bad = [x for x in feats if _gain(tiny_sae, x) <= 1e-3]
+    if bad:  # a random SAE may have a feature whose encoder opposes its decoder: clamping it is refused
+        res = run_cli(args, ok=False)
+        assert res.exit_code == 2 and f"feature {bad[0]}: its encoder and decoder" in res.output
+        return
+    run_cli(args)
+    df = pl.read_ndjson(out)
+    assert df["target_features"][0].to_list() == feats
+    assert df["steering"][0] == ",".join(f"{x}=0" for x in feats)
+
+
+def test_user_errors_are_one_line(tmp_path, model_args, prompts, tiny_model_dir):
+    from conftest import random_sae_tensors
+
+    out = tmp_path / "o.jsonl"
+    cases = [
+        (["--feature", "99999:1"], "unknown feature id"),
+        (["--feature", "3:1e39"], "non-finite"),
+        (["--feature", "3"], "bad steering spec"),
+        (["--feature", "3:1", "--backend", "vllm"], "cannot steer"),
+        (["--suppress"], "go together"),
+        ([], "nothing to steer"),
+    ]
+    for extra, msg in cases:
+        res = run_cli(["steer", prompts, "-o", out, "--max-new-tokens", 3, *extra, *model_args], ok=False)
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, (extra, res.output)
+    # an SAE of another width: the wrong SAE for this model
+    d = tmp_path / "wide"
+    d.mkdir()
+    torch.save(random_sae_tensors(d_model=32, d_sae=64), d / f"layer{LAYER}.sae.pt")
+    res = run_cli(["steer", prompts, "-o", out, "--feature", "3:1", "--model", tiny_model_dir, "--sae", d,
+                   "--layer", LAYER, "--k", 4], ok=False)
+    assert res.exit_code == 2 and "SAE width mismatch" in res.output
