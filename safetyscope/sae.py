@@ -277,7 +277,7 @@ def load_saelens(directory: Path) -> SAE:
     for key, actual in (("d_in", W_enc.shape[1]), ("d_sae", W_enc.shape[0])):
         if c.get(key) is not None and c[key] != actual:
             raise SafetyScopeError(f"{directory}: cfg.json {key}={c[key]!r} but W_enc has {key} {actual}")
-    if c.get("apply_b_dec_to_input", arch != "topk"):
+    if c.get("apply_b_dec_to_input", True):  # SAELens' default when the key is absent, for every architecture
         b_enc = b_enc - W_enc.float() @ b_dec.float()
     threshold = t.get("threshold")
     if threshold is None and "log_threshold" in t:
@@ -309,8 +309,9 @@ def load_sparsify(directory: Path) -> SAE:
 def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
     """The decoder layer whose output the hook reads. TransformerLens ``blocks.N.hook_resid_pre`` is the input
     of block N, i.e. the output of layer N-1; ``blocks.N.hook_resid_post`` the output of layer N; HF-style
-    ``layers.N`` the output of layer N. Other TransformerLens hooks (attention, MLP, resid_mid) are refused."""
-    m = re.search(r"blocks\.(\d+)\.(hook_\w+)", hook)
+    ``layers.N`` (a sparsify hook point) the output of layer N. Any other point inside a block (attention,
+    MLP, resid_mid, e.g. ``blocks.N.attn.hook_z`` or sparsify's ``layers.N.mlp``) reads something else: refused."""
+    m = re.search(r"blocks\.(\d+)\.([\w.]+)$", hook)
     if m:
         n, point = int(m.group(1)), m.group(2)
         if point == "hook_resid_post":
@@ -320,7 +321,9 @@ def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
                 _refuse(directory, f"hook_name={hook!r}", "it reads the embeddings, not a decoder layer's output")
             return n - 1
         _refuse(directory, f"hook_name={hook!r}", "only residual-stream hooks (resid_pre, resid_post) are read")
-    m = re.search(r"(?:layers?|blocks)[._](\d+)", hook)
+    m = re.search(r"(?:layers?|blocks)[._](\d+)((?:\.\w+)*)$", hook)
+    if m and m.group(2):
+        _refuse(directory, f"hook point {hook!r}", "only a decoder layer's output, the residual stream, is read")
     return int(m.group(1)) if m else None
 
 
