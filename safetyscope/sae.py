@@ -22,11 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import SafetyScopeError
+from .hashcache import cached_hash, source_digest
 
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 OWN_FORMAT = "safetyscope-sae"
 FINGERPRINT_PREFIX = "sha256:"  # full-weight fingerprints; older files hold a 16-hex legacy one
 EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
+_LOADER_DIGEST = source_digest(__file__)  # the loaders transform tensors (b_dec folding): part of the cache key
 
 
 @dataclass
@@ -103,7 +105,13 @@ class SAE(torch.nn.Module):
     def fingerprint(self) -> str:
         """``sha256:<hex>`` of every value of every tensor (as float32, with names and shapes) and the activation.
 
-        Every byte counts: permuting two features or editing one value gives another fingerprint."""
+        Every byte counts: permuting two features or editing one value gives another fingerprint. For an SAE
+        as loaded from files the value is cached per file (see ``hashcache``): editing the loaded tensors in
+        memory afterwards is not seen; an edited file is."""
+        salt = f"sae|{self.cfg.activation}|{self.cfg.k}|{_LOADER_DIGEST}"
+        return cached_hash(getattr(self, "_weight_files", ()), salt, self._hash_weights)
+
+    def _hash_weights(self) -> str:
         h = hashlib.sha256()
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
@@ -201,7 +209,7 @@ def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int |
     k = k or _k_from_name(name_for_k or str(path.resolve()))
     d_sae, d_model = state["W_enc"].shape
     cfg = SAEConfig(d_model=d_model, d_sae=d_sae, activation="topk", k=k, layer=layer, source=str(path))
-    return SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"])
+    return _read_from(SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]), path)
 
 
 def _load_safetensors(path: Path, need: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -248,7 +256,8 @@ def load_own(directory: Path) -> SAE:
     except TypeError as e:  # a required field (d_model, d_sae) is absent
         raise SafetyScopeError(f"{directory / 'config.json'}: bad SAE config ({e})") from None
     t = _load_safetensors(directory / "sae.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
-    return SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
+    sae = SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
+    return _read_from(sae, directory / "config.json", directory / "sae.safetensors")
 
 
 def load_saelens(directory: Path) -> SAE:
@@ -286,7 +295,8 @@ def load_saelens(directory: Path) -> SAE:
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation=act, k=k,
                     model=c.get("model_name") or meta.get("model_name"), layer=_layer_from_hook(hook, directory),
                     source=str(directory))
-    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+    sae = SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+    return _read_from(sae, directory / "cfg.json", directory / "sae_weights.safetensors")
 
 
 def load_sparsify(directory: Path) -> SAE:
@@ -303,7 +313,13 @@ def load_sparsify(directory: Path) -> SAE:
         b_enc = b_enc - W_enc.float() @ b_dec.float()
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation="topk", k=c.get("k"),
                     layer=_layer_from_hook(directory.name, directory), source=str(directory))
-    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec)
+    return _read_from(SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec), directory / "cfg.json", directory / "sae.safetensors")
+
+
+def _read_from(sae: SAE, *files: Path) -> SAE:
+    """Record the files the weights came from: the key of the SAE's cached fingerprint."""
+    sae._weight_files = tuple(Path(f) for f in files)
+    return sae
 
 
 def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
