@@ -256,6 +256,9 @@ def test_eval_discover_overlap_check_the_output_before_any_work(classifier, tabl
     _one_line_error(_run(["eval", table, "-o", afile], ok=False), "not a directory")
     _one_line_error(_run(["overlap", table, "-o", afile], ok=False), "not a directory")
     _one_line_error(_run(["discover", table, "-o", tmp_path], ok=False))
+    for cmd in ("discover", "features"):  # -o naming the input itself
+        _one_line_error(_run([cmd, table, "-o", table], ok=False), "is or contains the input")
+    assert table.stat().st_size > 0
     _one_line_error(_run(["discover", table, "-o", afile / "clf.json"], ok=False), "cannot write")
     _one_line_error(_run(["synth", "targets", table, "-o", afile / "t.json"], ok=False), "cannot write")
     (tmp_path / "sub").mkdir()
