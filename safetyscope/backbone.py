@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SafetyScopeError
+from .hashcache import cached_hash
 from .sae import FINGERPRINT_PREFIX
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -186,6 +187,7 @@ class Backbone:
     tokenizer: object
     model_id: str
     device: str = "cpu"
+    weight_files: tuple[Path, ...] = ()  # the local files the model was read from: the key of its cached fingerprint
 
     @classmethod
     def from_pretrained(cls, name: str | None = None, *, device: str | None = None,
@@ -200,7 +202,8 @@ class Backbone:
         except OSError as e:
             raise SafetyScopeError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
         model.to(dev).eval()
-        return cls(model, tok, model_id, dev)
+        files = tuple(sorted(f for f in Path(path).iterdir() if f.is_file())) if Path(path).is_dir() else ()
+        return cls(model, tok, model_id, dev, files)
 
     @property
     def n_layers(self) -> int:
@@ -213,15 +216,25 @@ class Backbone:
     def fingerprint(self) -> str:
         """``sha256:<hex>`` of every parameter (names, shapes and all values), computed once per loaded model.
 
-        Values are rounded to bfloat16 first so the same model loaded in fp32 or bf16 hashes alike."""
+        Values are rounded to bfloat16 first so the same model loaded in fp32 or bf16 hashes alike. A model
+        read from a local directory has its value cached per file (see ``hashcache``): reloading an unchanged
+        model does not hash it again (seconds); editing its loaded weights in memory is not seen, an edited file is."""
         if getattr(self, "_fingerprint", None) is None:
-            h = hashlib.sha256()
-            for name, p in sorted(self.model.state_dict().items()):
-                h.update(f"{name}{tuple(p.shape)}".encode())
-                # bf16 has no numpy dtype: hash its raw 2-byte patterns through int16
-                h.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-            self._fingerprint = FINGERPRINT_PREFIX + h.hexdigest()
+            import transformers
+
+            # what else decides the loaded values: the dtype it was loaded in and the code that loaded it
+            dtype = next(self.model.parameters()).dtype
+            salt = f"model|{dtype}|torch {torch.__version__}|transformers {transformers.__version__}"
+            self._fingerprint = cached_hash(self.weight_files, salt, self._hash_weights)
         return self._fingerprint
+
+    def _hash_weights(self) -> str:
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            # bf16 has no numpy dtype: hash its raw 2-byte patterns through int16
+            h.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        return FINGERPRINT_PREFIX + h.hexdigest()
 
     def legacy_fingerprint(self) -> str:
         """The 16-hex fingerprint of files written before ``sha256:`` ones (names, shapes and the first 64 values

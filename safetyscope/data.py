@@ -81,13 +81,13 @@ def count_rows(path: str | os.PathLike) -> int:
     fmt = table_format(p)
     if not p.exists():
         raise SafetyScopeError(f"{path}: no such file or directory")
-    if fmt == "parquet":
-        return pl.scan_parquet(p).select(pl.len()).collect().item()
-    if fmt == "csv":
-        return pl.scan_csv(p).select(pl.len()).collect().item()
-    if fmt == "jsonl":
-        return pl.scan_ndjson(p).select(pl.len()).collect().item()
-    return read_table(p).height
+    if fmt == "hf":
+        return read_table(p).height
+    scan = {"parquet": pl.scan_parquet, "csv": pl.scan_csv, "jsonl": pl.scan_ndjson}[fmt]
+    try:
+        return scan(p).select(pl.len()).collect().item()
+    except pl.exceptions.PolarsError as e:  # empty or malformed: the same one line as read_table's
+        raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
 
 
 def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0) -> Iterator[pl.DataFrame]:
@@ -154,12 +154,18 @@ def write_table(df: pl.DataFrame, path: str | os.PathLike) -> None:
             raise
 
 
+def require_text(df: pl.DataFrame, text_column: str, where: str | os.PathLike = "input") -> pl.DataFrame:
+    """``df`` with its text column checked: present and text (an all-null column is read as text). Numbers
+    are a mistake to name as such, not texts that are "null or empty"."""
+    require_columns(df, [text_column], where)
+    dtype = df.schema[text_column]
+    if dtype == pl.Null:
+        return df.with_columns(pl.col(text_column).cast(pl.String))
+    if dtype != pl.String:
+        raise SafetyScopeError(f"{where}: column {text_column!r} holds {dtype}, not text")
+    return df
+
+
 def text_list(df: pl.DataFrame, text_column: str, where: str | os.PathLike = "input") -> list[str | None]:
     """The text column as Python strings; nulls stay None (callers decide what an empty text means)."""
-    require_columns(df, [text_column], where)
-    col = df.get_column(text_column)
-    if col.dtype != pl.String:
-        if col.dtype == pl.Null:
-            return [None] * df.height
-        raise SafetyScopeError(f"{where}: column {text_column!r} holds {col.dtype}, not text")
-    return col.to_list()
+    return require_text(df, text_column, where).get_column(text_column).to_list()

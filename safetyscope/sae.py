@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import SafetyScopeError
+from .hashcache import cached_hash, source_digest
 
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 OWN_FORMAT = "safetyscope-sae"
@@ -29,6 +30,7 @@ FINGERPRINT_PREFIX = "sha256:"  # full-weight fingerprints; older files hold a 1
 EMBEDDED_SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-instruct"
 # SAEs shipped in the package, by name: a classifier that records the name (not a path) loads from any directory
 SHIPPED_SAES = {"gemma3-270m": Path(__file__).parent / "assets" / "sae-gemma3-270m"}
+_LOADER_DIGEST = source_digest(__file__)  # the loaders transform tensors (b_dec folding): part of the cache key
 
 
 @dataclass
@@ -105,7 +107,13 @@ class SAE(torch.nn.Module):
     def fingerprint(self) -> str:
         """``sha256:<hex>`` of every value of every tensor (as float32, with names and shapes) and the activation.
 
-        Every byte counts: permuting two features or editing one value gives another fingerprint."""
+        Every byte counts: permuting two features or editing one value gives another fingerprint. For an SAE
+        as loaded from files the value is cached per file (see ``hashcache``): editing the loaded tensors in
+        memory afterwards is not seen; an edited file is."""
+        salt = f"sae|{self.cfg.activation}|{self.cfg.k}|{_LOADER_DIGEST}"
+        return cached_hash(getattr(self, "_weight_files", ()), salt, self._hash_weights)
+
+    def _hash_weights(self) -> str:
         h = hashlib.sha256()
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
@@ -232,7 +240,7 @@ def load_qwen_scope_file(path: str | Path, *, k: int | None = None, layer: int |
     k = k or _k_from_name(name_for_k or str(path.resolve()))
     d_sae, d_model = state["W_enc"].shape
     cfg = SAEConfig(d_model=d_model, d_sae=d_sae, activation="topk", k=k, layer=layer, source=str(path))
-    return SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"])
+    return _read_from(SAE.from_tensors(cfg, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]), path)
 
 
 def _load_safetensors(path: Path, need: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -279,7 +287,8 @@ def load_own(directory: Path) -> SAE:
     except TypeError as e:  # a required field (d_model, d_sae) is absent
         raise SafetyScopeError(f"{directory / 'config.json'}: bad SAE config ({e})") from None
     t = _load_safetensors(directory / "sae.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
-    return SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
+    sae = SAE.from_tensors(cfg, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"))
+    return _read_from(sae, directory / "config.json", directory / "sae.safetensors")
 
 
 def load_saelens(directory: Path) -> SAE:
@@ -308,7 +317,7 @@ def load_saelens(directory: Path) -> SAE:
     for key, actual in (("d_in", W_enc.shape[1]), ("d_sae", W_enc.shape[0])):
         if c.get(key) is not None and c[key] != actual:
             raise SafetyScopeError(f"{directory}: cfg.json {key}={c[key]!r} but W_enc has {key} {actual}")
-    if c.get("apply_b_dec_to_input", arch != "topk"):
+    if c.get("apply_b_dec_to_input", True):  # SAELens' default when the key is absent, for every architecture
         b_enc = b_enc - W_enc.float() @ b_dec.float()
     threshold = t.get("threshold")
     if threshold is None and "log_threshold" in t:
@@ -317,7 +326,8 @@ def load_saelens(directory: Path) -> SAE:
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation=act, k=k,
                     model=c.get("model_name") or meta.get("model_name"), layer=_layer_from_hook(hook, directory),
                     source=str(directory))
-    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+    sae = SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
+    return _read_from(sae, directory / "cfg.json", directory / "sae_weights.safetensors")
 
 
 def load_sparsify(directory: Path) -> SAE:
@@ -334,14 +344,21 @@ def load_sparsify(directory: Path) -> SAE:
         b_enc = b_enc - W_enc.float() @ b_dec.float()
     cfg = SAEConfig(d_model=W_enc.shape[1], d_sae=W_enc.shape[0], activation="topk", k=c.get("k"),
                     layer=_layer_from_hook(directory.name, directory), source=str(directory))
-    return SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec)
+    return _read_from(SAE.from_tensors(cfg, W_enc, b_enc, W_dec, b_dec), directory / "cfg.json", directory / "sae.safetensors")
+
+
+def _read_from(sae: SAE, *files: Path) -> SAE:
+    """Record the files the weights came from: the key of the SAE's cached fingerprint."""
+    sae._weight_files = tuple(Path(f) for f in files)
+    return sae
 
 
 def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
     """The decoder layer whose output the hook reads. TransformerLens ``blocks.N.hook_resid_pre`` is the input
     of block N, i.e. the output of layer N-1; ``blocks.N.hook_resid_post`` the output of layer N; HF-style
-    ``layers.N`` the output of layer N. Other TransformerLens hooks (attention, MLP, resid_mid) are refused."""
-    m = re.search(r"blocks\.(\d+)\.(hook_\w+)", hook)
+    ``layers.N`` (a sparsify hook point) the output of layer N. Any other point inside a block (attention,
+    MLP, resid_mid, e.g. ``blocks.N.attn.hook_z`` or sparsify's ``layers.N.mlp``) reads something else: refused."""
+    m = re.search(r"blocks\.(\d+)\.([\w.]+)$", hook)
     if m:
         n, point = int(m.group(1)), m.group(2)
         if point == "hook_resid_post":
@@ -351,7 +368,9 @@ def _layer_from_hook(hook: str, directory: Path | None = None) -> int | None:
                 _refuse(directory, f"hook_name={hook!r}", "it reads the embeddings, not a decoder layer's output")
             return n - 1
         _refuse(directory, f"hook_name={hook!r}", "only residual-stream hooks (resid_pre, resid_post) are read")
-    m = re.search(r"(?:layers?|blocks)[._](\d+)", hook)
+    m = re.search(r"(?:layers?|blocks)[._](\d+)((?:\.\w+)*)$", hook)
+    if m and m.group(2):
+        _refuse(directory, f"hook point {hook!r}", "only a decoder layer's output, the residual stream, is read")
     return int(m.group(1)) if m else None
 
 

@@ -3,7 +3,9 @@ session-wide SAFETYSCOPE_CACHE, and the optional ../shared/data pack."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,26 @@ def run_cli(args, ok=True):
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res
+
+
+def edit_last_value_in_place(path, name: str) -> float:
+    """Add 0.5 to the last float32 value of tensor ``name`` by rewriting its 4 bytes inside the safetensors file."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    info = json.loads(raw[8:8 + n])[name]
+    assert info["dtype"] == "F32"
+    at = 8 + n + info["data_offsets"][1] - 4
+    value = struct.unpack("<f", raw[at:at + 4])[0] + 0.5
+    size, inode = path.stat().st_size, path.stat().st_ino
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack("<f", value))
+    assert (path.stat().st_size, path.stat().st_ino) == (size, inode)
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def count_hashes(monkeypatch, cls) -> list:
+    """Count the real hash computations of ``cls`` (Backbone or SAE); the cache answers the rest."""
+    calls, real = [], cls._hash_weights
+    monkeypatch.setattr(cls, "_hash_weights", lambda self: calls.append(1) or real(self))
+    return calls

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from safetyscope import Backbone, SafetyScopeError
 from safetyscope.backbone import decoder_layers
 
-from conftest import N_LAYERS
+from conftest import N_LAYERS, count_hashes, edit_last_value_in_place
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "thank you", "what is the capital city of france ?"]
 
@@ -123,16 +125,32 @@ def test_missing_model_dir(tmp_path):
         Backbone.from_pretrained(str(tmp_path / "missing.gguf"))
 
 
-def test_fingerprint_covers_every_parameter_value(tiny_model_dir):
-    a = Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
-    b = Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+def test_fingerprint_covers_every_parameter_value_and_is_cached_per_file(tiny_model_dir, tmp_path, monkeypatch):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    calls = count_hashes(monkeypatch, Backbone)
+    a = Backbone.from_pretrained(str(d), dtype="float32")
     fp, legacy = a.fingerprint(), a.legacy_fingerprint()
-    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64 and fp == b.fingerprint()
-    # edit one value deep inside a later layer (beyond the first 64 values the legacy hash sampled)
-    w = decoder_layers(b.model)[N_LAYERS - 1].mlp.down_proj.weight
-    with torch.no_grad():
-        w.view(-1)[w.numel() - 1] += 0.5
-    b._fingerprint = None  # weights edited in place after the first hash
-    assert b.legacy_fingerprint() == legacy  # the old hash could not tell
-    assert b.fingerprint() != fp
-    assert Backbone.from_pretrained(str(tiny_model_dir), dtype="bfloat16").fingerprint() == fp  # dtype-independent
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64 and len(calls) == 1
+    b = Backbone.from_pretrained(str(d), dtype="float32")
+    assert b.fingerprint() == fp and len(calls) == 1  # an unchanged file: the cache answers
+    assert b._hash_weights() == fp  # and its answer is the hash itself
+    assert Backbone.from_pretrained(str(d), dtype="bfloat16").fingerprint() == fp  # dtype-independent
+    assert Backbone.from_pretrained(str(tiny_model_dir), dtype="float32").fingerprint() == fp  # another path
+    n = len(calls)
+    # edit one value deep inside a later layer, in place in the file (same size, same inode: only the mtime
+    # tells), beyond the first 64 values the legacy hash sampled
+    new_value = edit_last_value_in_place(d / "model.safetensors", f"model.layers.{N_LAYERS - 1}.mlp.down_proj.weight")
+    c = Backbone.from_pretrained(str(d), dtype="float32")
+    assert float(decoder_layers(c.model)[N_LAYERS - 1].mlp.down_proj.weight.detach().view(-1)[-1]) == new_value
+    assert c.legacy_fingerprint() == legacy  # the old hash could not tell
+    assert c.fingerprint() != fp and len(calls) == n + 1  # the edited file is hashed again
+
+
+def test_fingerprint_without_a_usable_cache(tiny_model_dir, tmp_path, monkeypatch):
+    a = Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+    fp = a.fingerprint()
+    (tmp_path / "not-a-dir").write_text("x")
+    monkeypatch.setenv("SAFETYSCOPE_CACHE", str(tmp_path / "not-a-dir"))
+    calls = count_hashes(monkeypatch, Backbone)
+    assert Backbone.from_pretrained(str(tiny_model_dir), dtype="float32").fingerprint() == fp and len(calls) == 1

@@ -6,8 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -15,7 +21,7 @@ from safetyscope.discovery import classify as classify_mod
 from safetyscope.errors import SafetyScopeError
 from safetyscope.outputs import MARKER, output_lock
 
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
+from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 _run = run_cli
 
@@ -208,6 +214,80 @@ def test_a_second_run_on_the_same_output_fails_fast(classifier, table, tmp_path)
     assert not list(tmp_path.glob(".*lock"))
 
 
+def _flock_holder(lock) -> int | None:
+    """The pid holding a flock on ``lock``, from /proc/locks (None if nobody holds it)."""
+    try:
+        inode = os.stat(lock).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for ln in lines:  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        f = ln.split()
+        if "FLOCK" in f and "->" not in f and int(f[f.index("FLOCK") + 4].rsplit(":", 1)[1]) == inode:
+            return int(f[f.index("FLOCK") + 3])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks to see which process holds the lock")
+def test_two_real_processes_race_for_one_output(classifier, tmp_path):
+    """Two `safetyscope classify` processes started together on one -o: the one that takes the output lock is
+    paused while it holds it, so the other must fail on its own, fast and in one line; the winner, resumed,
+    writes the complete, correct output."""
+    inp = tmp_path / "in.jsonl"
+    # the number first: a text that starts like a discovery text has, by the causal prefix, a code exactly on
+    # the tiny classifier's threshold, and another process's last-bit rounding could flip it
+    pl.DataFrame({"id": list(range(200)), "text": [f"{i} {CORPUS[i % len(CORPUS)]}" for i in range(200)]}).write_ndjson(inp)
+    ref = tmp_path / "ref.parquet"
+    _classify(inp, ref, classifier)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def racer(out):
+        cmd = [sys.executable, "-m", "safetyscope", "classify", inp, "-o", out, "-c", classifier, "--chunk-rows", 4,
+               "--no-cache", "--dtype", "float32"]
+        return subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    running = []
+    try:
+        for attempt in range(3):  # again only if the winner finished before it could be paused
+            out = tmp_path / f"o{attempt}.parquet"
+            lock = out.with_name(f".{out.name}.safetyscope-lock")
+            procs = {p.pid: p for p in (racer(out), racer(out))}
+            running += procs.values()
+            deadline = time.monotonic() + 120
+            while (holder := _flock_holder(lock)) not in procs and time.monotonic() < deadline:
+                assert all(p.poll() is None for p in procs.values()), [p.communicate() for p in procs.values()]
+                time.sleep(0.002)
+            assert holder in procs, "no process took the output lock"
+            winner = procs.pop(holder)
+            os.kill(winner.pid, signal.SIGSTOP)
+            if _flock_holder(lock) != winner.pid:  # it released the lock before the pause: not a race
+                os.kill(winner.pid, signal.SIGCONT)
+                continue
+            (loser,) = procs.values()
+            _, err = loser.communicate(timeout=60)  # the winner is paused, holding the lock: no waiting for it
+            assert loser.returncode == 2, err
+            assert "Traceback" not in err
+            errors = [ln for ln in err.splitlines() if "error: " in ln]
+            assert len(errors) == 1 and "another safetyscope run is writing" in errors[0], err
+            assert not out.exists()
+            os.kill(winner.pid, signal.SIGCONT)
+            _, err = winner.communicate(timeout=120)
+            assert winner.returncode == 0, err
+            got, want = pl.read_parquet(out), pl.read_parquet(ref)
+            assert got["id"].to_list() == list(range(200))
+            assert got.drop("score").equals(want.drop("score"))  # texts, verdicts, fired features, status
+            assert np.allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+            assert not lock.exists() and not out.with_name(out.name + ".parts").exists()
+            return
+        pytest.fail("in 3 tries the winner always finished before it could be paused")
+    finally:
+        for p in running:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait()
+
+
 @pytest.mark.parametrize("rows", [0, -3])
 def test_chunk_rows_must_be_positive(classifier, table, tmp_path, rows):
     res = _run(["classify", table, "-o", tmp_path / "o.parquet", "-c", classifier, "--chunk-rows", rows], ok=False)
@@ -256,6 +336,9 @@ def test_eval_discover_overlap_check_the_output_before_any_work(classifier, tabl
     _one_line_error(_run(["eval", table, "-o", afile], ok=False), "not a directory")
     _one_line_error(_run(["overlap", table, "-o", afile], ok=False), "not a directory")
     _one_line_error(_run(["discover", table, "-o", tmp_path], ok=False))
+    for cmd in ("discover", "features"):  # -o naming the input itself
+        _one_line_error(_run([cmd, table, "-o", table], ok=False), "is or contains the input")
+    assert table.stat().st_size > 0
     _one_line_error(_run(["discover", table, "-o", afile / "clf.json"], ok=False), "cannot write")
     _one_line_error(_run(["synth", "targets", table, "-o", afile / "t.json"], ok=False), "cannot write")
     (tmp_path / "sub").mkdir()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from safetyscope import SAE, FeatureExtractor, SAEConfig, SafetyScopeError, load_sae
 from safetyscope.sae import load_qwen_scope_file
 
-from conftest import D_MODEL, D_SAE, SAE_K, random_sae_tensors
+from conftest import D_MODEL, D_SAE, SAE_K, count_hashes, edit_last_value_in_place, random_sae_tensors
 
 
 def _x(n=32, d=D_MODEL, seed=7):
@@ -526,3 +526,22 @@ def test_random_like_jumprelu_keeps_thresholds():
     assert torch.equal(r.threshold, threshold) and r.fingerprint() != sae.fingerprint()
     z = r.encode(_x() + sae.b_dec)
     assert ((z > 0) <= (r.pre_acts(_x() + sae.b_dec) > threshold)).all() and (z > 0).any()
+
+
+def test_fingerprint_is_cached_per_file(tmp_path, monkeypatch):
+    own = _write_own(tmp_path, random_sae_tensors(seed=51))
+    sl_dir, _ = _write_saelens(tmp_path, random_sae_tensors(seed=51))
+    calls = count_hashes(monkeypatch, SAE)
+    fp = load_sae(own).fingerprint()
+    assert len(calls) == 1
+    again = load_sae(own)
+    assert again.fingerprint() == fp and len(calls) == 1  # an unchanged file: the cache answers
+    assert again._hash_weights() == fp  # with the hash itself
+    assert load_sae(own, k=3).fingerprint() != fp  # k is part of the fingerprint, so of the key
+    n = len(calls)
+    assert load_sae(sl_dir).fingerprint() and len(calls) == n + 1  # other files: hashed on their own
+    new_value = edit_last_value_in_place(own / "sae.safetensors", "W_dec")  # same size and inode: only mtime tells
+    edited = load_sae(own)
+    assert float(edited.W_dec[-1, -1]) == new_value
+    assert edited.fingerprint() != fp and len(calls) == n + 2  # the edited file is hashed again
+    assert edited.fingerprint() == edited._hash_weights()

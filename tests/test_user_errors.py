@@ -73,6 +73,45 @@ def test_integer_text_column(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     assert "null or empty" not in msg
 
 
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
+    d = tmp_path_factory.mktemp("clf")
+    data = _labelled(d, 40)
+    res = _run("discover", data, "-o", d / "clf.json", *_model(tiny_model_dir, qwen_scope_sae_dir), "--max-features", 3)
+    assert res.exit_code == 0, res.output
+    return d / "clf.json"
+
+
+BAD_TABLES = {  # file name: (content, words the one error line must hold)
+    "empty.csv": ("", ["cannot read as csv"]),
+    "header-only.csv": ("text,label,lang,split\n", ["no rows"]),
+    "empty.jsonl": ("", ["cannot read as jsonl"]),
+    "broken.jsonl": ('{"text": "hello there", "label": "toxic", "lang": "en", "split": "test"}\n{"text": "oops\n',
+                     ["cannot read as jsonl"]),
+    "ints.csv": ("text,label,lang,split\n1,toxic,en,test\n2,clean,en,test\n", ["column 'text' holds Int64, not text"]),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TABLES)
+def test_every_command_names_a_bad_input_table(tmp_path, classifier, tiny_model_dir, qwen_scope_sae_dir, name):
+    """Each command that reads a table (classify streams it in chunks, the others read it whole) stops with
+    one line naming the file and the problem."""
+    body, words = BAD_TABLES[name]
+    p = tmp_path / name
+    p.write_text(body)
+    model = _model(tiny_model_dir, qwen_scope_sae_dir)
+    for cmd in (["features", p, "-o", tmp_path / "f.parquet", *model],
+                ["classify", p, "-o", tmp_path / "c.parquet", "-c", classifier],
+                ["explain", classifier, "--input", p],
+                ["discover", p, "-o", tmp_path / "d.json", *model],
+                ["eval", p, "-o", tmp_path / "rep", *model],
+                ["overlap", p, "-o", tmp_path / "ov", *model],
+                ["synth", "targets", p, "-o", tmp_path / "t.json", "--text-column", "text", *model]):
+        msg = assert_user_error(_run(*cmd), str(p), *words)
+        assert "null or empty" not in msg, (cmd[0], msg)
+    assert not (tmp_path / "c.parquet.parts").exists()
+
+
 def test_device_foo(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     p = tmp_path / "in.csv"
     p.write_text("text\nhello there\n")

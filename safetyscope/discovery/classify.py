@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..data import count_rows, csv_safe, iter_chunks, require_columns, table_format
+from ..data import count_rows, csv_safe, iter_chunks, require_text, table_format, text_list
 from ..errors import SafetyScopeError
 from ..outputs import check_output, mark, output_errors, output_lock, remove_temp, replace, temp_path
 from .detector import UNVALIDATED, Detector
@@ -46,7 +46,7 @@ def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_colum
     column, else language identification (written to a new ``lang`` column); rows outside the classifier's
     validated languages get status "unvalidated language" (their verdict is still given). A per-language
     classifier scores each row with its language's rule (other languages: its fallback rule)."""
-    texts = df.get_column(text_column).to_list()
+    texts = text_list(df, text_column)
     status = ["null text" if t is None else "empty text" if not str(t).strip() else "ok" for t in texts]
     column = lang_column or "lang"
     if column in df.columns:
@@ -194,7 +194,7 @@ def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress
               desc="classify") as bar:  # closed on errors too, so the error line starts on its own line
         for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
             if i == done == 0:
-                require_columns(chunk, [text_column], inp)
+                require_text(chunk, text_column, inp)  # names the file; classify_chunk checks every chunk too
             res = classify_chunk(det, chunk, text_column, lang_column)
             with output_errors(parts, hint):
                 _fsync_write_parquet(res, parts / f"part-{i:06d}.parquet")

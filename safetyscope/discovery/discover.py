@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from ..backbone import Backbone
-from ..data import read_table, require_columns, text_list
+from ..data import read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from .detector import Detector
@@ -53,7 +53,7 @@ def parse_labels(values: pl.Series, where: str) -> np.ndarray:
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
     frames = []
     for p in paths:
-        df = read_table(p, columns=[cfg.text_column, cfg.label_column])
+        df = require_text(read_table(p, columns=[cfg.text_column, cfg.label_column]), cfg.text_column, p)
         if cfg.split is not None:
             require_columns(df, ["split"], p)
             df = df.filter(pl.col("split") == cfg.split)

@@ -45,7 +45,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     ci_sample.parquet is left out when other files are given, since it repeats their rows)."""
     import polars as pl
 
-    from ..data import read_table
+    from ..data import read_table, require_text
     from ..discovery.discover import parse_labels
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor, extract_shared
@@ -61,8 +61,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         raise SafetyScopeError(f"--skip {sorted(skip - set(SKIPPABLE))}: unknown; use any of {', '.join(SKIPPABLE)}")
     cfg = feature_config(kw)
     paths = [p for p in data if not Path(p).name.startswith("ci_sample")] or list(data)
-    df = pl.concat([read_table(p, columns=["text", "label", "lang", "split"]).select("text", "label", "lang", "split")
-                    .with_columns(pl.col("label").cast(pl.String)) for p in paths])
+    df = pl.concat([require_text(read_table(p, columns=["text", "label", "lang", "split"]), "text", p)
+                    .select("text", "label", "lang", "split").with_columns(pl.col("label").cast(pl.String)) for p in paths])
     df = df.filter(pl.col("split").is_in(["discovery", "test"]) & pl.col("text").is_not_null()
                    & (pl.col("text").str.strip_chars() != ""))
     present = sorted(set(df.get_column("lang").to_list()))
