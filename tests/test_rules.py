@@ -305,11 +305,15 @@ def test_criterion_f1_is_the_default_and_old_files_load_as_f1():
         OrRuleClassifier(criterion="auc").fit(X, y)
 
 
-def test_shipped_classifier_file_still_loads():
+def test_shipped_toxicity_classifier_files_load():
     from safetyscope.discovery.detector import read_classifier
 
-    clf = classifier_from_dict(read_classifier(None)["rule"])
+    clf = classifier_from_dict(read_classifier("toxicity-or-rule")["rule"])  # the OR-rule, written before criterion
     assert len(clf.features_) == len(clf.thresholds_) >= 1 and clf.criterion in ("f1", "recall_at_fpr")
+    default = classifier_from_dict(read_classifier(None)["rule"])  # the sparse rule at its 2 % operating point
+    op = default.operating_point_
+    assert isinstance(default, SparseLinearClassifier) and default.target_fpr == op["target_fpr"] == 0.02
+    assert op["oof_fpr"] <= 0.02 and len(default.features_) == len(default.weights_) >= 1
 
 
 def test_random_matched_control_is_seeded_matches_clean_rates_and_loses_to_selection():
@@ -324,3 +328,23 @@ def test_random_matched_control_is_seeded_matches_clean_rates_and_loses_to_selec
     assert len(a.features_) == len(real.features_) and not set(a.features_) & set(real.features_)
     assert np.all(a.p_clean_ <= np.maximum(real.p_clean_, 1 / (y == 0).sum()) + 1e-9)  # clean rates matched
     assert real.score(X, y) > a.score(X, y) + 0.2  # the planted features do the work, random ones do not
+
+
+def test_sparse_linear_operating_point_meets_the_clean_budget_out_of_fold_and_on_new_data():
+    X, y = _planted_overlap(0)
+    Xt, yt = _planted_overlap(1)  # fresh draw of the same process: a test split
+    plain = SparseLinearClassifier(max_features=8).fit(X, y)
+    clf = SparseLinearClassifier(max_features=8, target_fpr=0.02).fit(X, y)
+    op = clf.operating_point_
+    assert op["target_fpr"] == 0.02 and op["oof_fpr"] <= 0.02 and 0 < op["oof_recall"] < 1
+    # same weights, only the threshold moved: the intercept carries it
+    np.testing.assert_array_equal(clf.features_, plain.features_)
+    np.testing.assert_allclose(clf.intercept_, plain.intercept_ - op["threshold"])
+    assert plain.predict(Xt)[yt == 0].mean() > 0.04  # the logistic operating point flags f0's clean texts
+    assert clf.predict(Xt)[yt == 0].mean() <= 2 * 0.02  # held-out noise, not an uncapped rule
+    assert clf.predict(Xt)[yt == 1].mean() > 0.5
+    again = SparseLinearClassifier.from_dict(clf.to_dict())  # the file keeps the operating point
+    assert again.operating_point_ == op and again.target_fpr == 0.02
+    np.testing.assert_array_equal(again.decision_function(Xt), clf.decision_function(Xt))
+    with pytest.raises(SafetyScopeError, match="target_fpr"):
+        SparseLinearClassifier(target_fpr=1.5).fit(X, y)

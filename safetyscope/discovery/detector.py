@@ -29,6 +29,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLASSIFIERS = {
     "default": "toxicity-smollm2-135m-instruct.json",
     "toxicity": "toxicity-smollm2-135m-instruct.json",
+    # the Qwen-Scope-style OR-rule the default was before it (F1 operating point; assets/README.md)
+    "toxicity-or-rule": "toxicity-or-rule-smollm2-135m-instruct.json",
     "harmful-request": "harmful-request-smollm2-135m-instruct.json",
     # one rule per language of the 14 toxicity languages, on Gemma 3 270M (extra `safetyscope[gemma]`)
     "multilingual": "toxicity-multilingual-gemma3-270m.json",

@@ -90,7 +90,8 @@ def make_rule(cfg: DiscoverConfig):
                                 fpr_cap=cfg.fpr_cap, random_state=cfg.seed, criterion=cfg.criterion,
                                 target_fpr=cfg.target_fpr)
     if cfg.kind == "sparse_linear":
-        return SparseLinearClassifier(max_features=cfg.max_features or 128, random_state=cfg.seed)
+        return SparseLinearClassifier(max_features=cfg.max_features or 128, random_state=cfg.seed,
+                                      target_fpr=cfg.target_fpr if cfg.criterion == "recall_at_fpr" else None)
     raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule or sparse_linear")
 
 

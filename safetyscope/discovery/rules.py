@@ -404,15 +404,22 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
     C is chosen by stratified cross-validation F1 among the values whose fit keeps at most
     ``max_features`` non-zero weights (``C`` fixes it instead).
+
+    ``target_fpr`` None: the operating point is the logistic one (score > 0, what F1 on balanced data
+    favours). A rate R: the score threshold is set so that at most R of the clean fitting texts are
+    flagged by *out-of-fold* scores (the ``cv`` folds, each scored by a rule fitted without it), and
+    folded into ``intercept_`` so that ``predict`` is still score > 0. Out-of-fold, because in-sample
+    scores of clean texts are optimistic: a threshold set on them fires more on new data.
     """
 
     def __init__(self, max_features: int = 128, C: float | None = None, cv: int = 3, min_df: int = 3,
-                 random_state: int = 0):
+                 random_state: int = 0, target_fpr: float | None = None):
         self.max_features = max_features
         self.C = C
         self.cv = cv
         self.min_df = min_df
         self.random_state = random_state
+        self.target_fpr = target_fpr
 
     @staticmethod
     def _transform(X):
@@ -459,7 +466,25 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         self.features_ = cols[keep].astype(np.int64)
         self.weights_ = coef[keep].astype(np.float64)
         self.intercept_ = float(lr.intercept_[0])
+        self.operating_point_ = {}
+        if self.target_fpr is not None:
+            self._set_operating_point(Xc, y, C)
         return self
+
+    def _set_operating_point(self, Xc, y: np.ndarray, C: float) -> None:
+        """Shift the intercept so that out-of-fold clean scores exceed 0 on at most target_fpr of clean rows."""
+        if not 0 < float(self.target_fpr) < 1:
+            raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
+        _check_enough_for_holdouts(y, "the operating point")
+        oof = np.empty(len(y))
+        for tr, te in StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, y):
+            oof[te] = self._lr(C).fit(Xc[tr], y[tr]).decision_function(Xc[te])
+        threshold = float(_rate_thresholds(oof[y == 0][:, None], -np.inf, float(self.target_fpr))[0])
+        self.intercept_ -= threshold
+        fired = oof > threshold
+        self.operating_point_ = {"target_fpr": float(self.target_fpr), "threshold": threshold,
+                                 "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[y == 0].mean()),
+                                 "method": f"{self.cv}-fold out-of-fold scores of the fitting data"}
 
     def decision_function(self, X) -> np.ndarray:
         X, _ = _check_Xy(X)
@@ -486,7 +511,8 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         feats = [{"id": int(f), "weight": float(w)} for f, w in zip(self.features_, self.weights_)]
         return {"kind": "sparse_linear", "params": self.get_params(), "features": feats, "intercept": self.intercept_,
                 "C": self.C_, "C_scores": self.C_scores_, "n_features_in": self.n_features_in_, "k": len(feats),
-                "k_selection": f"L1 path, C by {self.cv}-fold CV F1 with <= {self.max_features} non-zero weights"}
+                "k_selection": f"L1 path, C by {self.cv}-fold CV F1 with <= {self.max_features} non-zero weights",
+                **({"operating_point": self.operating_point_} if self.operating_point_ else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparseLinearClassifier":
@@ -499,6 +525,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         clf.features_, clf.weights_ = f["id"], f["weight"]
         clf.intercept_, clf.C_ = _number(d["intercept"], "intercept"), _number(d["C"], "C")
         clf.C_scores_ = d.get("C_scores", {})
+        clf.operating_point_ = d.get("operating_point", {})
         clf.n_features_in_ = n
         return clf
 

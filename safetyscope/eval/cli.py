@@ -12,7 +12,7 @@ import click
 
 from ..cli import NumberList, feature_config, model_options, user_errors
 
-MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
+MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "sparse_linear_fpr2", "logreg_sae", "probe_raw", "majority"]
 
 
 SKIPPABLE = ("transfer", "efficiency", "random_sae")
@@ -142,7 +142,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
            "and `precision_at_5pct` / `precision_at_10pct` (the precision its test TPR and FPR give at 5 % / 10 % toxic "
            "prevalence: p*TPR / (p*TPR + (1-p)*FPR)). F1 on these balanced splits comes last: flagging everything "
            "already scores 0.667 there. `or_rule_fpr2` is greedy selection at `--criterion recall_at_fpr --target-fpr "
-           "0.02` (the `discover` default).", ""]
+           "0.02` (the `discover` default); `sparse_linear_fpr2` is `sparse_linear` with its threshold at a 2 % clean firing rate of out-of-fold discovery scores (`discover --kind sparse_linear`'s default).", ""]
     for metric in LEAD_METRICS:
         md += [f"## Per language: {metric}", "", markdown_table(rows, MAIN_METHODS, metric), ""]
     md += ["## OR-rule K sweep (F1)", "", markdown_table(rows, k_sweep, "f1"), ""]

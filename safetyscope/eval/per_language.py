@@ -8,6 +8,8 @@ Rows are (lang, method) with precision, recall, F1 and ROC-AUC, all measured on 
 - ``or_rule_fpr2``: ``or_rule`` at criterion recall_at_fpr, target FPR 0.02 (the ``discover`` default);
 - ``control_random_features``: ``or_rule``'s K with random features matched to its clean firing rates (a control);
 - ``sparse_linear``: L1 logistic rule with at most 128 SAE features;
+- ``sparse_linear_fpr2``: ``sparse_linear`` with its threshold at a 2% out-of-fold clean firing rate (the
+  ``discover --kind sparse_linear`` default operating point);
 - ``random_sae_or_rule`` / ``random_sae_sparse_linear``: ``or_rule`` / ``sparse_linear`` on the codes of an
   untrained SAE of the same shapes (``SAE.random_like``), when its extraction is given - controls;
 - ``logreg_sae``: L1 logistic regression on all SAE features (C by CV) - a baseline;
@@ -39,6 +41,7 @@ def methods(seed: int):
         "or_rule_delta": (lambda: OrRuleClassifier(selection="delta", random_state=seed), "sae"),
         "or_rule_report": (lambda: OrRuleClassifier(selection="delta", fpr_cap=None, random_state=seed), "sae"),
         "sparse_linear": (lambda: SparseLinearClassifier(max_features=128, random_state=seed), "sae"),
+        "sparse_linear_fpr2": (lambda: SparseLinearClassifier(max_features=128, random_state=seed, target_fpr=0.02), "sae"),
         "logreg_sae": (lambda: SparseLinearClassifier(max_features=10**9, random_state=seed), "sae"),
         "probe_raw": (lambda: raw_activation_probe(seed), "raw"),
         "random_sae_or_rule": (lambda: OrRuleClassifier(random_state=seed), "random_sae"),
