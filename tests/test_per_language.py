@@ -277,3 +277,17 @@ def test_the_shipped_gemma_sae_loads_by_name():
     by_name = load_sae("gemma3-270m")
     assert by_name.cfg.model == "gemma3-270m" and by_name.cfg.d_sae == 10240
     assert by_name.fingerprint() == load_sae(str(SHIPPED_SAES["gemma3-270m"])).fingerprint()
+
+
+def test_fallback_kind_sets_only_the_pooled_rule(planted, tiny_model_dir, qwen_scope_sae_dir, per_lang_file):
+    out = planted.parent / "sparse_per_lang.json"
+    run_cli(["discover", planted, "-o", out, "--split", "discovery", "--per-language", "--kind", "sparse_linear",
+             "--fallback-kind", "or_rule", "--criterion", "f1", *_model_args(tiny_model_dir, qwen_scope_sae_dir)])
+    d = json.loads(out.read_text())
+    assert {r["kind"] for r in d["rules_by_lang"].values()} == {"sparse_linear"}
+    assert d["rule"]["kind"] == "or_rule" and d["settings"]["fallback_kind"] == "or_rule"
+    # the pooled OR-rule is the one a plain --per-language run (or_rule everywhere, same criterion) fits
+    same = run_cli(["discover", planted, "-o", planted.parent / "or_f1.json", "--split", "discovery", "--per-language",
+                    "--criterion", "f1", *_model_args(tiny_model_dir, qwen_scope_sae_dir)])
+    assert same.exit_code == 0
+    assert json.loads((planted.parent / "or_f1.json").read_text())["rule"] == d["rule"]

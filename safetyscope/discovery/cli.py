@@ -47,11 +47,13 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--per-language", is_flag=True,
               help="One rule per language of the `lang` column, each fitted on its own rows, plus the rule fitted on "
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
+@click.option("--fallback-kind", type=click.Choice(["or_rule", "sparse_linear"]), default=None,
+              help="With --per-language: the kind of the pooled fallback rule [default: --kind].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
-             target_fpr, threshold, scan_layers, per_language, seed, **kw):
+             target_fpr, threshold, scan_layers, per_language, fallback_kind, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from .discover import DiscoverConfig
     from .discover import discover as run
@@ -61,7 +63,8 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     layers = list(scan_layers or ())
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
-                         criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers, per_language=per_language)
+                         criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers, per_language=per_language,
+                         fallback_kind=fallback_kind)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)
     r = det.rule.to_dict()

@@ -37,6 +37,9 @@ class DiscoverConfig:
     layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
     # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
     per_language: bool = False
+    # kind of that pooled fallback (None: `kind`); "or_rule" keeps a sparse per-language file cheap to make:
+    # an L1 path over every language's rows pooled costs far more than the per-language fits together
+    fallback_kind: str | None = None
 
 
 def parse_labels(values: pl.Series, where: str) -> np.ndarray:
@@ -120,7 +123,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
             if best is None or scan[layer]["best_delta"] > scan[best[0]]["best_delta"]:
                 best = (layer, fx_l, codes_l)
         _, fx, codes = best
-    rule = make_rule(cfg).fit(codes, y)
+    pooled_cfg = replace(cfg, kind=cfg.fallback_kind) if cfg.per_language and cfg.fallback_kind else cfg
+    rule = make_rule(pooled_cfg).fit(codes, y)
     if "lang" in df.columns:
         langs = [str(v) for v in df.get_column("lang").to_list()]
     else:  # the languages the rule is validated on must be known: identify them as classify would
@@ -135,7 +139,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
-                         "criterion": cfg.criterion, "target_fpr": cfg.target_fpr, "per_language": cfg.per_language}}
+                         "criterion": cfg.criterion, "target_fpr": cfg.target_fpr, "per_language": cfg.per_language,
+                         "fallback_kind": pooled_cfg.kind}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
