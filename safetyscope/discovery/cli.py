@@ -76,7 +76,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
             click.echo(f"{lang}: {kind} with {len(rule.features_)} feature(s) from {v['toxic']} toxic / {v['clean']} "
                        f"clean rows; hold-out recall {v['holdout_recall']:.3f}, clean FPR {v['holdout_fpr']:.3f}", err=True)
         click.echo("fallback for other languages (fitted on all rows pooled):", err=True)
-    click.echo(f"{kind}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
+    click.echo(f"{r['kind']}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
     for i, fold in enumerate(r.get("holdout", [])):
         click.echo(f"  hold-out {i + 1}: recall {fold['recall']:.3f}, clean FPR {fold['fpr']:.3f}, F1 {fold['f1']:.3f}", err=True)
