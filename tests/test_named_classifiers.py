@@ -30,16 +30,9 @@ def _strings(obj):
             yield from _strings(v)
 
 
-# registered names whose file is made later (issue 12: `discover --per-language` on Gemma 3 270M features);
-# until then the name is a one-line error (tests/test_per_language.py)
-PENDING = {"multilingual"}
-
-
 def test_every_registered_name_is_a_shipped_classifier_file():
     for name, file in CLASSIFIERS.items():
-        if not (ASSETS / file).exists():
-            assert name in PENDING, f"{name}: {file} is missing"
-            continue
+        assert (ASSETS / file).exists(), f"{name}: {file} is missing"
         assert classifier_path(name) == ASSETS / file
         d = read_classifier(name)
         assert d["format"] == "safetyscope-classifier" and d["rule"]["features"], name
