@@ -20,6 +20,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backbone import Backbone, decoder_layers
@@ -159,7 +160,9 @@ def cannot_steer(gen, backbone: Backbone) -> str | None:
 
 
 def classifier_features(path, fx) -> list[int]:
-    """The feature ids of a classifier file made with ``fx``'s model, SAE and layer (else a one-line error)."""
+    """The ids of the features that make a classifier (made with ``fx``'s model, SAE and layer, else a one-line
+    error) flag a text: every feature of an OR-rule; a sparse linear rule's features with a positive weight (its
+    negative-weight features push towards clean, so suppressing them would push towards toxic)."""
     from .discovery.detector import read_classifier
     from .discovery.rules import classifier_from_dict
     from .provenance import check_compatible, check_header
@@ -167,7 +170,9 @@ def classifier_features(path, fx) -> list[int]:
     d = read_classifier(path)
     check_header(d, path)
     check_compatible(d, fx, path)
-    return [int(f) for f in classifier_from_dict(d.get("rule")).features_]
+    rule = classifier_from_dict(d.get("rule"))
+    towards_toxic = getattr(rule, "weights_", np.ones(len(rule.features_))) > 0
+    return [int(f) for f in rule.features_[towards_toxic]]
 
 
 def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str = "all", chat: bool = True,

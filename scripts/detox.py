@@ -1,7 +1,7 @@
 """Measured detoxification by feature steering: continuations of toxic prompt fragments, three arms.
 
 - plain: the unsteered model;
-- suppressed: every feature of the shipped toxicity classifier clamped to 0 at every position (`steer -c toxicity
+- suppressed: every feature of the shipped toxicity OR-rule clamped to 0 at every position (`steer -c toxicity-or-rule
   --suppress`);
 - control: as many random features clamped to 0, each drawn among the 10 features whose firing rate on the prompts
   is nearest to a classifier feature's (so the control edits about as often); the mean edit norm of each arm is
@@ -121,8 +121,8 @@ def main():
     t0 = time.perf_counter()
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = classifier_path("toxicity")
-    doc = read_classifier("toxicity")
+    path = classifier_path("toxicity-or-rule")  # the OR-rule: reports/steering was made with it (then the default)
+    doc = read_classifier("toxicity-or-rule")
     fx = extractor_from_record(doc, path, dtype="float32")
     rule = classifier_from_dict(doc["rule"])
     feats = [int(f) for f in rule.features_]

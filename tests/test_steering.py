@@ -220,3 +220,20 @@ def test_user_errors_are_one_line(tmp_path, model_args, prompts, tiny_model_dir)
     res = run_cli(["steer", prompts, "-o", out, "--feature", "3:1", "--model", tiny_model_dir, "--sae", d,
                    "--layer", LAYER, "--k", 4], ok=False)
     assert res.exit_code == 2 and "SAE width mismatch" in res.output
+
+
+def test_suppress_takes_a_sparse_rules_positive_weight_features_only(tmp_path, model_args):
+    from safetyscope.discovery.detector import Detector
+    from safetyscope.steering import classifier_features
+
+    clean = [t for t in CORPUS if not any(w in t for w in TOXIC_WORDS)]
+    toxic = [t for t in CORPUS if any(w in t for w in TOXIC_WORDS)]
+    rows = [{"text": t, "label": "toxic"} for t in toxic] * 4 + [{"text": t, "label": "clean"} for t in clean] * 2
+    p = tmp_path / "tox.csv"
+    pl.DataFrame(rows).write_csv(p)
+    clf = tmp_path / "sparse.json"
+    run_cli(["discover", p, "-o", clf, "--kind", "sparse_linear", "--criterion", "f1", "--max-features", 64, *model_args])
+    weights = {x["id"]: x["weight"] for x in json.loads(clf.read_text())["rule"]["features"]}
+    assert any(w > 0 for w in weights.values()) and any(w < 0 for w in weights.values())  # both signs planted
+    got = classifier_features(clf, Detector.load(clf, dtype="float32").extractor)
+    assert got == [f for f, w in weights.items() if w > 0]
