@@ -23,7 +23,7 @@ import polars as pl
 
 from safetyscope.data import read_table
 from safetyscope.discovery.detector import classifier_path, read_classifier
-from safetyscope.discovery.discover import parse_labels
+from safetyscope.data import parse_labels
 from safetyscope.discovery.rules import classifier_from_dict
 from safetyscope.eval.metrics import binary_metrics
 from safetyscope.eval.per_language import methods

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from eval_harmful_request import load_splits
-from safetyscope.discovery.discover import parse_labels
+from safetyscope.data import parse_labels
 from safetyscope.discovery.rules import OrRuleClassifier
 from safetyscope.eval.metrics import binary_metrics
 from safetyscope.features import FeatureConfig, FeatureExtractor

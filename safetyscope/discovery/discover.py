@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
 
 from ..backbone import Backbone
-from ..data import read_table, require_columns, require_text, text_list
+from ..data import labelled_data_hash, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from .detector import Detector
 from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
-
-POSITIVE = {"1", "true", "toxic", "harmful", "yes"}
-NEGATIVE = {"0", "false", "clean", "benign", "no", "non-toxic", "nontoxic"}
-
 
 @dataclass
 class DiscoverConfig:
@@ -37,17 +32,6 @@ class DiscoverConfig:
     layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
     # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
     per_language: bool = False
-
-
-def parse_labels(values: pl.Series, where: str) -> np.ndarray:
-    """1/0, true/false, toxic/clean (also harmful/benign) -> int array; anything else is named in the error."""
-    if values.null_count():
-        raise SafetyScopeError(f"{where}: {values.null_count()} row(s) have no label")
-    norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
-    bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)
-    if bad:
-        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false, toxic/clean or harmful/benign; found {bad[:10]}")
-    return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
 
 
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
@@ -72,11 +56,8 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
 
 
 def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: list[str]) -> dict:
-    h = hashlib.sha256()
-    for t, label in zip(df.get_column(cfg.text_column).to_list(), y.tolist()):
-        h.update(f"{label}\t{t}\n".encode())
     out = {"files": [str(p) for p in paths], "rows": int(len(y)), "toxic": int(y.sum()), "clean": int(len(y) - y.sum()),
-           "split": cfg.split, "sha256": h.hexdigest()}
+           "split": cfg.split, "sha256": labelled_data_hash(df.get_column(cfg.text_column).to_list(), y)}
     if "lang" in df.columns:
         langs = df.with_columns(pl.Series("_y", y)).group_by("lang").agg(
             pl.col("_y").sum().alias("toxic"), (1 - pl.col("_y")).sum().alias("clean")).sort("lang")

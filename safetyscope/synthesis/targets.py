@@ -11,7 +11,6 @@ a data set is by construction fired by it); ``synth compare`` uses disjoint halv
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..data import text_list
-from ..discovery.discover import parse_labels
+from ..data import labelled_data_hash, parse_labels, text_list
 from ..discovery.rules import rank_features
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
@@ -87,11 +85,8 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
             "max_activation": float(vals.max()), "mean_activation": float(vals.mean()), "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
             "langs": dict(lang_counts.most_common(5)), "examples": examples,
         })
-    h = hashlib.sha256()
-    for t, lab in zip(texts, y.tolist()):
-        h.update(f"{lab}\t{t}\n".encode())
     return {"reference_data": {"source": source, "rows": len(texts), "harmful": int(y.sum()),
-                               "benign": int(len(y) - y.sum()), "sha256": h.hexdigest()},
+                               "benign": int(len(y) - y.sum()), "sha256": labelled_data_hash(texts, y)},
             "settings": asdict(cfg), "targets": targets}
 
 

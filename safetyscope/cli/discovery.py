@@ -6,8 +6,8 @@ import json
 
 import click
 
-from ..cli import NumberList, feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
-from ..ray_engine import ray_options
+from .options import (NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options,
+                      user_errors)
 
 
 def _fpr_cap(value: str) -> float | None | str:
@@ -53,8 +53,8 @@ def _fpr_cap(value: str) -> float | None | str:
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
              target_fpr, threshold, scan_layers, per_language, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
-    from .discover import DiscoverConfig
-    from .discover import discover as run
+    from ..discovery.discover import DiscoverConfig
+    from ..discovery.discover import discover as run
     from ..outputs import check_output
 
     check_output(output, inputs=data, overwrite=True, kind="classifier file", file_only=True)  # before the work
@@ -89,7 +89,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
 
 
 def _detector(classifier, kw):
-    from .detector import Detector
+    from ..discovery.detector import Detector
 
     return Detector.load(classifier, **recorded_kwargs(kw))
 
@@ -109,7 +109,7 @@ def _detector(classifier, kw):
 def classify(input_path, output, classifier, text_column, chunk_rows, lang_column, overwrite, engine, address, workers,
              cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
-    from .classify import classify_file
+    from ..discovery.classify import classify_file
 
     if engine == "ray":
         from ..ray_engine import run_classify_ray
@@ -152,7 +152,7 @@ def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **
     CLASSIFIER is a classifier JSON file or a shipped classifier's name (see `classify -c`)."""
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
-    from .explain import explain_text
+    from ..discovery.explain import explain_text
 
     texts = list(texts)
     if input_path:

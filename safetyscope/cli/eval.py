@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import NumberList, feature_config, model_options, user_errors
+from .options import NumberList, feature_config, model_options, user_errors
 
 MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
 
@@ -45,15 +45,14 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
     ci_sample.parquet is left out when other files are given, since it repeats their rows)."""
     import polars as pl
 
-    from ..data import read_table, require_text
-    from ..discovery.discover import parse_labels
+    from ..data import frame_hash, parse_labels, read_table, require_text
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor, extract_shared
     from ..outputs import check_report_dir
     from ..sae import SAE
-    from . import controls as ctl, report
-    from .per_language import evaluate_languages, layer_sweep, markdown_table, methods
-    from .transfer import efficiency_curves, transfer_matrix
+    from ..eval import controls as ctl, report
+    from ..eval.per_language import evaluate_languages, layer_sweep, markdown_table, methods
+    from ..eval.transfer import efficiency_curves, transfer_matrix
 
     out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
     skip = {s.strip() for s in skip.split(",") if s.strip()}
@@ -120,7 +119,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
               "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
-              "data_sha256": _frame_hash(df),
+              "data_sha256": frame_hash(df),
               "random_sae_fingerprint": extractors[1].sae.fingerprint() if random_ex else None}
     results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "random_controls": controls,
                "transfer": transfer, "efficiency": eff, "layer_sweep": sweep}
@@ -200,7 +199,7 @@ def _check_enough_rows(df, y, langs) -> None:
     from ..discovery.rules import MIN_PER_CLASS
     from ..errors import SafetyScopeError
 
-    from .per_language import split_indices
+    from ..eval.per_language import split_indices
 
     short = []
     for lang in langs:
@@ -219,7 +218,7 @@ def _pct(f):
 
 
 def _md(header, body) -> str:
-    from .report import _fmt
+    from ..eval.report import _fmt
 
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in body]
@@ -231,15 +230,6 @@ def _html_from_rows(rows, methods, metric, langs, report) -> str:
     present = [m for m in methods if any(r["method"] == m for r in rows)]
     body = [[la] + [look.get((la, m)) for m in present] for la in langs]
     return report.html_table(["lang"] + present, body)
-
-
-def _frame_hash(df) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for row in df.iter_rows():
-        h.update(repr(row).encode())
-    return h.hexdigest()
 
 
 @click.command("overlap")
@@ -258,8 +248,8 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     from ..errors import SafetyScopeError
     from ..features import FeatureExtractor
     from ..outputs import check_report_dir
-    from . import report
-    from .overlap import footprint, overlap_matrices, redundancy
+    from ..eval import report
+    from ..eval.overlap import footprint, overlap_matrices, redundancy
 
     if names and len(names) != len(data):
         raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
+from .options import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
@@ -47,7 +47,7 @@ def generator_options(fn):
 
 
 def synth_config(kw: dict):
-    from .synthesize import SynthConfig
+    from ..synthesis.synthesize import SynthConfig
 
     return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
@@ -57,7 +57,7 @@ def synth_config(kw: dict):
 
 
 def generator_config(kw: dict):
-    from .generators import GeneratorConfig
+    from ..synthesis.generators import GeneratorConfig
 
     return GeneratorConfig(backend=kw.pop("backend"), model=kw.pop("generator"), endpoint=kw.pop("endpoint"),
                            batch_size=kw.pop("gen_batch_size"), device=kw.get("device"),
@@ -76,7 +76,7 @@ def load_detector(classifier: str | None, kw: dict):
 
 def judge_factory(kw: dict):
     """gen -> the judge of --judge / --judge-classifier (a detector judge is loaded before any generation)."""
-    from .judge import DetectorJudge, LLMJudge
+    from ..synthesis.judge import DetectorJudge, LLMJudge
 
     kind, name = kw.pop("judge_kind"), kw.pop("judge_classifier")
     if kind == "llm":
@@ -116,7 +116,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     from ..features import FeatureExtractor
     from ..provenance import write_document
     from ..outputs import check_output
-    from .targets import TargetsConfig, find_targets, targets_document
+    from ..synthesis.targets import TargetsConfig, find_targets, targets_document
 
     check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
     fcfg = feature_config(kw)
@@ -147,10 +147,10 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 def coverage(data, targets_path, output, text_column, **kw):
     """Share of the target features that fire on at least one row of DATA."""
     from ..data import read_table, text_list
-    from .coverage import coverage_of_texts, format_coverage
+    from ..synthesis.coverage import coverage_of_texts, format_coverage
     from ..provenance import extractor_from_record
     from ..outputs import check_output
-    from .targets import read_targets
+    from ..synthesis.targets import read_targets
 
     if output:
         check_output(output, inputs=[data, targets_path], overwrite=True, kind="report file", file_only=True)
@@ -178,17 +178,17 @@ def coverage(data, targets_path, output, text_column, **kw):
 def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
     from ..data import read_table, text_list
-    from .generators import make_generator
-    from .synthesize import check_output
-    from .synthesize import synthesize as run
+    from ..synthesis.generators import make_generator
+    from ..synthesis.synthesize import check_output
+    from ..synthesis.synthesize import synthesize as run
     from ..provenance import extractor_from_record
-    from .targets import read_targets
+    from ..synthesis.targets import read_targets
 
     check_output(output, overwrite, inputs=[targets_path, seed_data])  # before any work
     doc = read_targets(targets_path)
     seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
                   if t and t.strip()]
-    from .judge import format_judged_stats
+    from ..synthesis.judge import format_judged_stats
 
     cfg, gcfg = synth_config(kw), generator_config(kw)
     make_judge = judge_factory(kw)
@@ -225,7 +225,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
     """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
-    from .compare import CompareConfig, run_compare
+    from ..synthesis.compare import CompareConfig, run_compare
 
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
@@ -267,7 +267,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
 @user_errors
 def sft_eval_cmd(arms_dir, data, output_dir, model, arms, train_batch_size, **kw):
     """LoRA-fine-tune the model on base rows + each arm (and base rows only), then measure refusals on held-out prompts."""
-    from .sft_eval import SFTEvalConfig, run_sft_eval
+    from ..synthesis.sft_eval import SFTEvalConfig, run_sft_eval
 
     cfg = SFTEvalConfig(arms_dir=arms_dir, data=data, output_dir=output_dir, model=model, arms=list(arms),
                         batch_size=train_batch_size, **kw)
