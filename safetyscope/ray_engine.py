@@ -285,7 +285,6 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
     So the rows are sorted by that key first and cut into Ray batches of a multiple of ``cfg.batch_size``:
     every model batch then holds the same texts as the local engine's, and the values are bitwise the same."""
     from .data import table_format, write_table
-
     from .outputs import check_output
 
     table_format(output, for_writing=True)
@@ -324,7 +323,6 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     from .data import table_format
     from .discovery.classify import _assemble
     from .discovery.detector import read_classifier
-
     from .outputs import check_output, output_lock
 
     out = Path(output)

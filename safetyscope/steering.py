@@ -42,7 +42,8 @@ class SteerSpec:
         """``F:ALPHA`` (add) or, with ``clamp``, ``F:VALUE``."""
         m = re.fullmatch(r"\s*(\d+)\s*[:=]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", str(text))
         if not m:
-            raise SafetyScopeError(f"bad steering spec {text!r}: use FEATURE:{'VALUE' if clamp else 'ALPHA'}, e.g. 161:{'0' if clamp else '-8'}")
+            raise SafetyScopeError(f"bad steering spec {text!r}: use FEATURE:{'VALUE' if clamp else 'ALPHA'}, "
+                                   f"e.g. 161:{'0' if clamp else '-8'}")
         f, v = int(m.group(1)), float(m.group(2))
         return cls(f, clamp=v) if clamp else cls(f, alpha=v)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from eval_harmful_request import load_splits
 from sklearn.model_selection import StratifiedKFold
 
-from eval_harmful_request import load_splits
 from safetyscope.data import parse_labels
 from safetyscope.discovery.rules import OrRuleClassifier
 from safetyscope.eval.metrics import binary_metrics

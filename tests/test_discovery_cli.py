@@ -13,11 +13,10 @@ import time
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from conftest import CORPUS, SAE_LAYERS
 
 from safetyscope.cli import main
 from safetyscope.discovery import Detector
-
-from conftest import CORPUS, SAE_LAYERS
 
 TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
 

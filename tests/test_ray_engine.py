@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from safetyscope.cli import main  # noqa: E402
-
 from conftest import CORPUS, SAE_LAYERS  # noqa: E402
+
+from safetyscope.cli import main  # noqa: E402
 
 
 def _run(args, ok=True):

@@ -7,12 +7,11 @@ import json
 import polars as pl
 import pytest
 import torch
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.backbone import decoder_layers
 from safetyscope.errors import SafetyScopeError
 from safetyscope.steering import SteerSpec, steer
-
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 LAYER = SAE_LAYERS[0]
 TEXT = "you are a stupid idiot and i hate you"

@@ -16,12 +16,11 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
 from safetyscope.synthesis.synthesize import Deduper, extract_candidates, is_refusal
-
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 _run = run_cli
 

@@ -6,8 +6,7 @@ import json
 
 import click
 
-from .options import (NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options,
-                      user_errors)
+from .options import NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def _fpr_cap(value: str) -> float | None | str:
@@ -36,14 +35,16 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--selection", type=click.Choice(["greedy", "delta"]), default="greedy", show_default=True,
               help="or_rule: add the feature+threshold that most raises F1 (greedy) or keep the top K by delta (the report's rule).")
 @click.option("--fpr-cap", default="auto", show_default=True,
-              help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; 'none' with delta = threshold 0 for all, as in the report).")
+              help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; "
+                   "'none' with delta = threshold 0 for all, as in the report).")
 @click.option("--criterion", type=click.Choice(["recall_at_fpr", "f1"]), default="recall_at_fpr", show_default=True,
               help="or_rule: most recall with a clean firing rate <= --target-fpr on held-out folds, or the best F1 "
                    "(balanced data; flags far too much on mostly clean traffic).")
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.02, show_default=True,
               help="Clean firing-rate budget of --criterion recall_at_fpr.")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
-@click.option("--scan-layers", type=NumberList(int, low=-1), default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
+              help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--per-language", is_flag=True,
               help="One rule per language of the `lang` column, each fitted on its own rows, plus the rule fitted on "
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
@@ -151,8 +152,8 @@ def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **
 
     CLASSIFIER is a classifier JSON file or a shipped classifier's name (see `classify -c`)."""
     from ..data import read_table, text_list
-    from ..errors import SafetyScopeError
     from ..discovery.explain import explain_text
+    from ..errors import SafetyScopeError
 
     texts = list(texts)
     if input_path:

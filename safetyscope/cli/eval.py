@@ -12,7 +12,8 @@ import click
 
 from .options import NumberList, feature_config, model_options, user_errors
 
-MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw", "majority"]
+MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw",
+                "majority"]
 
 
 SKIPPABLE = ("transfer", "efficiency", "random_sae")
@@ -27,7 +28,8 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the per-language and transfer runs, the random SAE and the controls' bootstrap.")
 @click.option("--seeds", type=NumberList(int), default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
-@click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True, help="% of discovery data (efficiency).")
+@click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True,
+              help="% of discovery data (efficiency).")
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
 @click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
 @click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency, random_sae "
@@ -47,12 +49,13 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 
     from ..data import frame_hash, parse_labels, read_table, require_text
     from ..errors import SafetyScopeError
+    from ..eval import controls as ctl
+    from ..eval import report
+    from ..eval.per_language import evaluate_languages, layer_sweep, markdown_table, methods
+    from ..eval.transfer import efficiency_curves, transfer_matrix
     from ..features import FeatureExtractor, extract_shared
     from ..outputs import check_report_dir
     from ..sae import SAE
-    from ..eval import controls as ctl, report
-    from ..eval.per_language import evaluate_languages, layer_sweep, markdown_table, methods
-    from ..eval.transfer import efficiency_curves, transfer_matrix
 
     out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
     skip = {s.strip() for s in skip.split(",") if s.strip()}
@@ -115,7 +118,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
         sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
 
     k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
-    config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": ",".join(map(str, seeds)), "fractions": ",".join(f"{f:g}" for f in fractions),
+    config = {"data": [str(p) for p in paths], "langs": lang_list, "seed": seed, "seeds": ",".join(map(str, seeds)),
+              "fractions": ",".join(f"{f:g}" for f in fractions),
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
               "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
@@ -132,7 +136,8 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
           "and measured on its test split. OR-rules: `or_rule` (greedy selection of feature + threshold pairs), "
           "`or_rule_delta` (top K by delta, each feature capped at a 2% clean firing rate), `or_rule_report` "
           "(the Qwen-Scope report's rule: top K by delta, threshold 0); K from 1, 2, 5, 10 by mean F1 on 3 hold-outs "
-          "of the discovery split. `sparse_linear`: L1 logistic rule over <= 128 SAE features. Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
+          "of the discovery split. `sparse_linear`: L1 logistic rule over <= 128 SAE features. "
+          "Baselines: `logreg_sae` (L1 logistic regression on all SAE features), "
           "`probe_raw` (logistic probe on mean-pooled raw activations), `majority`.", ""]
     sections = []
     md += ["Tables lead with what a user picks a detector by on real traffic, where toxic texts are a few per cent: "
@@ -198,7 +203,6 @@ def _check_enough_rows(df, y, langs) -> None:
     before the extraction (a language short of them would otherwise vanish from the report or crash a fit)."""
     from ..discovery.rules import MIN_PER_CLASS
     from ..errors import SafetyScopeError
-
     from ..eval.per_language import split_indices
 
     short = []
@@ -246,10 +250,10 @@ def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
     from ..data import read_table, text_list
     from ..errors import SafetyScopeError
-    from ..features import FeatureExtractor
-    from ..outputs import check_report_dir
     from ..eval import report
     from ..eval.overlap import footprint, overlap_matrices, redundancy
+    from ..features import FeatureExtractor
+    from ..outputs import check_report_dir
 
     if names and len(names) != len(data):
         raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")

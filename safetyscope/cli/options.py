@@ -62,7 +62,8 @@ def model_options(fn):
         click.option("--skip-first-token/--keep-first-token", default=None,
                      help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
-        click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
         click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
     ]
     for opt in reversed(opts):
@@ -122,7 +123,8 @@ def ray_options(fn):
                      help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
         click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
                      help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
-        click.option("--ray-batch-size", type=int, default=None, help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
+        click.option("--ray-batch-size", type=int, default=None,
+                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
                           "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
     ]):
         fn = opt(fn)

@@ -13,7 +13,8 @@ def generator_options(fn):
     for opt in reversed([
         click.option("--backend", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
                      show_default=True, help="Generator backend."),
-        click.option("--generator", default=None, help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--generator", default=None,
+                     help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
         click.option("--endpoint", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (--backend openai)."),
         click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Sequences per generate call (transformers)."),
         click.option("--classifier", default="default", show_default=True,
@@ -114,8 +115,8 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.discover import DiscoverConfig, load_labelled
     from ..features import FeatureExtractor
-    from ..provenance import write_document
     from ..outputs import check_output
+    from ..provenance import write_document
     from ..synthesis.targets import TargetsConfig, find_targets, targets_document
 
     check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
@@ -131,9 +132,11 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     write_document(doc, output)
     t = doc["targets"]
     click.echo(f"{len(t)} target(s) from {found['reference_data']['rows']} rows "
-               f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, {sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
+               f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, "
+               f"{sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
     for x in t[:10]:
-        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: {x['examples'][0]['snippet'][:100]}", err=True)
+        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: "
+                   f"{x['examples'][0]['snippet'][:100]}", err=True)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -147,9 +150,9 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 def coverage(data, targets_path, output, text_column, **kw):
     """Share of the target features that fire on at least one row of DATA."""
     from ..data import read_table, text_list
-    from ..synthesis.coverage import coverage_of_texts, format_coverage
-    from ..provenance import extractor_from_record
     from ..outputs import check_output
+    from ..provenance import extractor_from_record
+    from ..synthesis.coverage import coverage_of_texts, format_coverage
     from ..synthesis.targets import read_targets
 
     if output:
@@ -178,10 +181,10 @@ def coverage(data, targets_path, output, text_column, **kw):
 def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
     from ..data import read_table, text_list
+    from ..provenance import extractor_from_record
     from ..synthesis.generators import make_generator
     from ..synthesis.synthesize import check_output
     from ..synthesis.synthesize import synthesize as run
-    from ..provenance import extractor_from_record
     from ..synthesis.targets import read_targets
 
     check_output(output, overwrite, inputs=[targets_path, seed_data])  # before any work

@@ -138,8 +138,9 @@ class Detector:
     def load(cls, name_or_path: str | Path | None = None, *, model: str | None = None, sae: str | None = None,
              device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
              cache: bool = True) -> "Detector":
-        """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae`` override where the recorded ones are found
-        (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+        """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae``
+        override where the recorded ones are found (e.g. a moved directory), but their weights must match the
+        recorded fingerprints."""
         path = classifier_path(name_or_path)
         d = read_classifier(path)
         fx = extractor_from_record(d, path, model=model, sae=sae, device=device, dtype=dtype,

@@ -14,6 +14,7 @@ from ..features import FeatureConfig, FeatureExtractor
 from .detector import Detector
 from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
 
+
 @dataclass
 class DiscoverConfig:
     text_column: str = "text"

@@ -82,7 +82,8 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
         targets.append({
             "id": f, "label": "harmful" if delta[f] > 0 else "benign", "delta": float(delta[f]),
             "p_fire_harmful": float(p_h[f]), "p_fire_benign": float(p_b[f]), "n_fires": int(n_fires[f]),
-            "max_activation": float(vals.max()), "mean_activation": float(vals.mean()), "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
+            "max_activation": float(vals.max()), "mean_activation": float(vals.mean()),
+            "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
             "langs": dict(lang_counts.most_common(5)), "examples": examples,
         })
     return {"reference_data": {"source": source, "rows": len(texts), "harmful": int(y.sum()),
