@@ -19,13 +19,15 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from .backbone import Backbone, decoder_layers
 from .errors import SafetyScopeError
 
-POSITIONS = ("all", "generated")
+Positions = Literal["all", "generated"]  # edit every position, or only generated ones
+POSITIONS = get_args(Positions)
 
 
 @dataclass(frozen=True)

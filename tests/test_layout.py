@@ -77,7 +77,8 @@ def test_public_api_names_the_classes_and_loads_classifiers_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, safetyscope; assert 'sklearn' not in sys.modules; "
+    # the command line starts without scikit-learn (about a second): rules load when a command needs them
+    code = ("import sys, safetyscope, safetyscope.cli; assert 'sklearn' not in sys.modules; "
             "from safetyscope import Backbone, SAE, load_sae, FeatureExtractor, OrRuleClassifier, "
             "SparseLinearClassifier, Detector; "
             "from safetyscope.discovery.rules import OrRuleClassifier as O; from safetyscope.discovery import Detector as D; "

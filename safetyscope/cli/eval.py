@@ -7,9 +7,11 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import click
 
+from ..features import FeatureConfig, Pool
 from .options import NumberList, feature_config, model_options, user_errors
 
 MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "logreg_sae", "probe_raw",
@@ -241,7 +243,7 @@ def _html_from_rows(rows, methods, metric, langs, report) -> str:
 @click.option("-o", "--output", required=True, help="Report directory (overlap.json, overlap.md, overlap.png).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--name", "names", multiple=True, help="Display name per DATA, in order [default: file stems].")
-@click.option("--pool", type=click.Choice(["max", "last"]), default="max", show_default=True,
+@click.option("--pool", type=click.Choice(get_args(Pool)), default=FeatureConfig.pool, show_default=True,
               help="max: a feature fires anywhere in the text; last: at the last token only.")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Texts a feature must fire on to count.")
 @model_options

@@ -11,6 +11,7 @@ import sys
 import click
 
 from ..errors import SafetyScopeError
+from ..features import FeatureConfig
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
@@ -57,12 +58,12 @@ def model_options(fn):
         click.option("--sae", default=None, help="SAE directory, Qwen-Scope .pt file/dir or hub repo [default: embedded]."),
         click.option("--layer", type=int, default=None, help="Decoder layer whose output the SAE reads [default: the SAE's]."),
         click.option("--k", type=int, default=None, help="Override k of a TopK SAE (Qwen-Scope files do not store it)."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--max-length", type=int, default=256, show_default=True, help="Tokens kept per text."),
+        click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
+        click.option("--max-length", type=int, default=FeatureConfig.max_length, show_default=True, help="Tokens kept per text."),
         click.option("--skip-first-token/--keep-first-token", default=None,
                      help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
-        click.option("--dtype", default="auto", show_default=True,
+        click.option("--dtype", default=FeatureConfig.dtype, show_default=True,
                      help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
         click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
     ]
@@ -78,9 +79,9 @@ def recorded_model_options(what: str):
         for opt in reversed([
             click.option("--model", default=None, help=f"Where to find the {what}'s model, if not where it was recorded."),
             click.option("--sae", default=None, help=f"Where to find the {what}'s SAE, if not where it was recorded."),
-            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
             click.option("--device", default=None),
-            click.option("--dtype", default="auto", show_default=True),
+            click.option("--dtype", default=FeatureConfig.dtype, show_default=True),
             click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
         ]):
             fn = opt(fn)
@@ -95,8 +96,6 @@ def recorded_kwargs(kw: dict) -> dict:
 
 
 def feature_config(kw: dict):
-    from ..features import FeatureConfig
-
     return FeatureConfig(model=kw.pop("model"), sae=kw.pop("sae"), layer=kw.pop("layer"), k=kw.pop("k"),
                          batch_size=kw.pop("batch_size"), max_length=kw.pop("max_length"),
                          skip_first_token=kw.pop("skip_first_token"), device=kw.pop("device"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import click
 
 from ..errors import SafetyScopeError
+from ..steering import Positions
+from ..synthesis.generators import Backend, GeneratorConfig
 from .options import feature_config, model_options, user_errors
 
 
@@ -18,14 +22,14 @@ from .options import feature_config, model_options, user_errors
               help="Set feature F's activation to VALUE (0 removes it where it fires, leaves other text alone); repeatable.")
 @click.option("-c", "--classifier", default=None, help="Classifier JSON or shipped name whose features --suppress clamps.")
 @click.option("--suppress", is_flag=True, help="Clamp every feature of -c to 0.")
-@click.option("--positions", type=click.Choice(["all", "generated"]), default="all", show_default=True,
+@click.option("--positions", type=click.Choice(get_args(Positions)), default="all", show_default=True,
               help="Edit every position, or only those of generated tokens.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the chat template, or continue the raw text.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--plain", is_flag=True, help="Also write the unsteered completion and its activations.")
-@click.option("--backend", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+@click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
               show_default=True, help="Only transformers can steer (see README).")
 @model_options
 @user_errors

@@ -3,42 +3,48 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import click
 
+from ..synthesis.generators import Backend, GeneratorConfig
+from ..synthesis.synthesize import SynthConfig
 from .options import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
     for opt in reversed([
-        click.option("--backend", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+        click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
                      show_default=True, help="Generator backend."),
         click.option("--generator", default=None,
                      help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
         click.option("--endpoint", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (--backend openai)."),
-        click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Sequences per generate call (transformers)."),
+        click.option("--gen-batch-size", type=int, default=GeneratorConfig.batch_size, show_default=True,
+                     help="Sequences per generate call (transformers)."),
         click.option("--classifier", default="default", show_default=True,
                      help="Toxicity classifier JSON screening responses ('default' = shipped; 'none' = no screening)."),
-        click.option("--budget", type=int, default=50, show_default=True, help="At most this many pairs."),
-        click.option("--max-attempts", type=int, default=3, show_default=True, help="Generation rounds per target."),
-        click.option("--samples", type=int, default=4, show_default=True, help="Generations per target per round."),
-        click.option("--temperature", type=float, default=0.9, show_default=True),
-        click.option("--prompt-tokens", type=int, default=48, show_default=True, help="Max new tokens per request."),
-        click.option("--response-tokens", type=int, default=96, show_default=True, help="Max new tokens per response."),
-        click.option("--group-size", type=int, default=8, show_default=True, help="Targets per batch (unit of durable output)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--skip-covered/--no-skip-covered", default=True, show_default=True,
+        click.option("--budget", type=int, default=SynthConfig.budget, show_default=True, help="At most this many pairs."),
+        click.option("--max-attempts", type=int, default=SynthConfig.max_attempts, show_default=True, help="Generation rounds per target."),
+        click.option("--samples", type=int, default=SynthConfig.samples, show_default=True, help="Generations per target per round."),
+        click.option("--temperature", type=float, default=SynthConfig.temperature, show_default=True),
+        click.option("--prompt-tokens", type=int, default=SynthConfig.prompt_tokens, show_default=True, help="Max new tokens per request."),
+        click.option("--response-tokens", type=int, default=SynthConfig.response_tokens, show_default=True,
+                     help="Max new tokens per response."),
+        click.option("--group-size", type=int, default=SynthConfig.group_size, show_default=True,
+                     help="Targets per batch (unit of durable output)."),
+        click.option("--seed", type=int, default=SynthConfig.seed, show_default=True),
+        click.option("--skip-covered/--no-skip-covered", default=SynthConfig.skip_covered, show_default=True,
                      help="Do not generate for a target that an earlier kept pair already fires."),
         click.option("--judge", "judge_kind", type=click.Choice(["detector", "llm"]), default="detector",
                      show_default=True, help="Who labels each written request: a harmful-request classifier, or the "
                                              "generator asked with a written rubric (for a strong generator)."),
         click.option("--judge-classifier", default="harmful-request", show_default=True,
                      help="Classifier JSON (or shipped name) of --judge detector: flagged = harmful."),
-        click.option("--response-retries", type=int, default=1, show_default=True,
+        click.option("--response-retries", type=int, default=SynthConfig.response_retries, show_default=True,
                      help="Regenerate a response that fails its check this many times, then drop the pair."),
         click.option("--no-template", is_flag=True,
                      help="Drop a harmful request without a generated refusal instead of using the template refusal."),
-        click.option("--steer/--no-steer", "steer", default=True, show_default=True,
+        click.option("--steer/--no-steer", "steer", default=SynthConfig.steer, show_default=True,
                      help="Targets still not fired after the plain attempts get steered attempts (their direction added "
                           "at 2, 4, 8 x their mean activation; transformers backend on the SAE's model only); a request "
                           "is kept only if it fires the target re-encoded without steering."),
@@ -48,8 +54,6 @@ def generator_options(fn):
 
 
 def synth_config(kw: dict):
-    from ..synthesis.synthesize import SynthConfig
-
     return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
                        response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
@@ -58,11 +62,15 @@ def synth_config(kw: dict):
 
 
 def generator_config(kw: dict):
-    from ..synthesis.generators import GeneratorConfig
-
     return GeneratorConfig(backend=kw.pop("backend"), model=kw.pop("generator"), endpoint=kw.pop("endpoint"),
                            batch_size=kw.pop("gen_batch_size"), device=kw.get("device"),
                            dtype=kw.get("dtype") or "auto")
+
+
+def _classifier_kwargs(kw: dict) -> dict:
+    """recorded_kwargs without --model/--sae: here those name the features' model and SAE, while a screening
+    classifier is loaded with the model and SAE it records."""
+    return {k: v for k, v in recorded_kwargs(kw).items() if k not in ("model", "sae")}
 
 
 def load_detector(classifier: str | None, kw: dict):
@@ -71,8 +79,7 @@ def load_detector(classifier: str | None, kw: dict):
     if classifier in ("none", "off"):
         click.echo("warning: --classifier none: responses are not screened for toxicity", err=True)
         return None
-    return Detector.load(classifier, device=kw.get("device"),
-                         dtype=kw.get("dtype"), batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+    return Detector.load(classifier, **_classifier_kwargs(kw))
 
 
 def judge_factory(kw: dict):
@@ -84,8 +91,7 @@ def judge_factory(kw: dict):
         return lambda gen: LLMJudge(gen)
     from ..discovery.detector import Detector
 
-    det = Detector.load(name, device=kw.get("device"), dtype=kw.get("dtype"),
-                        batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+    det = Detector.load(name, **_classifier_kwargs(kw))
     judge = DetectorJudge(det, name)
     return lambda gen: judge
 
@@ -113,7 +119,8 @@ def synth_group():
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
                 max_fire_rate, examples, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
-    from ..discovery.discover import DiscoverConfig, load_labelled
+    from ..discovery.config import DiscoverConfig
+    from ..discovery.discover import load_labelled
     from ..features import FeatureExtractor
     from ..outputs import check_output
     from ..provenance import write_document

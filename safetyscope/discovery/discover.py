@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -11,28 +11,9 @@ from ..backbone import Backbone
 from ..data import labelled_data_hash, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
+from .config import DiscoverConfig
 from .detector import Detector
 from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
-
-
-@dataclass
-class DiscoverConfig:
-    text_column: str = "text"
-    label_column: str = "label"
-    langs: list[str] | None = None  # keep rows whose `lang` is one of these
-    split: str | None = None  # keep rows whose `split` equals this (e.g. "discovery")
-    kind: str = "or_rule"  # or "sparse_linear"
-    selection: str = "greedy"  # or_rule: "greedy" or "delta" (the report's top-K by delta)
-    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 128 (sparse_linear)
-    threshold: float = 0.0
-    fpr_cap: float | None | str = "auto"  # or_rule: 0.2 for greedy, 0.02 for delta (see OrRuleClassifier)
-    # or_rule: most recall at a bounded clean firing rate (real traffic is mostly clean), or "f1"
-    criterion: str = "recall_at_fpr"
-    target_fpr: float = 0.02
-    seed: int = 0
-    layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
-    # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
-    per_language: bool = False
 
 
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:

@@ -19,6 +19,8 @@ Both serialise to plain dicts (``to_dict``/``from_dict``) for the classifier JSO
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -28,12 +30,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import SafetyScopeError
+from .config import Criterion, Selection
 
 K_CANDIDATES = (1, 2, 5, 10)
 # Clean firing rates greedy selection may give a single feature (those <= fpr_cap are tried).
 RATE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}
-CRITERIA = ("f1", "recall_at_fpr")
+DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}  # keys: the Selection values
+CRITERIA = tuple(sorted(get_args(Criterion)))
 # Fewest rows of each class a classifier is fitted on: 3 stratified hold-outs / CV folds need a few of each.
 MIN_PER_CLASS = 5
 
@@ -234,10 +237,10 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         every K on every hold-out are kept in ``k_folds_`` (and the classifier file).
     """
 
-    def __init__(self, max_features: int | None = None, selection: str = "greedy", threshold: float = 0.0,
+    def __init__(self, max_features: int | None = None, selection: Selection = "greedy", threshold: float = 0.0,
                  fpr_cap: float | None | str = "auto", k_candidates: tuple[int, ...] = K_CANDIDATES,
                  holdout: float = 0.25, n_splits: int = 3, max_candidates: int = 256, random_state: int = 0,
-                 criterion: str = "f1", target_fpr: float = 0.02):
+                 criterion: Criterion = "f1", target_fpr: float = 0.02):
         # criterion defaults to "f1" here so that files written before it existed keep their meaning;
         # `discover` defaults to recall_at_fpr (README: Operating points)
         self.max_features = max_features
