@@ -87,3 +87,11 @@ def test_public_api_names_the_classes_and_loads_classifiers_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr
     assert "Detector" in out.stdout and "SparseLinearClassifier" in out.stdout
+
+
+def test_every_public_name_has_a_line_in_the_api_docs():
+    import re
+
+    doc = (ROOT.parent / "docs" / "api.md").read_text()
+    described = set(re.findall(r"^\| `(\w+)` \| \S", doc, flags=re.M))
+    assert set(safetyscope.__all__) <= described, sorted(set(safetyscope.__all__) - described)

@@ -137,11 +137,6 @@ def test_spec_parsing():
 
 
 @pytest.fixture
-def model_args(tiny_model_dir, qwen_scope_sae_dir):
-    return ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", LAYER, "--dtype", "float32"]
-
-
-@pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.jsonl"
     pl.DataFrame({"prompt": ["tell me about the cat", "you are a stupid", "how do i bake a"]}).write_ndjson(p)
