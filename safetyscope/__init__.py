@@ -7,6 +7,7 @@ and ``Detector`` (a saved classifier with its model and SAE: texts -> verdicts).
 from .backbone import Backbone
 from .errors import SafetyScopeError
 from .features import FeatureConfig, FeatureExtractor
+from .lazy import lazy_exports
 from .sae import SAE, SAEConfig, load_sae
 
 __version__ = "0.1.0"
@@ -14,19 +15,5 @@ __all__ = ["SAE", "Backbone", "Detector", "FeatureConfig", "FeatureExtractor", "
            "SafetyScopeError", "SparseLinearClassifier", "load_sae"]
 
 # Imported on first use: scikit-learn costs every command's start-up, and most commands never fit a rule.
-_LAZY = {"Detector": ".discovery.detector", "OrRuleClassifier": ".discovery.rules",
-         "SparseLinearClassifier": ".discovery.rules"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {"Detector": ".discovery.detector", "OrRuleClassifier": ".discovery.rules",
+                                               "SparseLinearClassifier": ".discovery.rules"})

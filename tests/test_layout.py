@@ -83,6 +83,8 @@ def test_public_api_names_the_classes_and_loads_classifiers_lazily():
             "SparseLinearClassifier, Detector; "
             "from safetyscope.discovery.rules import OrRuleClassifier as O; from safetyscope.discovery import Detector as D; "
             "assert OrRuleClassifier is O and Detector is D and set(safetyscope.__all__) <= set(dir(safetyscope)); "
+            "import safetyscope.discovery as d, safetyscope.eval as e, safetyscope.synthesis as s; "
+            "assert all(callable(getattr(m, n)) for m in (d, e, s) for n in m.__all__); "
             "print(sorted(safetyscope.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr

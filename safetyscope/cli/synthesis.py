@@ -7,8 +7,10 @@ from typing import get_args
 
 import click
 
+from ..synthesis.compare import CompareConfig
 from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.synthesize import SynthConfig
+from ..synthesis.targets import TargetsConfig
 from .options import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
@@ -104,16 +106,19 @@ def synth_group():
 @synth_group.command("targets")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Targets JSON file to write.")
-@click.option("--text-column", default="prompt", show_default=True)
-@click.option("--label-column", default="label", show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
+@click.option("--text-column", default=TargetsConfig.text_column, show_default=True)
+@click.option("--label-column", default=TargetsConfig.label_column, show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
-@click.option("--min-delta", type=float, default=0.05, show_default=True, help="|P(fire|harmful) - P(fire|benign)| at least this.")
-@click.option("--max-targets", type=int, default=64, show_default=True)
+@click.option("--min-delta", type=float, default=TargetsConfig.min_delta, show_default=True,
+              help="|P(fire|harmful) - P(fire|benign)| at least this.")
+@click.option("--max-targets", type=int, default=TargetsConfig.max_targets, show_default=True)
 @click.option("--harmful-only", is_flag=True, help="Only harmful-specific features (no benign-specific ones).")
-@click.option("--min-fires", type=int, default=3, show_default=True, help="A target fires on at least this many rows.")
-@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of rows.")
-@click.option("--examples", type=int, default=4, show_default=True, help="Top-activating contexts kept per target.")
+@click.option("--min-fires", type=int, default=TargetsConfig.min_fires, show_default=True,
+              help="A target fires on at least this many rows.")
+@click.option("--max-fire-rate", type=float, default=TargetsConfig.max_fire_rate, show_default=True,
+              help="A target fires on at most this share of rows.")
+@click.option("--examples", type=int, default=TargetsConfig.n_examples, show_default=True, help="Top-activating contexts kept per target.")
 @model_options
 @user_errors
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
@@ -124,7 +129,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     from ..features import FeatureExtractor
     from ..outputs import check_output
     from ..provenance import write_document
-    from ..synthesis.targets import TargetsConfig, find_targets, targets_document
+    from ..synthesis.targets import find_targets, targets_document
 
     check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
     fcfg = feature_config(kw)
@@ -222,12 +227,16 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @click.option("--seed-source", "seed_sources", multiple=True, default=(), help="... and these sources (repeatable; default all).")
 @click.option("--ref-lang", "ref_langs", multiple=True, default=("en",), show_default=True,
               help="Languages of the reference half of `pool` that T is found on.")
-@click.option("--max-seed-rows", type=int, default=600, show_default=True, help="Subsample the seed subset (CPU time).")
-@click.option("--max-ref-rows", type=int, default=800, show_default=True, help="Subsample the reference rows (CPU time).")
-@click.option("--min-delta", type=float, default=0.05, show_default=True)
-@click.option("--max-targets", type=int, default=32, show_default=True)
-@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of reference rows.")
-@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the row subsampling and natural draw.")
+@click.option("--max-seed-rows", type=int, default=CompareConfig.max_seed_rows, show_default=True,
+              help="Subsample the seed subset (CPU time).")
+@click.option("--max-ref-rows", type=int, default=CompareConfig.max_ref_rows, show_default=True,
+              help="Subsample the reference rows (CPU time).")
+@click.option("--min-delta", type=float, default=CompareConfig.min_delta, show_default=True)
+@click.option("--max-targets", type=int, default=CompareConfig.max_targets, show_default=True)
+@click.option("--max-fire-rate", type=float, default=CompareConfig.max_fire_rate, show_default=True,
+              help="A target fires on at most this share of reference rows.")
+@click.option("--sample-seed", type=int, default=CompareConfig.sample_seed, show_default=True,
+              help="Seed of the row subsampling and natural draw.")
 @generator_options
 @model_options
 @user_errors
@@ -235,7 +244,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
     """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
-    from ..synthesis.compare import CompareConfig, run_compare
+    from ..synthesis.compare import run_compare
 
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),

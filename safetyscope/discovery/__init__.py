@@ -1,21 +1,10 @@
 """Discovery of toxic SAE features, the rules built on them, and batch classification."""
 
-__all__ = ["Detector", "OrRuleClassifier", "SparseLinearClassifier", "firing_rates", "rank_features"]
+from ..lazy import lazy_exports
 
 # Imported on first use: `discovery.config` (the command line's defaults) must not pull in scikit-learn.
-_LAZY = {"Detector": ".detector", "OrRuleClassifier": ".rules", "SparseLinearClassifier": ".rules",
-         "firing_rates": ".rules", "rank_features": ".rules"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+_WHERE = {"Detector": ".detector", "DiscoverConfig": ".config", "OrRuleClassifier": ".rules",
+          "SparseLinearClassifier": ".rules", "classifier_from_dict": ".rules", "firing_rates": ".rules",
+          "rank_features": ".rules", "classify_file": ".classify", "explain_text": ".explain"}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 
 from ..data import labelled_data_hash, parse_labels, text_list
-from ..discovery.rules import rank_features
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
 from ..provenance import extractor_record, read_document
@@ -59,6 +58,8 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
     if len(set(y.tolist())) < 2:
         raise SafetyScopeError(f"{source}: the contrast needs both harmful and benign rows")
     codes = fx.transform(texts, progress=progress).tocsc()
+    from ..discovery.rules import rank_features  # scikit-learn: loaded for the work, not by TargetsConfig's readers
+
     order, delta, p_h, p_b = rank_features(codes, y)
     n_fires = np.diff(codes.indptr)
     ok = (n_fires >= cfg.min_fires) & (n_fires <= cfg.max_fire_rate * len(texts))
