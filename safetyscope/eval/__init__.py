@@ -3,7 +3,7 @@ feature overlap (what `safetyscope eval` and `safetyscope overlap` run)."""
 
 from ..lazy import lazy_exports
 
-_WHERE = {"evaluate_languages": ".per_language", "layer_sweep": ".per_language", "methods": ".per_language",
+_WHERE = {"run_eval": ".run", "evaluate_languages": ".per_language", "layer_sweep": ".per_language", "methods": ".per_language",
           "transfer_matrix": ".transfer", "efficiency_curves": ".transfer", "binary_metrics": ".metrics",
           "recall_at_fpr": ".metrics", "compare_controls": ".controls", "footprint": ".overlap",
           "overlap_matrices": ".overlap", "redundancy": ".overlap"}
