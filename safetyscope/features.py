@@ -12,6 +12,7 @@ import os
 import sqlite3
 import sys
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +29,9 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+Pool = Literal["max", "last"]
+
+
 @dataclass
 class FeatureConfig:
     """Everything that decides the codes (and so keys the cache)."""
@@ -41,7 +45,7 @@ class FeatureConfig:
     # the first position is an attention sink with outlier norms; None = as the SAE was trained
     # (left out when its training record says position 0 was excluded, as for the embedded SAEs)
     skip_first_token: bool | None = None
-    pool: str = "max"  # "max": max over tokens (fires anywhere); "last": the last token's code only
+    pool: Pool = "max"  # "max": max over tokens (fires anywhere); "last": the last token's code only
     device: str | None = None
     dtype: str | None = "auto"
     cache: bool = True
@@ -64,7 +68,7 @@ class FeatureExtractor:
                                    f"{backbone.model_id} has hidden size {backbone.d_model}")
         if not 0 <= layer < backbone.n_layers:
             raise SafetyScopeError(f"layer {layer} out of range: {backbone.model_id} has layers 0..{backbone.n_layers - 1}")
-        if pool not in ("max", "last"):
+        if pool not in get_args(Pool):
             raise SafetyScopeError(f"pool must be 'max' or 'last', not {pool!r}")
         if batch_size < 1 or max_length < 2:
             raise SafetyScopeError("batch_size must be >= 1 and max_length >= 2")

@@ -16,6 +16,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """User cache (``SAFETYSCOPE_CACHE`` or ``~/.cache/safetyscope``)."""
+    d = Path(os.environ.get("SAFETYSCOPE_CACHE", Path.home() / ".cache" / "safetyscope"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def _stamps(files: Iterable[Path]) -> list[list]:
     out = []
     for f in files:
@@ -30,8 +37,6 @@ def cached_hash(files: Iterable[Path], salt: str, compute: Callable[[], str]) ->
     files = list(files)
     if not files:
         return compute()
-    from .backbone import cache_dir  # backbone imports sae, which imports this module
-
     try:
         key = [salt, _stamps(files)]
         entry = cache_dir() / "fingerprints" / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32] + ".json")

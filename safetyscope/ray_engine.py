@@ -17,39 +17,24 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import click
 import polars as pl
 
+from .data import TABLE_SUFFIXES
 from .errors import SafetyScopeError
 
 ROW = "__safetyscope_row"
 LEN = "__safetyscope_tokens"  # features: tokens per text (after truncation), the local engine's batching key
-READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".ndjson": "read_json", ".json": "read_json"}
+# Ray Data's reader per table format of data.TABLE_SUFFIXES (the one list of suffixes)
+READERS = {suffix: {"parquet": "read_parquet", "csv": "read_csv", "jsonl": "read_json"}[fmt]
+           for suffix, fmt in TABLE_SUFFIXES.items()}
 MAX_RESTARTS = 4  # per actor: a dead actor is restarted and its batch retried, this many times
 CRASH_ONCE_ENV = "SAFETYSCOPE_RAY_CRASH_ONCE"  # tests: path of a marker file; the first batch to create it kills its actor
-
-
-def ray_options(fn):
-    """--engine and the Ray knobs, shared by `features` and `classify`."""
-    for opt in reversed([
-        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="ray: Ray Data actor pool on a Ray cluster (pip install 'safetyscope[ray]')."),
-        click.option("--address", default=None, help="Ray address: ray://host:10001, auto, ... [default: start or join a local Ray]."),
-        click.option("--workers", type=int, default=1, show_default=True, help="Ray actors, each holding one model copy."),
-        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
-                     help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
-        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
-                     help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
-        click.option("--ray-batch-size", type=int, default=None, help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
-                          "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
-    ]):
-        fn = opt(fn)
-    return fn
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -276,7 +261,7 @@ def _check_resources(ray, started: bool, workers: int, cpus: float, gpus: float)
         msg = f"the actor pool needs {' and '.join(short)}"
         if started:
             raise SafetyScopeError(f"{msg}; lower --workers or the per-worker resources")
-        click.echo(f"warning: {msg}; it waits until an autoscaler adds nodes", err=True)
+        print(f"warning: {msg}; it waits until an autoscaler adds nodes", file=sys.stderr)
 
 
 def _with_ray(fn, address, *, workers: int, cpus: float, gpus: float):
@@ -300,7 +285,6 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
     So the rows are sorted by that key first and cut into Ray batches of a multiple of ``cfg.batch_size``:
     every model batch then holds the same texts as the local engine's, and the values are bitwise the same."""
     from .data import table_format, write_table
-
     from .outputs import check_output
 
     table_format(output, for_writing=True)
@@ -339,7 +323,6 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     from .data import table_format
     from .discovery.classify import _assemble
     from .discovery.detector import read_classifier
-
     from .outputs import check_output, output_lock
 
     out = Path(output)

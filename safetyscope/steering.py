@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ import torch
 from .backbone import Backbone, decoder_layers
 from .errors import SafetyScopeError
 
-POSITIONS = ("all", "generated")
+Positions = Literal["all", "generated"]  # edit every position, or only generated ones
+POSITIONS = get_args(Positions)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class SteerSpec:
         """``F:ALPHA`` (add) or, with ``clamp``, ``F:VALUE``."""
         m = re.fullmatch(r"\s*(\d+)\s*[:=]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", str(text))
         if not m:
-            raise SafetyScopeError(f"bad steering spec {text!r}: use FEATURE:{'VALUE' if clamp else 'ALPHA'}, e.g. 161:{'0' if clamp else '-8'}")
+            raise SafetyScopeError(f"bad steering spec {text!r}: use FEATURE:{'VALUE' if clamp else 'ALPHA'}, "
+                                   f"e.g. 161:{'0' if clamp else '-8'}")
         f, v = int(m.group(1)), float(m.group(2))
         return cls(f, clamp=v) if clamp else cls(f, alpha=v)
 

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from safetyscope.data import read_table
-from safetyscope.discovery.discover import parse_labels
+from safetyscope.data import parse_labels, read_table
 from safetyscope.features import FeatureConfig, FeatureExtractor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-
 from build_sae_corpus import DATA, discovery_splits  # the same rule for which toxicity rows may be used
 
 

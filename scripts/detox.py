@@ -187,7 +187,8 @@ def markdown(res: dict) -> str:
         pr = d["probe"]
         lines += [f"## {lang}: {d['prompts']} prompts (probe: {pr['fit_rows']} rows fitted, test accuracy "
                   f"{pr['test_accuracy']:.1%} on {pr['test_rows']}); control features {d['control_features']}", "",
-                  "| arm | probe: toxic | delta vs plain | classifier: toxic | delta vs plain | perplexity | mean tokens | mean edit norm |",
+                  "| arm | probe: toxic | delta vs plain | classifier: toxic | delta vs plain | perplexity | mean tokens "
+                  "| mean edit norm |",
                   "|---|---|---|---|---|---|---|---|"]
         for arm, r in d["arms"].items():
             dp = f"[{r['probe_delta_ci'][0]:+.1%}, {r['probe_delta_ci'][1]:+.1%}]" if "probe_delta_ci" in r else "-"

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from safetyscope.data import read_table
+from safetyscope.data import parse_labels, read_table
 from safetyscope.discovery.detector import classifier_path, read_classifier
-from safetyscope.discovery.discover import parse_labels
 from safetyscope.discovery.rules import classifier_from_dict
 from safetyscope.eval.metrics import binary_metrics
 from safetyscope.eval.per_language import methods

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from eval_harmful_request import load_splits
 from sklearn.model_selection import StratifiedKFold
 
-from eval_harmful_request import load_splits
-from safetyscope.discovery.discover import parse_labels
+from safetyscope.data import parse_labels
 from safetyscope.discovery.rules import OrRuleClassifier
 from safetyscope.eval.metrics import binary_metrics
 from safetyscope.features import FeatureConfig, FeatureExtractor

@@ -14,11 +14,11 @@ import sys
 import time
 
 import numpy as np
+from _toxicity import load_toxicity
 from sklearn.metrics import f1_score
 
-from _toxicity import load_toxicity
 from safetyscope.backbone import Backbone
-from safetyscope.discovery.discover import parse_labels
+from safetyscope.data import parse_labels
 from safetyscope.eval.metrics import raw_activation_probe
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from _toxicity import toxicity_features
 from sklearn.metrics import f1_score
 
-from _toxicity import toxicity_features
 from safetyscope.discovery.rules import OrRuleClassifier
 from safetyscope.eval.per_language import split_indices
 

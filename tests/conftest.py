@@ -139,6 +139,12 @@ def shared_data() -> Path:
 TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
 
 
+@pytest.fixture
+def model_args(tiny_model_dir, qwen_scope_sae_dir) -> list:
+    """--model/--sae/--layer/--dtype of the tiny model and SAE, for any command with the model options."""
+    return ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32"]
+
+
 def run_cli(args, ok=True):
     """The safetyscope command in-process; with ``ok`` it must exit 0 (the output and exception in the message)."""
     from click.testing import CliRunner

@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import N_LAYERS, count_hashes, edit_last_value_in_place
 
 from safetyscope import Backbone, SafetyScopeError
 from safetyscope.backbone import decoder_layers
-
-from conftest import N_LAYERS, count_hashes, edit_last_value_in_place
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "thank you", "what is the capital city of france ?"]
 

@@ -8,11 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from conftest import SAE_LAYERS
 
 from safetyscope import FeatureExtractor, load_sae
 from safetyscope.cli import main
-
-from conftest import SAE_LAYERS
 
 LAYER = SAE_LAYERS[0]
 ROWS = [

@@ -12,12 +12,9 @@ import time
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
+from conftest import CORPUS, SAE_LAYERS, run_cli
 
-from safetyscope.cli import main
 from safetyscope.discovery import Detector
-
-from conftest import CORPUS, SAE_LAYERS
 
 TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "garbage", "shut", "bomb", "awful")
 
@@ -33,17 +30,10 @@ def _labelled(tmp_path, label_style="word"):
     return path
 
 
-def _run(args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
-
-
 @pytest.fixture
 def classifier(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     out = tmp_path / "clf.json"
-    _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    run_cli(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
           "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3])
     return out
 
@@ -68,7 +58,7 @@ def test_discover_writes_a_complete_classifier_file(classifier, tiny_backbone, t
 
 def test_discover_with_delta_selection_keeps_the_top_features_by_delta(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     out = tmp_path / "delta.json"
-    _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    run_cli(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
           "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3, "--selection", "delta",
           "--fpr-cap", "none"])
     d = json.loads(out.read_text())
@@ -76,7 +66,7 @@ def test_discover_with_delta_selection_keeps_the_top_features_by_delta(tmp_path,
     assert d["settings"]["selection"] == "delta" and d["rule"]["params"]["fpr_cap"] is None
     assert [x["delta"] for x in f] == sorted((x["delta"] for x in f), reverse=True)
     assert all(x["threshold"] == 0.0 for x in f)
-    bad = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    bad = run_cli(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
                 "--layer", SAE_LAYERS[0], "--fpr-cap", "lots"], ok=False)
     assert bad.exit_code == 2 and "--fpr-cap" in bad.output and "Traceback" not in bad.output
 
@@ -90,7 +80,7 @@ def test_layer_scan_keeps_the_best_layer_and_scores_the_multi_layer_variant(tmp_
     from safetyscope.sae import load_sae
 
     out = tmp_path / "scan.json"
-    res = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    res = run_cli(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
                 "--scan-layers", ",".join(map(str, SAE_LAYERS)), "--dtype", "float32", "--no-cache"])
     d = json.loads(out.read_text())
     scan = d["layer_scan"]
@@ -114,7 +104,7 @@ def test_layer_scan_keeps_the_best_layer_and_scores_the_multi_layer_variant(tmp_
 
 def test_lang_filter_and_numeric_labels(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     out = tmp_path / "en.json"
-    _run(["discover", _labelled(tmp_path, "int"), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    run_cli(["discover", _labelled(tmp_path, "int"), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
           "--layer", SAE_LAYERS[0], "--lang", "en", "--kind", "sparse_linear", "--max-features", 5])
     d = json.loads(out.read_text())
     assert set(d["discovery_data"]["per_lang"]) == {"en"} and d["discovery_data"]["rows"] == len(CORPUS) * 2
@@ -136,20 +126,20 @@ def test_classifier_round_trip_gives_the_same_predictions(classifier, tmp_path, 
 
 def test_classifier_refuses_another_sae_or_model(classifier, tmp_path, qwen_scope_sae_dir):
     # the other layer's SAE has the same shape but other weights, and records another layer
-    res = _run(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
+    res = run_cli(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
                 "--sae", qwen_scope_sae_dir / f"layer{SAE_LAYERS[1]}.sae.pt"], ok=False)
     assert res.exit_code == 2 and f"reads layer {SAE_LAYERS[1]}" in res.output and "Traceback" not in res.output
     # the same weights under a name that records no layer: the fingerprint refuses them
     renamed = tmp_path / "renamed.pt"
     renamed.write_bytes((qwen_scope_sae_dir / f"layer{SAE_LAYERS[1]}.sae.pt").read_bytes())
-    res = _run(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
+    res = run_cli(["classify", _labelled(tmp_path), "-o", tmp_path / "o.parquet", "-c", classifier,
                 "--sae", renamed], ok=False)
     assert res.exit_code == 2 and "fingerprint" in res.output and "Traceback" not in res.output
     d = json.loads(classifier.read_text())
     d["model"]["fingerprint"] = "0" * 16
     other = tmp_path / "other.json"
     other.write_text(json.dumps(d))
-    res = _run(["explain", other, "hello"], ok=False)
+    res = run_cli(["explain", other, "hello"], ok=False)
     assert res.exit_code == 2 and "made with model" in res.output
 
 
@@ -162,7 +152,7 @@ def test_old_16_hex_fingerprints_still_load(classifier, tmp_path, tiny_backbone,
     assert Detector.load(old, dtype="float32").predict(["hello"])[1].shape == (1,)
     d["sae"]["fingerprint"] = "0" * 16
     old.write_text(json.dumps(d))
-    res = _run(["explain", old, "hello"], ok=False)
+    res = run_cli(["explain", old, "hello"], ok=False)
     assert res.exit_code == 2 and "made with SAE" in res.output
 
 
@@ -181,7 +171,7 @@ def test_malformed_classifier_files_are_one_line_errors(classifier, tmp_path, ed
     edit(d)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(d))  # NaN is written as the JSON extension NaN, which json.loads reads back
-    res = _run(["explain", bad, "hello"], ok=False)
+    res = run_cli(["explain", bad, "hello"], ok=False)
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert re.search(message, res.output), res.output
     assert res.output.strip().count("\n") == 0 and res.output.startswith("error: ")
@@ -192,7 +182,7 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
     pl.DataFrame({"id": ["a", "b", "c", "d"], "text": ["you are a stupid idiot", None, "  ", "thank you"],
                   "extra": [1, 2, 3, 4]}).write_ndjson(inp)
     out = tmp_path / "out.parquet"
-    _run(["classify", inp, "-o", out, "-c", classifier])
+    run_cli(["classify", inp, "-o", out, "-c", classifier])
     df = pl.read_parquet(out)
     # no lang column in the input: each row's language is identified and written to `lang`
     assert df.columns == ["id", "text", "extra", "lang", "toxic", "score", "fired_features", "status"]
@@ -208,7 +198,7 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
     assert [df["fired_features"][0].to_list(), df["fired_features"][3].to_list()] == fired
     # every output format round-trips the same rows
     for name in ("out.csv", "out.jsonl", "out_hf"):
-        _run(["classify", inp, "-o", tmp_path / name, "-c", classifier])
+        run_cli(["classify", inp, "-o", tmp_path / name, "-c", classifier])
     assert pl.read_ndjson(tmp_path / "out.jsonl")["toxic"].to_list() == df["toxic"].to_list()
     assert pl.read_csv(tmp_path / "out.csv")["status"].to_list() == df["status"].to_list()
     import datasets
@@ -225,7 +215,7 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
 def test_discover_bad_inputs_are_one_line_errors(tmp_path, content, message, tiny_model_dir, qwen_scope_sae_dir):
     p = tmp_path / "bad.csv"
     p.write_text(content)
-    res = _run(["discover", p, "-o", tmp_path / "x.json", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    res = run_cli(["discover", p, "-o", tmp_path / "x.json", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
                 "--layer", SAE_LAYERS[0]], ok=False)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
@@ -234,18 +224,18 @@ def test_discover_bad_inputs_are_one_line_errors(tmp_path, content, message, tin
 def test_classify_bad_inputs(classifier, tmp_path):
     empty = tmp_path / "empty.parquet"
     pl.DataFrame({"text": []}, schema={"text": pl.String}).write_parquet(empty)
-    res = _run(["classify", empty, "-o", tmp_path / "o.parquet", "-c", classifier], ok=False)
+    res = run_cli(["classify", empty, "-o", tmp_path / "o.parquet", "-c", classifier], ok=False)
     assert res.exit_code == 2 and "no rows" in res.output
     notext = tmp_path / "notext.csv"
     notext.write_text("body\nhello\n")
-    res = _run(["classify", notext, "-o", tmp_path / "o2.parquet", "-c", classifier], ok=False)
+    res = run_cli(["classify", notext, "-o", tmp_path / "o2.parquet", "-c", classifier], ok=False)
     assert res.exit_code == 2 and "missing column(s) ['text']" in res.output
-    res = _run(["classify", tmp_path / "nope.csv", "-o", tmp_path / "o3.parquet", "-c", classifier], ok=False)
+    res = run_cli(["classify", tmp_path / "nope.csv", "-o", tmp_path / "o3.parquet", "-c", classifier], ok=False)
     assert res.exit_code == 2 and "no such file" in res.output
 
 
 def test_explain_names_tokens_of_fired_features(classifier):
-    res = _run(["explain", classifier, "you are a stupid idiot", "--json"])
+    res = run_cli(["explain", classifier, "you are a stupid idiot", "--json"])
     e = json.loads(res.output.strip().splitlines()[0])
     det = Detector.load(classifier)
     toxic, score, fired = det.predict(["you are a stupid idiot"])
@@ -305,13 +295,13 @@ def test_classify_marks_and_counts_rows_outside_the_validated_languages(classifi
     pl.DataFrame({"text": ["you are a stupid idiot", "you are a stupid idiot", "du bist dumm", "have a nice day"],
                   "language": ["en", "de", "de", "xx"]}).write_csv(inp)
     out = tmp_path / "mixed.parquet"
-    res = _run(["classify", inp, "-o", out, "-c", classifier, "--lang-column", "language"])
+    res = run_cli(["classify", inp, "-o", out, "-c", classifier, "--lang-column", "language"])
     df = pl.read_parquet(out)
     assert "lang" not in df.columns  # the user's own column is used, not a new one
     assert df["status"].to_list() == ["ok", "unvalidated language", "unvalidated language", "ok"]
     assert df["toxic"].null_count() == 0 and df["toxic"][0] == df["toxic"][1]  # same text, same verdict
     assert "2 of 4 rows are outside the classifier's validated languages (en, xx)" in res.output
-    bad = _run(["classify", inp, "-o", tmp_path / "x.parquet", "-c", classifier, "--lang-column", "nope"], ok=False)
+    bad = run_cli(["classify", inp, "-o", tmp_path / "x.parquet", "-c", classifier, "--lang-column", "nope"], ok=False)
     assert bad.exit_code == 2 and "--lang-column 'nope'" in bad.output and "Traceback" not in bad.output
 
 
@@ -328,11 +318,11 @@ def test_old_classifier_files_without_validation_use_their_discovery_languages(c
 
 def test_discover_records_the_operating_point_per_hold_out(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
     out = tmp_path / "op.json"
-    res = _run(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    res = run_cli(["discover", _labelled(tmp_path), "-o", out, "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
                 "--layer", SAE_LAYERS[0], "--dtype", "float32", "--target-fpr", "0.1"])
     d = json.loads(out.read_text())
     assert d["settings"]["criterion"] == "recall_at_fpr" and d["rule"]["params"]["target_fpr"] == 0.1
     assert len(d["rule"]["holdout"]) == 3 and "hold-out 1: recall" in res.output
     assert set(d["rule"]["k_folds"]) == {"1", "2", "5", "10"}
-    bad = _run(["discover", _labelled(tmp_path), "-o", out, "--target-fpr", "2"], ok=False)
+    bad = run_cli(["discover", _labelled(tmp_path), "-o", out, "--target-fpr", "2"], ok=False)
     assert bad.exit_code == 2 and "--target-fpr" in bad.output

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
+from conftest import CORPUS, SAE_LAYERS
 
 from safetyscope.cli import main
 from safetyscope.eval.metrics import binary_metrics, precision_at_prevalence, recall_at_fpr
@@ -18,8 +19,6 @@ from safetyscope.eval.overlap import footprint, overlap, overlap_matrices, overl
 from safetyscope.eval.per_language import evaluate_languages
 from safetyscope.eval.transfer import efficiency_curves, transfer_matrix
 from safetyscope.features import Extraction
-
-from conftest import CORPUS, SAE_LAYERS
 
 
 def test_binary_metrics_by_hand():
@@ -259,9 +258,9 @@ def _labelled_table(path):
 
 
 def test_eval_random_controls_and_skip(tmp_path, tiny_model_dir, qwen_scope_sae_dir, tiny_backbone, tiny_sae):
-    from safetyscope import SAE, FeatureExtractor
-
     from conftest import run_cli
+
+    from safetyscope import SAE, FeatureExtractor
 
     df = _labelled_table(tmp_path / "tox.parquet")
     base = ["eval", tmp_path / "tox.parquet", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import D_SAE, SAE_LAYERS
 
 from safetyscope import FeatureConfig, FeatureExtractor, SafetyScopeError
-
-from conftest import D_SAE, SAE_LAYERS
 
 LAYER = SAE_LAYERS[0]
 

@@ -69,7 +69,7 @@ def test_shipped_gemma_sae_matches(gemma):
     assert sae.cfg.d_model == gemma.d_model
     assert sae.cfg.d_sae == 10240 and sae.cfg.activation == "topk" and sae.cfg.k == 32
     assert 0 <= sae.cfg.layer < gemma.n_layers
-    from safetyscope.train import collect_activations, evaluate
+    from safetyscope.training import collect_activations, evaluate
 
     acts = collect_activations(gemma, sae.cfg.layer, ["Das ist ein ganz normaler Satz über das Wetter.",
                                                      "You are a worthless idiot and everyone hates you.",

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from safetyscope.cli import main
+from safetyscope.data import parse_labels
 from safetyscope.discovery.detector import ASSETS, CLASSIFIERS, Detector, classifier_path, read_classifier, read_rules
-from safetyscope.discovery.discover import parse_labels
 from safetyscope.errors import SafetyScopeError
 
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.discovery import classify as classify_mod
 from safetyscope.errors import SafetyScopeError
 from safetyscope.outputs import MARKER, output_lock
-
-from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 _run = run_cli
 

@@ -14,12 +14,11 @@ import re
 import numpy as np
 import polars as pl
 import pytest
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 from sklearn.metrics import f1_score
 
 from safetyscope.discovery.detector import UNVALIDATED, Detector, read_classifier, read_rules
 from safetyscope.errors import SafetyScopeError
-
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 MARKERS = {"aa": ("stupid", "idiot"), "bb": ("idiot", "stupid")}  # language -> (toxic first word, clean first word)
 CLEAN = [t for t in CORPUS if not any(w in t for w in TOXIC_WORDS)]

@@ -6,20 +6,10 @@ import sys
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from safetyscope.cli import main  # noqa: E402
-
-from conftest import CORPUS, SAE_LAYERS  # noqa: E402
-
-
-def _run(args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
+from conftest import CORPUS, SAE_LAYERS, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +40,7 @@ def classifier(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
     rows = [{"text": t, "label": int(any(w in t for w in ("stupid", "hate", "garbage", "shut", "bomb")))}
             for t in CORPUS * 4]
     pl.DataFrame(rows).write_csv(d / "lab.csv")
-    _run(["discover", d / "lab.csv", "-o", d / "clf.json", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+    run_cli(["discover", d / "lab.csv", "-o", d / "clf.json", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
           "--layer", SAE_LAYERS[0], "--dtype", "float32", "--max-features", 3])
     return d / "clf.json"
 
@@ -67,10 +57,10 @@ def _generated(path, with_gaps=True):
 def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, one_thread, classifier, tmp_path, monkeypatch):
     inp = _generated(tmp_path / "in.jsonl")
     common = ["-c", classifier, "--chunk-rows", 16, "--no-cache", "--dtype", "float32"]
-    _run(["classify", inp, "-o", tmp_path / "local.parquet", *common])
+    run_cli(["classify", inp, "-o", tmp_path / "local.parquet", *common])
     marker = tmp_path / "crashed"
     monkeypatch.setenv("SAFETYSCOPE_RAY_CRASH_ONCE", str(marker))  # the first batch kills its actor
-    res = _run(["classify", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 2])
+    res = run_cli(["classify", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 2])
     assert marker.exists(), "the crash hook did not fire"
     assert "wrote 90 rows" in res.output
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
@@ -83,16 +73,16 @@ def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_
     inp = _generated(tmp_path / "in.parquet", with_gaps=False)
     common = ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32",
               "--no-cache", "--batch-size", 8]
-    _run(["features", inp, "-o", tmp_path / "local.parquet", *common])
+    run_cli(["features", inp, "-o", tmp_path / "local.parquet", *common])
     # 20 rows per Ray batch -> 24 (whole model batches of 8), 4 batches over 2 actors: the rows are sorted by
     # token count first, so every model batch holds the texts the local engine batches together
-    _run(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 20,
+    run_cli(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 20,
           "--workers", 2])
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
     assert a.equals(b) and a.schema == b.schema
     # an error inside an actor (here: a null text) reaches the user as one line, nothing written
     bad = _generated(tmp_path / "bad.parquet")
-    res = _run(["features", bad, "-o", tmp_path / "bad-out.parquet", *common, "--engine", "ray"], ok=False)
+    res = run_cli(["features", bad, "-o", tmp_path / "bad-out.parquet", *common, "--engine", "ray"], ok=False)
     assert res.exit_code == 2 and "null or empty" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "bad-out.parquet").exists()
 
@@ -100,8 +90,8 @@ def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_
 def test_classify_ray_on_ci_sample(ray_local, one_thread, classifier, shared_data, tmp_path):
     inp = shared_data / "toxicity" / "ci_sample.parquet"
     common = ["-c", classifier, "--chunk-rows", 100, "--no-cache", "--dtype", "float32"]
-    _run(["classify", inp, "-o", tmp_path / "local.parquet", *common])
-    _run(["classify", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 2])
+    run_cli(["classify", inp, "-o", tmp_path / "local.parquet", *common])
+    run_cli(["classify", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 2])
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
     assert a.height == pl.read_parquet(inp).height
     assert a.equals(b) and a.schema == b.schema
@@ -109,11 +99,11 @@ def test_classify_ray_on_ci_sample(ray_local, one_thread, classifier, shared_dat
 
 def test_ray_missing_or_unreachable_is_a_one_line_error(classifier, tmp_path, monkeypatch):
     inp = _generated(tmp_path / "in.parquet")
-    res = _run(["classify", inp, "-o", tmp_path / "o.parquet", "-c", classifier, "--engine", "ray",
+    res = run_cli(["classify", inp, "-o", tmp_path / "o.parquet", "-c", classifier, "--engine", "ray",
                 "--address", "127.0.0.1:1"], ok=False)
     assert res.exit_code == 2 and "cannot reach Ray at 127.0.0.1:1" in res.output and "Traceback" not in res.output
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
-    res = _run(["classify", inp, "-o", tmp_path / "o.parquet", "-c", classifier, "--engine", "ray"], ok=False)
+    res = run_cli(["classify", inp, "-o", tmp_path / "o.parquet", "-c", classifier, "--engine", "ray"], ok=False)
     assert res.exit_code == 2 and "pip install 'safetyscope[ray]'" in res.output
 
 

@@ -8,12 +8,11 @@ import re
 
 import pytest
 import torch
+from conftest import D_MODEL, D_SAE, SAE_K, count_hashes, edit_last_value_in_place, random_sae_tensors
 from safetensors.torch import save_file
 
 from safetyscope import SAE, FeatureExtractor, SAEConfig, SafetyScopeError, load_sae
 from safetyscope.sae import load_qwen_scope_file
-
-from conftest import D_MODEL, D_SAE, SAE_K, count_hashes, edit_last_value_in_place, random_sae_tensors
 
 
 def _x(n=32, d=D_MODEL, seed=7):

@@ -7,12 +7,11 @@ import json
 import polars as pl
 import pytest
 import torch
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.backbone import decoder_layers
 from safetyscope.errors import SafetyScopeError
 from safetyscope.steering import SteerSpec, steer
-
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 LAYER = SAE_LAYERS[0]
 TEXT = "you are a stupid idiot and i hate you"
@@ -135,11 +134,6 @@ def test_spec_parsing():
     for bad in ("x:1", "161", "161:abc"):
         with pytest.raises(SafetyScopeError, match="bad steering spec"):
             SteerSpec.parse(bad)
-
-
-@pytest.fixture
-def model_args(tiny_model_dir, qwen_scope_sae_dir):
-    return ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", LAYER, "--dtype", "float32"]
 
 
 @pytest.fixture

@@ -16,14 +16,11 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
 from safetyscope.synthesis.synthesize import Deduper, extract_candidates, is_refusal
-
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
-
-_run = run_cli
 
 
 def _mix(seed: int, i: int) -> str:
@@ -92,14 +89,9 @@ def labelled(tmp_path):
 
 
 @pytest.fixture
-def model_args(tiny_model_dir, qwen_scope_sae_dir):
-    return ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32"]
-
-
-@pytest.fixture
 def targets(tmp_path, labelled, model_args):
     out = tmp_path / "targets.json"
-    _run(["synth", "targets", labelled, "-o", out, "--min-delta", "0.1", "--max-targets", "24", *model_args])
+    run_cli(["synth", "targets", labelled, "-o", out, "--min-delta", "0.1", "--max-targets", "24", *model_args])
     return out
 
 
@@ -220,14 +212,14 @@ def test_coverage_command_matches_direct_encoding(tmp_path, targets, seed_data):
     codes = fx.transform(texts).toarray()
     expect = [t for t in ids if codes[:, t].max() > 0]
     rep_path = tmp_path / "cov.json"
-    res = _run(["coverage", seed_data, "--targets", targets, "-o", rep_path])
+    res = run_cli(["coverage", seed_data, "--targets", targets, "-o", rep_path])
     rep = json.loads(rep_path.read_text())
     assert rep["covered"] == expect and set(rep["uncovered"]) == set(ids) - set(expect)
     assert rep["coverage"] == pytest.approx(len(expect) / len(ids)) and "targets covered" in res.output
     # a target's own top example covers it
     one = tmp_path / "one.csv"
     pl.DataFrame({"prompt": [doc["targets"][0]["examples"][0]["text"]]}).write_csv(one)
-    _run(["coverage", one, "--targets", targets, "-o", rep_path])
+    run_cli(["coverage", one, "--targets", targets, "-o", rep_path])
     assert doc["targets"][0]["id"] in json.loads(rep_path.read_text())["covered"]
 
 
@@ -423,7 +415,7 @@ def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, cla
         # through the CLI, with toxicity screening: toxic responses never enter the data
     with FakeChatServer(toxic_responses=True) as srv:
         out = tmp_path / "o.parquet"
-        res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", out, "--backend", "openai",
+        res = run_cli(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", out, "--backend", "openai",
                     "--endpoint", srv.endpoint, "--budget", 4, "--classifier", classifier, "--dtype", "float32",
                     "--judge-classifier", classifier])
         df = pl.read_parquet(out)
@@ -435,7 +427,7 @@ def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, cla
         assert not df.height or not det.predict(df["completion"].to_list())[0].any()  # ... and never kept
         assert set(df.filter(pl.col("label") == "harmful")["response_source"]) <= {"template"}
         assert df.filter(pl.col("label") == "benign").height == 0  # no clean benign answer: dropped
-    res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "x.jsonl", "--backend",
+    res = run_cli(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "x.jsonl", "--backend",
                 "openai", "--endpoint", "http://127.0.0.1:9/v1", "--classifier", "none", "--judge-classifier", classifier],
                ok=False)
     assert res.exit_code == 2 and "cannot reach" in res.output
@@ -451,7 +443,7 @@ def classifier(tmp_path, model_args):
     p = tmp_path / "tox.csv"
     pl.DataFrame(rows * 2).write_csv(p)
     out = tmp_path / "clf.json"
-    _run(["discover", p, "-o", out, *model_args, "--max-features", 3, "--fpr-cap", "none"])
+    run_cli(["discover", p, "-o", out, *model_args, "--max-features", 3, "--fpr-cap", "none"])
     return out
 
 
@@ -510,16 +502,16 @@ def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data, classifier)
 
 
 def test_user_errors_are_one_line(tmp_path, targets, seed_data):
-    res = _run(["coverage", seed_data, "--targets", tmp_path / "nope.json"], ok=False)
+    res = run_cli(["coverage", seed_data, "--targets", tmp_path / "nope.json"], ok=False)
     assert res.exit_code == 2 and "no such targets file" in res.output
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    res = _run(["synthesize", "--targets", bad, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl"], ok=False)
+    res = run_cli(["synthesize", "--targets", bad, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl"], ok=False)
     assert res.exit_code == 2 and "not a safetyscope targets file" in res.output
-    res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl",
+    res = run_cli(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl",
                 "--judge-classifier", tmp_path / "missing.json", "--dtype", "float32"], ok=False)
     assert res.exit_code == 2 and "neither a classifier file nor a shipped classifier" in res.output
-    res = _run(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.csv",
+    res = run_cli(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.csv",
                 "--classifier", "none", "--dtype", "float32"], ok=False)
     assert res.exit_code == 2 and ".jsonl, .parquet" in res.output and "Traceback" not in res.output
 
@@ -551,9 +543,9 @@ def test_end_to_end_with_the_embedded_default(tmp_path, tiny_model_dir):
     seed = tmp_path / "seed.jsonl"
     pl.DataFrame({"prompt": ["What is the capital of France?"]}).write_ndjson(seed)
     t = tmp_path / "t.json"
-    _run(["synth", "targets", ref, "-o", t, "--min-delta", "0.3", "--max-targets", "4", "--min-fires", "2"])
+    run_cli(["synth", "targets", ref, "-o", t, "--min-delta", "0.3", "--max-targets", "4", "--min-fires", "2"])
     out = tmp_path / "syn.jsonl"
-    _run(["synthesize", "--targets", t, "--seed-data", seed, "-o", out, "--budget", 2, "--samples", 2,
+    run_cli(["synthesize", "--targets", t, "--seed-data", seed, "-o", out, "--budget", 2, "--samples", 2,
           "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none",
           "--judge", "llm"])
     df = pl.read_ndjson(out)
@@ -589,7 +581,7 @@ def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model
 
     out = tmp_path / "cmp"
     budget = 6
-    res = _run(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
+    res = run_cli(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
                 "--max-targets", 16, "--budget", budget, "--samples", 1, "--max-attempts", 1, "--group-size", 3,
                 "--prompt-tokens", 16, "--response-tokens", 6, "--generator", tiny_model_dir, "--classifier", "none",
                 "--judge-classifier", classifier, *model_args])

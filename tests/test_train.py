@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from safetyscope.sae import load_sae
-from safetyscope.train import TrainConfig, evaluate, train_topk_sae
+from safetyscope.training import TrainConfig, evaluate, train_topk_sae
 
 
 def planted(n: int, d: int = 32, n_atoms: int = 64, active: int = 4, seed: int = 0) -> torch.Tensor:

@@ -11,10 +11,9 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
+from conftest import CORPUS, SAE_LAYERS
 
 from safetyscope.cli import main
-
-from conftest import CORPUS, SAE_LAYERS
 
 LAYER = SAE_LAYERS[0]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SafetyScopeError
-from ..features import FeatureExtractor
+from ..features import FeatureConfig, FeatureExtractor
 from ..provenance import extractor_from_record, extractor_record, read_document, write_document
 from .rules import classifier_from_dict
 
@@ -138,10 +138,11 @@ class Detector:
 
     @classmethod
     def load(cls, name_or_path: str | Path | None = None, *, model: str | None = None, sae: str | None = None,
-             device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
-             cache: bool = True) -> "Detector":
-        """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae`` override where the recorded ones are found
-        (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+             device: str | None = None, dtype: str | None = FeatureConfig.dtype,
+             batch_size: int = FeatureConfig.batch_size, cache: bool = FeatureConfig.cache) -> "Detector":
+        """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae``
+        override where the recorded ones are found (e.g. a moved directory), but their weights must match the
+        recorded fingerprints."""
         path = classifier_path(name_or_path)
         d = read_classifier(path)
         fx = extractor_from_record(d, path, model=model, sae=sae, device=device, dtype=dtype,

@@ -2,55 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
 
 from ..backbone import Backbone
-from ..data import read_table, require_columns, require_text, text_list
+from ..data import labelled_data_hash, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
+from .config import DiscoverConfig
 from .detector import Detector
 from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
-
-POSITIVE = {"1", "true", "toxic", "harmful", "yes"}
-NEGATIVE = {"0", "false", "clean", "benign", "no", "non-toxic", "nontoxic"}
-
-
-@dataclass
-class DiscoverConfig:
-    text_column: str = "text"
-    label_column: str = "label"
-    langs: list[str] | None = None  # keep rows whose `lang` is one of these
-    split: str | None = None  # keep rows whose `split` equals this (e.g. "discovery")
-    kind: str = "or_rule"  # or "sparse_linear"
-    selection: str = "greedy"  # or_rule: "greedy" or "delta" (the report's top-K by delta)
-    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 128 (sparse_linear)
-    threshold: float = 0.0
-    fpr_cap: float | None | str = "auto"  # or_rule: 0.2 for greedy, 0.02 for delta (see OrRuleClassifier)
-    # or_rule: most recall at a bounded clean firing rate (real traffic is mostly clean), or "f1"
-    criterion: str = "recall_at_fpr"
-    target_fpr: float = 0.02
-    seed: int = 0
-    layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
-    # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
-    per_language: bool = False
-    # kind of that pooled fallback (None: `kind`); "or_rule" keeps a sparse per-language file cheap to make:
-    # an L1 path over every language's rows pooled costs far more than the per-language fits together
-    fallback_kind: str | None = None
-
-
-def parse_labels(values: pl.Series, where: str) -> np.ndarray:
-    """1/0, true/false, toxic/clean (also harmful/benign) -> int array; anything else is named in the error."""
-    if values.null_count():
-        raise SafetyScopeError(f"{where}: {values.null_count()} row(s) have no label")
-    norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
-    bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)
-    if bad:
-        raise SafetyScopeError(f"{where}: labels must be 1/0, true/false, toxic/clean or harmful/benign; found {bad[:10]}")
-    return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
 
 
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
@@ -75,11 +38,8 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
 
 
 def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: list[str]) -> dict:
-    h = hashlib.sha256()
-    for t, label in zip(df.get_column(cfg.text_column).to_list(), y.tolist()):
-        h.update(f"{label}\t{t}\n".encode())
     out = {"files": [str(p) for p in paths], "rows": int(len(y)), "toxic": int(y.sum()), "clean": int(len(y) - y.sum()),
-           "split": cfg.split, "sha256": h.hexdigest()}
+           "split": cfg.split, "sha256": labelled_data_hash(df.get_column(cfg.text_column).to_list(), y)}
     if "lang" in df.columns:
         langs = df.with_columns(pl.Series("_y", y)).group_by("lang").agg(
             pl.col("_y").sum().alias("toxic"), (1 - pl.col("_y")).sum().alias("clean")).sort("lang")

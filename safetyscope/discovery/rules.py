@@ -19,35 +19,80 @@ Both serialise to plain dicts (``to_dict``/``from_dict``) for the classifier JSO
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import SafetyScopeError
+from .config import Criterion, Selection
 
 K_CANDIDATES = (1, 2, 5, 10)
 # Clean firing rates greedy selection may give a single feature (those <= fpr_cap are tried).
 RATE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}
-CRITERIA = ("f1", "recall_at_fpr")
+DEFAULT_FPR_CAP = {"greedy": 0.2, "delta": 0.02}  # keys: the Selection values
+CRITERIA = tuple(sorted(get_args(Criterion)))
 # Fewest rows of each class a classifier is fitted on: 3 stratified hold-outs / CV folds need a few of each.
 MIN_PER_CLASS = 5
 
 
 def _check_Xy(X, y=None):
+    """X as CSR (dense input as float32, as before validation existed), y as given; no estimator state."""
     if not sp.issparse(X):
         X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
     X = X.tocsr()
     if y is None:
         return X, None
-    y = np.asarray(y).astype(int)
+    y = np.asarray(y)
     if X.shape[0] != len(y):
         raise SafetyScopeError(f"{X.shape[0]} rows of features but {len(y)} labels")
-    if set(np.unique(y)) != {0, 1}:
-        raise SafetyScopeError("fitting needs both toxic (1) and clean (0) examples")
     return X, y
+
+
+def _n_rows(X) -> int | None:
+    shape = getattr(X, "shape", None)
+    if shape is not None and len(shape):
+        return int(shape[0])
+    try:
+        return len(X)
+    except TypeError:
+        return None
+
+
+def _validate_fit(est, X, y):
+    """Validated (CSR X, y encoded 0/1); sets ``classes_`` (any two labels; classes_[1] is the one rules detect)
+    and ``n_features_in_``. Labels 0/1 (every file written so far) map to themselves."""
+    n_x, n_y = _n_rows(X), _n_rows(y)
+    if n_x is not None and n_y is not None and n_x != n_y:
+        raise SafetyScopeError(f"{n_x} rows of features but {n_y} labels")
+    X, y = validate_data(est, X, y, accept_sparse="csr", dtype="numeric")
+    check_classification_targets(y)
+    classes, y01 = np.unique(y, return_inverse=True)
+    if len(classes) != 2:
+        if len(classes) == 1:
+            raise SafetyScopeError(f"fitting needs both toxic and clean examples; got one class ({classes[0]!r})")
+        raise SafetyScopeError(f"Only binary classification is supported (toxic vs clean); got {len(classes)} classes")
+    est.classes_ = classes
+    return _check_Xy(X, y01)
+
+
+def _binary_sparse_tags(tags):
+    """scikit-learn tags of both rule kinds: sparse input welcome, exactly two classes."""
+    tags.input_tags.sparse = True
+    tags.classifier_tags.multi_class = False
+    return tags
+
+
+def _validate_predict(est, X):
+    """CSR X with the fitted number of columns; NotFittedError before fit."""
+    check_is_fitted(est, "features_")
+    X = validate_data(est, X, accept_sparse="csr", dtype="numeric", reset=False)
+    return _check_Xy(X)[0]
 
 
 def _check_enough_for_holdouts(y: np.ndarray, what: str) -> None:
@@ -192,10 +237,10 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         every K on every hold-out are kept in ``k_folds_`` (and the classifier file).
     """
 
-    def __init__(self, max_features: int | None = None, selection: str = "greedy", threshold: float = 0.0,
+    def __init__(self, max_features: int | None = None, selection: Selection = "greedy", threshold: float = 0.0,
                  fpr_cap: float | None | str = "auto", k_candidates: tuple[int, ...] = K_CANDIDATES,
                  holdout: float = 0.25, n_splits: int = 3, max_candidates: int = 256, random_state: int = 0,
-                 criterion: str = "f1", target_fpr: float = 0.02):
+                 criterion: Criterion = "f1", target_fpr: float = 0.02):
         # criterion defaults to "f1" here so that files written before it existed keep their meaning;
         # `discover` defaults to recall_at_fpr (README: Operating points)
         self.max_features = max_features
@@ -209,6 +254,13 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         self.n_splits = n_splits
         self.max_candidates = max_candidates
         self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = _binary_sparse_tags(super().__sklearn_tags__())
+        # each feature's clean firing rate is capped (fpr_cap): few false alarms bought with recall, so accuracy
+        # on scikit-learn's balanced blob data stays below its 0.83 bar (0.66 for the default rule)
+        tags.classifier_tags.poor_score = True
+        return tags
 
     def _cap(self):
         if self.selection not in DEFAULT_FPR_CAP:
@@ -232,9 +284,12 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         return feats, fpr_thresholds(X, y, feats, self.threshold, self._cap())
 
     def fit(self, X, y):
-        X, y = _check_Xy(X, y)
+        X, y = _validate_fit(self, X, y)
+        return self._fit(X, y)
+
+    def _fit(self, X: sp.csr_matrix, y: np.ndarray):
+        """Fit on validated CSR X and labels encoded 0/1 (1: classes_[1], the class the rule detects)."""
         self._cap()  # validates selection before any work
-        self.classes_ = np.array([0, 1])
         self.k_scores_, self.k_folds_ = {}, {}
         if self.max_features is not None:
             if self.max_features < 1:
@@ -282,18 +337,22 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """max over selected features of (activation - threshold): > 0 exactly when predicted toxic.
         With thresholds of 0 this is the max activation over the selected features."""
-        X, _ = _check_Xy(X)
+        X = _validate_predict(self, X)
+        if not len(self.features_):  # an OR of no features never fires
+            return np.full(X.shape[0], -np.inf)
         out = np.empty(X.shape[0])
         for rows, sub in _dense_blocks(X, self.features_):
             out[rows] = (sub - self.thresholds_[None, :]).max(axis=1)
         return out
 
     def predict(self, X) -> np.ndarray:
-        return (self.decision_function(X) > 0).astype(int)
+        """classes_[1] where decision_function > 0, else classes_[0] (0/1 for every rule fitted on 0/1 labels)."""
+        fires = self.decision_function(X) > 0  # checks fitted first
+        return self.classes_[fires.astype(int)]
 
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features that fire."""
-        X, _ = _check_Xy(X)
+        X = _validate_predict(self, X)
         out = []
         for _, sub in _dense_blocks(X, self.features_):
             out += [self.features_[row].tolist() for row in sub > self.thresholds_[None, :]]
@@ -305,6 +364,7 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
                  for f, t, d, pt, pc in zip(self.features_, self.thresholds_, self.delta_, self.p_toxic_, self.p_clean_)]
         out = {"kind": "or_rule", "params": self.get_params(), "features": feats, "n_features_in": self.n_features_in_,
                "k": len(feats), "k_selection": self.k_selection_, "k_scores": self.k_scores_}
+        _write_classes(self, out)
         if self.k_folds_:
             out["k_folds"] = self.k_folds_
             out["holdout"] = self.holdout_
@@ -317,7 +377,7 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         params["k_candidates"] = tuple(params.get("k_candidates", K_CANDIDATES))
         params.setdefault("selection", "delta")  # files written before greedy selection existed
         clf = _construct(cls, params)
-        clf.classes_ = np.array([0, 1])
+        clf.classes_ = _read_classes(d)
         clf.features_, clf.thresholds_ = f["id"], f["threshold"]
         clf.delta_, clf.p_toxic_, clf.p_clean_ = f["delta"], f["p_fire_toxic"], f["p_fire_clean"]
         clf.n_features_in_ = n
@@ -362,6 +422,20 @@ def _read_features(d: dict, fields: tuple[str, ...]) -> tuple[int, dict[str, np.
                **{name: np.array(cols[name], dtype=np.float64) for name in fields}}
 
 
+def _write_classes(clf, out: dict) -> None:
+    """Labels other than 0/1 go into the file as "classes"; 0/1 rules (every file so far) are written as before."""
+    classes = clf.classes_.tolist()
+    if classes != [0, 1]:
+        out["classes"] = classes
+
+
+def _read_classes(d: dict) -> np.ndarray:
+    classes = d.get("classes", [0, 1])
+    if not isinstance(classes, list) or len(classes) != 2 or classes[0] == classes[1]:
+        raise SafetyScopeError(f"classifier classes must be a list of two different labels; got {classes!r:.80}")
+    return np.array(classes)
+
+
 def _construct(cls, params: dict):
     try:
         return cls(**params)
@@ -373,9 +447,8 @@ class RandomMatchedOrRule(OrRuleClassifier):
     """Control: the fitted OR-rule's K, with each selected feature swapped for a random one (seeded) thresholded
     to fire on the same share of clean fitting texts. If this matches the real rule, the selection did no work."""
 
-    def fit(self, X, y):
-        X, y = _check_Xy(X, y)
-        super().fit(X, y)
+    def _fit(self, X, y):
+        super()._fit(X, y)
         rng = np.random.default_rng(self.random_state)
         clean = X[y == 0]
         ever = np.flatnonzero(np.asarray((clean > self.threshold).sum(axis=0)).ravel() > 0)
@@ -421,6 +494,9 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.target_fpr = target_fpr
 
+    def __sklearn_tags__(self):
+        return _binary_sparse_tags(super().__sklearn_tags__())
+
     @staticmethod
     def _transform(X):
         X = X.copy()
@@ -433,9 +509,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=1000, random_state=self.random_state)
 
     def fit(self, X, y):
-        X, y = _check_Xy(X, y)
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
+        X, y = _validate_fit(self, X, y)
         Xt = self._transform(X)
         df = np.asarray((X > 0).sum(axis=0)).ravel()
         cols = np.flatnonzero(df >= self.min_df)  # features that almost never fire carry no signal
@@ -487,7 +561,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
                                  "method": f"{self.cv}-fold out-of-fold scores of the fitting data"}
 
     def decision_function(self, X) -> np.ndarray:
-        X, _ = _check_Xy(X)
+        X = _validate_predict(self, X)
         sub = self._transform(X[:, self.features_])  # sparse: log1p(0) = 0 keeps it sparse
         return np.asarray(sub @ self.weights_).ravel() + self.intercept_
 
@@ -496,11 +570,13 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         return np.stack([1 - p, p], axis=1)
 
     def predict(self, X) -> np.ndarray:
-        return (self.decision_function(X) > 0).astype(int)
+        """classes_[1] where decision_function > 0, else classes_[0] (0/1 for every rule fitted on 0/1 labels)."""
+        fires = self.decision_function(X) > 0  # checks fitted first
+        return self.classes_[fires.astype(int)]
 
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features with a positive weight that are active (push towards toxic)."""
-        X, _ = _check_Xy(X)
+        X = _validate_predict(self, X)
         pos = self.weights_ > 0
         out = []
         for _, sub in _dense_blocks(X, self.features_):
@@ -509,10 +585,12 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
     def to_dict(self) -> dict:
         feats = [{"id": int(f), "weight": float(w)} for f, w in zip(self.features_, self.weights_)]
-        return {"kind": "sparse_linear", "params": self.get_params(), "features": feats, "intercept": self.intercept_,
-                "C": self.C_, "C_scores": self.C_scores_, "n_features_in": self.n_features_in_, "k": len(feats),
-                "k_selection": f"L1 path, C by {self.cv}-fold CV F1 with <= {self.max_features} non-zero weights",
-                **({"operating_point": self.operating_point_} if self.operating_point_ else {})}
+        out = {"kind": "sparse_linear", "params": self.get_params(), "features": feats, "intercept": self.intercept_,
+               "C": self.C_, "C_scores": self.C_scores_, "n_features_in": self.n_features_in_, "k": len(feats),
+               "k_selection": f"L1 path, C by {self.cv}-fold CV F1 with <= {self.max_features} non-zero weights",
+               **({"operating_point": self.operating_point_} if self.operating_point_ else {})}
+        _write_classes(self, out)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparseLinearClassifier":
@@ -521,7 +599,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
             if key not in d:
                 raise SafetyScopeError(f"classifier rule is missing key {key!r}")
         clf = _construct(cls, d["params"])
-        clf.classes_ = np.array([0, 1])
+        clf.classes_ = _read_classes(d)
         clf.features_, clf.weights_ = f["id"], f["weight"]
         clf.intercept_, clf.C_ = _number(d["intercept"], "intercept"), _number(d["C"], "C")
         clf.C_scores_ = d.get("C_scores", {})

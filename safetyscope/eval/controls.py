@@ -144,7 +144,8 @@ def sentences(controls: dict) -> list[str]:
 
 
 EXPLAIN = ("Is the SAE doing the work? Each trained-SAE rule beside the same rule on an untrained SAE of the same "
-           "shapes, k and layer (`random_sae_or_rule`, `random_sae_sparse_linear`: random unit decoder directions, encoder tied to them with the "
+           "shapes, k and layer (`random_sae_or_rule`, `random_sae_sparse_linear`: random unit decoder directions, "
+           "encoder tied to them with the "
            "trained encoder's row norms, the trained b_dec as centre; seeded by `--seed`) and beside "
            "`control_random_features` (the OR-rule's K with random features thresholded to its clean firing "
            "rates), all fitted on the same discovery split and scored on the same test split. A verdict *beats* "

@@ -9,7 +9,6 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-
 PREVALENCES = (0.05, 0.10)  # toxic share of real traffic: a few per cent, not the balanced splits' 50 %
 FPR_POINTS = (0.01, 0.05)
 

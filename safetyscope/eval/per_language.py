@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from ..discovery.discover import parse_labels
+from ..data import parse_labels
 from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier, rank_features
 from ..errors import SafetyScopeError
 from ..features import Extraction

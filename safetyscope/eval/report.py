@@ -99,3 +99,10 @@ def write_html(path, title: str, sections: list[tuple[str, str]], images: list[P
                      f"src='data:image/png;base64,{b64}'>")
     parts.append("</body></html>")
     Path(path).write_text("".join(parts))
+
+
+def markdown_grid(header, body) -> str:
+    """A markdown table of ``body`` rows under ``header`` (numbers formatted as in the HTML tables)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)

@@ -25,13 +25,23 @@ import polars as pl
 from ..data import read_table, write_table
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
+from ..outputs import check_report_dir
+from ..provenance import write_document
 from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .judge import judged_stats
-from .synthesize import (Deduper, SynthConfig, derive_seed, extract_candidates, lang_name, make_responses, make_row,
-                         rows_frame, steering_status, synthesize)
-from ..outputs import check_report_dir
-from ..provenance import write_document
+from .synthesize import (
+    Deduper,
+    SynthConfig,
+    derive_seed,
+    extract_candidates,
+    lang_name,
+    make_responses,
+    make_row,
+    rows_frame,
+    steering_status,
+    synthesize,
+)
 from .targets import TargetsConfig, find_targets, targets_document
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",

@@ -14,12 +14,13 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from ..errors import SafetyScopeError
 
 Messages = list[dict[str, str]]
-BACKENDS = ("transformers", "vllm", "openai")
+Backend = Literal["transformers", "vllm", "openai"]
+BACKENDS = get_args(Backend)
 
 
 class Generator(Protocol):
@@ -31,7 +32,7 @@ class Generator(Protocol):
 
 @dataclass
 class GeneratorConfig:
-    backend: str = "transformers"
+    backend: Backend = "transformers"
     model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
     endpoint: str | None = None  # openai backend: http://host:port/v1
     api_key: str | None = None  # openai backend [default: $OPENAI_API_KEY, if set]

@@ -6,8 +6,8 @@ label), keep a candidate only if it fires the target feature (re-encoded by mode
 written request harmful/benign (judge.py; the row's label is the judged one, the target's is kept as
 target_label), generate the response for the judged label (a brief refusal for harmful, a helpful answer
 for benign), check it (a harmful row's must decline, a benign row's must not, both pass the toxicity
-screen; regenerated, then dropped with the reason counted), and deduplicate. Targets are processed in groups; after each group its rows and a
-``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
+screen; regenerated, then dropped with the reason counted), and deduplicate. Targets are processed in groups;
+after each group its rows and a ``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
 rerun of the same command resumes where the last finished group ended. Groups and seeds depend only
 on that state, so an interrupted and resumed run writes what an uninterrupted run would.
 """

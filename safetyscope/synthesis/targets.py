@@ -11,7 +11,6 @@ a data set is by construction fired by it); ``synth compare`` uses disjoint halv
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..data import text_list
-from ..discovery.discover import parse_labels
-from ..discovery.rules import rank_features
+from ..data import labelled_data_hash, parse_labels, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
 from ..provenance import extractor_record, read_document
@@ -61,6 +58,8 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
     if len(set(y.tolist())) < 2:
         raise SafetyScopeError(f"{source}: the contrast needs both harmful and benign rows")
     codes = fx.transform(texts, progress=progress).tocsc()
+    from ..discovery.rules import rank_features  # scikit-learn: loaded for the work, not by TargetsConfig's readers
+
     order, delta, p_h, p_b = rank_features(codes, y)
     n_fires = np.diff(codes.indptr)
     ok = (n_fires >= cfg.min_fires) & (n_fires <= cfg.max_fire_rate * len(texts))
@@ -84,14 +83,12 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
         targets.append({
             "id": f, "label": "harmful" if delta[f] > 0 else "benign", "delta": float(delta[f]),
             "p_fire_harmful": float(p_h[f]), "p_fire_benign": float(p_b[f]), "n_fires": int(n_fires[f]),
-            "max_activation": float(vals.max()), "mean_activation": float(vals.mean()), "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
+            "max_activation": float(vals.max()), "mean_activation": float(vals.mean()),
+            "lang": lang_counts.most_common(1)[0][0] if lang_counts else None,
             "langs": dict(lang_counts.most_common(5)), "examples": examples,
         })
-    h = hashlib.sha256()
-    for t, lab in zip(texts, y.tolist()):
-        h.update(f"{lab}\t{t}\n".encode())
     return {"reference_data": {"source": source, "rows": len(texts), "harmful": int(y.sum()),
-                               "benign": int(len(y) - y.sum()), "sha256": h.hexdigest()},
+                               "benign": int(len(y) - y.sum()), "sha256": labelled_data_hash(texts, y)},
             "settings": asdict(cfg), "targets": targets}
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import click
 
-from ..cli import NumberList, feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
-from ..ray_engine import ray_options
+from ..discovery.config import Criterion, DiscoverConfig, RuleKind, Selection
+from .options import NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def _fpr_cap(value: str) -> float | None | str:
@@ -27,36 +28,39 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.command()
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Classifier JSON file to write.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True, help="1/0, true/false, toxic/clean or harmful/benign.")
+@click.option("--text-column", default=DiscoverConfig.text_column, show_default=True)
+@click.option("--label-column", default=DiscoverConfig.label_column, show_default=True,
+              help="1/0, true/false, toxic/clean or harmful/benign.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this, e.g. discovery.")
-@click.option("--kind", type=click.Choice(["or_rule", "sparse_linear"]), default="or_rule", show_default=True)
+@click.option("--kind", type=click.Choice(get_args(RuleKind)), default=DiscoverConfig.kind, show_default=True)
 @click.option("--max-features", type=int, default=None, help="K [default: chosen from 1,2,5,10 on held-back data; 128 for sparse_linear].")
-@click.option("--selection", type=click.Choice(["greedy", "delta"]), default="greedy", show_default=True,
+@click.option("--selection", type=click.Choice(get_args(Selection)), default=DiscoverConfig.selection, show_default=True,
               help="or_rule: add the feature+threshold that most raises F1 (greedy) or keep the top K by delta (the report's rule).")
-@click.option("--fpr-cap", default="auto", show_default=True,
-              help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; 'none' with delta = threshold 0 for all, as in the report).")
-@click.option("--criterion", type=click.Choice(["recall_at_fpr", "f1"]), default="recall_at_fpr", show_default=True,
+@click.option("--fpr-cap", default=DiscoverConfig.fpr_cap, show_default=True,
+              help="Largest share of clean texts one feature may fire on ('auto': 0.2 greedy, 0.02 delta; "
+                   "'none' with delta = threshold 0 for all, as in the report).")
+@click.option("--criterion", type=click.Choice(get_args(Criterion)), default=DiscoverConfig.criterion, show_default=True,
               help="or_rule: most recall with a clean firing rate <= --target-fpr on held-out folds, or the best F1 "
                    "(balanced data; flags far too much on mostly clean traffic).")
-@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.02, show_default=True,
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DiscoverConfig.target_fpr, show_default=True,
               help="Clean firing-rate budget of --criterion recall_at_fpr.")
-@click.option("--threshold", type=float, default=0.0, show_default=True, help="Base firing threshold.")
-@click.option("--scan-layers", type=NumberList(int, low=-1), default=None, help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
+@click.option("--threshold", type=float, default=DiscoverConfig.threshold, show_default=True, help="Base firing threshold.")
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
+              help="Comma-separated layers to scan (SAE dir/repo with one SAE per layer); keeps the best.")
 @click.option("--per-language", is_flag=True,
               help="One rule per language of the `lang` column, each fitted on its own rows, plus the rule fitted on "
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
 @click.option("--fallback-kind", type=click.Choice(["or_rule", "sparse_linear"]), default=None,
               help="With --per-language: the kind of the pooled fallback rule [default: --kind].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=DiscoverConfig.seed, show_default=True)
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
              target_fpr, threshold, scan_layers, per_language, fallback_kind, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
-    from .discover import DiscoverConfig
-    from .discover import discover as run
+    from ..discovery.discover import discover as run
     from ..outputs import check_output
 
     check_output(output, inputs=data, overwrite=True, kind="classifier file", file_only=True)  # before the work
@@ -92,7 +96,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
 
 
 def _detector(classifier, kw):
-    from .detector import Detector
+    from ..discovery.detector import Detector
 
     return Detector.load(classifier, **recorded_kwargs(kw))
 
@@ -112,14 +116,12 @@ def _detector(classifier, kw):
 def classify(input_path, output, classifier, text_column, chunk_rows, lang_column, overwrite, engine, address, workers,
              cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
     """Add toxic, score, fired_features and status columns to every row; resumable."""
-    from .classify import classify_file
+    from ..discovery.classify import classify_file
 
     if engine == "ray":
         from ..ray_engine import run_classify_ray
 
-        s = run_classify_ray(input_path, output, classifier=classifier,
-                             model=kw["model"], sae=kw["sae"], device=kw["device"], dtype=kw["dtype"],
-                             batch_size=kw["batch_size"], cache=not kw["no_cache"], text_column=text_column,
+        s = run_classify_ray(input_path, output, classifier=classifier, **recorded_kwargs(kw), text_column=text_column,
                              chunk_rows=chunk_rows, overwrite=overwrite, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
     else:
@@ -154,8 +156,8 @@ def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **
 
     CLASSIFIER is a classifier JSON file or a shipped classifier's name (see `classify -c`)."""
     from ..data import read_table, text_list
+    from ..discovery.explain import explain_text
     from ..errors import SafetyScopeError
-    from .explain import explain_text
 
     texts = list(texts)
     if input_path:

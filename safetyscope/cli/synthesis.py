@@ -3,41 +3,50 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import click
 
-from ..cli import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
+from ..synthesis.compare import CompareConfig
+from ..synthesis.generators import Backend, GeneratorConfig
+from ..synthesis.synthesize import SynthConfig
+from ..synthesis.targets import TargetsConfig
+from .options import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
     for opt in reversed([
-        click.option("--backend", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+        click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
                      show_default=True, help="Generator backend."),
-        click.option("--generator", default=None, help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--generator", default=None,
+                     help="Generator model (any the backend loads) [default: embedded SmolLM2-135M-Instruct]."),
         click.option("--endpoint", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (--backend openai)."),
-        click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Sequences per generate call (transformers)."),
+        click.option("--gen-batch-size", type=int, default=GeneratorConfig.batch_size, show_default=True,
+                     help="Sequences per generate call (transformers)."),
         click.option("--classifier", default="default", show_default=True,
                      help="Toxicity classifier JSON screening responses ('default' = shipped; 'none' = no screening)."),
-        click.option("--budget", type=int, default=50, show_default=True, help="At most this many pairs."),
-        click.option("--max-attempts", type=int, default=3, show_default=True, help="Generation rounds per target."),
-        click.option("--samples", type=int, default=4, show_default=True, help="Generations per target per round."),
-        click.option("--temperature", type=float, default=0.9, show_default=True),
-        click.option("--prompt-tokens", type=int, default=48, show_default=True, help="Max new tokens per request."),
-        click.option("--response-tokens", type=int, default=96, show_default=True, help="Max new tokens per response."),
-        click.option("--group-size", type=int, default=8, show_default=True, help="Targets per batch (unit of durable output)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--skip-covered/--no-skip-covered", default=True, show_default=True,
+        click.option("--budget", type=int, default=SynthConfig.budget, show_default=True, help="At most this many pairs."),
+        click.option("--max-attempts", type=int, default=SynthConfig.max_attempts, show_default=True, help="Generation rounds per target."),
+        click.option("--samples", type=int, default=SynthConfig.samples, show_default=True, help="Generations per target per round."),
+        click.option("--temperature", type=float, default=SynthConfig.temperature, show_default=True),
+        click.option("--prompt-tokens", type=int, default=SynthConfig.prompt_tokens, show_default=True, help="Max new tokens per request."),
+        click.option("--response-tokens", type=int, default=SynthConfig.response_tokens, show_default=True,
+                     help="Max new tokens per response."),
+        click.option("--group-size", type=int, default=SynthConfig.group_size, show_default=True,
+                     help="Targets per batch (unit of durable output)."),
+        click.option("--seed", type=int, default=SynthConfig.seed, show_default=True),
+        click.option("--skip-covered/--no-skip-covered", default=SynthConfig.skip_covered, show_default=True,
                      help="Do not generate for a target that an earlier kept pair already fires."),
         click.option("--judge", "judge_kind", type=click.Choice(["detector", "llm"]), default="detector",
                      show_default=True, help="Who labels each written request: a harmful-request classifier, or the "
                                              "generator asked with a written rubric (for a strong generator)."),
         click.option("--judge-classifier", default="harmful-request", show_default=True,
                      help="Classifier JSON (or shipped name) of --judge detector: flagged = harmful."),
-        click.option("--response-retries", type=int, default=1, show_default=True,
+        click.option("--response-retries", type=int, default=SynthConfig.response_retries, show_default=True,
                      help="Regenerate a response that fails its check this many times, then drop the pair."),
         click.option("--no-template", is_flag=True,
                      help="Drop a harmful request without a generated refusal instead of using the template refusal."),
-        click.option("--steer/--no-steer", "steer", default=True, show_default=True,
+        click.option("--steer/--no-steer", "steer", default=SynthConfig.steer, show_default=True,
                      help="Targets still not fired after the plain attempts get steered attempts (their direction added "
                           "at 2, 4, 8 x their mean activation; transformers backend on the SAE's model only); a request "
                           "is kept only if it fires the target re-encoded without steering."),
@@ -47,8 +56,6 @@ def generator_options(fn):
 
 
 def synth_config(kw: dict):
-    from .synthesize import SynthConfig
-
     return SynthConfig(budget=kw.pop("budget"), max_attempts=kw.pop("max_attempts"), samples=kw.pop("samples"),
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
                        response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
@@ -57,11 +64,15 @@ def synth_config(kw: dict):
 
 
 def generator_config(kw: dict):
-    from .generators import GeneratorConfig
-
     return GeneratorConfig(backend=kw.pop("backend"), model=kw.pop("generator"), endpoint=kw.pop("endpoint"),
                            batch_size=kw.pop("gen_batch_size"), device=kw.get("device"),
                            dtype=kw.get("dtype") or "auto")
+
+
+def _classifier_kwargs(kw: dict) -> dict:
+    """recorded_kwargs without --model/--sae: here those name the features' model and SAE, while a screening
+    classifier is loaded with the model and SAE it records."""
+    return {k: v for k, v in recorded_kwargs(kw).items() if k not in ("model", "sae")}
 
 
 def load_detector(classifier: str | None, kw: dict):
@@ -70,21 +81,19 @@ def load_detector(classifier: str | None, kw: dict):
     if classifier in ("none", "off"):
         click.echo("warning: --classifier none: responses are not screened for toxicity", err=True)
         return None
-    return Detector.load(classifier, device=kw.get("device"),
-                         dtype=kw.get("dtype"), batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+    return Detector.load(classifier, **_classifier_kwargs(kw))
 
 
 def judge_factory(kw: dict):
     """gen -> the judge of --judge / --judge-classifier (a detector judge is loaded before any generation)."""
-    from .judge import DetectorJudge, LLMJudge
+    from ..synthesis.judge import DetectorJudge, LLMJudge
 
     kind, name = kw.pop("judge_kind"), kw.pop("judge_classifier")
     if kind == "llm":
         return lambda gen: LLMJudge(gen)
     from ..discovery.detector import Detector
 
-    det = Detector.load(name, device=kw.get("device"), dtype=kw.get("dtype"),
-                        batch_size=kw.get("batch_size", 32), cache=not kw.get("no_cache"))
+    det = Detector.load(name, **_classifier_kwargs(kw))
     judge = DetectorJudge(det, name)
     return lambda gen: judge
 
@@ -97,26 +106,30 @@ def synth_group():
 @synth_group.command("targets")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Targets JSON file to write.")
-@click.option("--text-column", default="prompt", show_default=True)
-@click.option("--label-column", default="label", show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
+@click.option("--text-column", default=TargetsConfig.text_column, show_default=True)
+@click.option("--label-column", default=TargetsConfig.label_column, show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
-@click.option("--min-delta", type=float, default=0.05, show_default=True, help="|P(fire|harmful) - P(fire|benign)| at least this.")
-@click.option("--max-targets", type=int, default=64, show_default=True)
+@click.option("--min-delta", type=float, default=TargetsConfig.min_delta, show_default=True,
+              help="|P(fire|harmful) - P(fire|benign)| at least this.")
+@click.option("--max-targets", type=int, default=TargetsConfig.max_targets, show_default=True)
 @click.option("--harmful-only", is_flag=True, help="Only harmful-specific features (no benign-specific ones).")
-@click.option("--min-fires", type=int, default=3, show_default=True, help="A target fires on at least this many rows.")
-@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of rows.")
-@click.option("--examples", type=int, default=4, show_default=True, help="Top-activating contexts kept per target.")
+@click.option("--min-fires", type=int, default=TargetsConfig.min_fires, show_default=True,
+              help="A target fires on at least this many rows.")
+@click.option("--max-fire-rate", type=float, default=TargetsConfig.max_fire_rate, show_default=True,
+              help="A target fires on at most this share of rows.")
+@click.option("--examples", type=int, default=TargetsConfig.n_examples, show_default=True, help="Top-activating contexts kept per target.")
 @model_options
 @user_errors
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
                 max_fire_rate, examples, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
-    from ..discovery.discover import DiscoverConfig, load_labelled
+    from ..discovery.config import DiscoverConfig
+    from ..discovery.discover import load_labelled
     from ..features import FeatureExtractor
-    from ..provenance import write_document
     from ..outputs import check_output
-    from .targets import TargetsConfig, find_targets, targets_document
+    from ..provenance import write_document
+    from ..synthesis.targets import find_targets, targets_document
 
     check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
     fcfg = feature_config(kw)
@@ -131,9 +144,11 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     write_document(doc, output)
     t = doc["targets"]
     click.echo(f"{len(t)} target(s) from {found['reference_data']['rows']} rows "
-               f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, {sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
+               f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, "
+               f"{sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
     for x in t[:10]:
-        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: {x['examples'][0]['snippet'][:100]}", err=True)
+        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: "
+                   f"{x['examples'][0]['snippet'][:100]}", err=True)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -147,10 +162,10 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 def coverage(data, targets_path, output, text_column, **kw):
     """Share of the target features that fire on at least one row of DATA."""
     from ..data import read_table, text_list
-    from .coverage import coverage_of_texts, format_coverage
-    from ..provenance import extractor_from_record
     from ..outputs import check_output
-    from .targets import read_targets
+    from ..provenance import extractor_from_record
+    from ..synthesis.coverage import coverage_of_texts, format_coverage
+    from ..synthesis.targets import read_targets
 
     if output:
         check_output(output, inputs=[data, targets_path], overwrite=True, kind="report file", file_only=True)
@@ -178,17 +193,17 @@ def coverage(data, targets_path, output, text_column, **kw):
 def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
     from ..data import read_table, text_list
-    from .generators import make_generator
-    from .synthesize import check_output
-    from .synthesize import synthesize as run
     from ..provenance import extractor_from_record
-    from .targets import read_targets
+    from ..synthesis.generators import make_generator
+    from ..synthesis.synthesize import check_output
+    from ..synthesis.synthesize import synthesize as run
+    from ..synthesis.targets import read_targets
 
     check_output(output, overwrite, inputs=[targets_path, seed_data])  # before any work
     doc = read_targets(targets_path)
     seed_texts = [t for t in text_list(read_table(seed_data, columns=[text_column]), text_column, seed_data)
                   if t and t.strip()]
-    from .judge import format_judged_stats
+    from ..synthesis.judge import format_judged_stats
 
     cfg, gcfg = synth_config(kw), generator_config(kw)
     make_judge = judge_factory(kw)
@@ -212,12 +227,16 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @click.option("--seed-source", "seed_sources", multiple=True, default=(), help="... and these sources (repeatable; default all).")
 @click.option("--ref-lang", "ref_langs", multiple=True, default=("en",), show_default=True,
               help="Languages of the reference half of `pool` that T is found on.")
-@click.option("--max-seed-rows", type=int, default=600, show_default=True, help="Subsample the seed subset (CPU time).")
-@click.option("--max-ref-rows", type=int, default=800, show_default=True, help="Subsample the reference rows (CPU time).")
-@click.option("--min-delta", type=float, default=0.05, show_default=True)
-@click.option("--max-targets", type=int, default=32, show_default=True)
-@click.option("--max-fire-rate", type=float, default=1.0, show_default=True, help="A target fires on at most this share of reference rows.")
-@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the row subsampling and natural draw.")
+@click.option("--max-seed-rows", type=int, default=CompareConfig.max_seed_rows, show_default=True,
+              help="Subsample the seed subset (CPU time).")
+@click.option("--max-ref-rows", type=int, default=CompareConfig.max_ref_rows, show_default=True,
+              help="Subsample the reference rows (CPU time).")
+@click.option("--min-delta", type=float, default=CompareConfig.min_delta, show_default=True)
+@click.option("--max-targets", type=int, default=CompareConfig.max_targets, show_default=True)
+@click.option("--max-fire-rate", type=float, default=CompareConfig.max_fire_rate, show_default=True,
+              help="A target fires on at most this share of reference rows.")
+@click.option("--sample-seed", type=int, default=CompareConfig.sample_seed, show_default=True,
+              help="Seed of the row subsampling and natural draw.")
 @generator_options
 @model_options
 @user_errors
@@ -225,7 +244,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
     """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
-    from .compare import CompareConfig, run_compare
+    from ..synthesis.compare import run_compare
 
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
@@ -267,7 +286,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
 @user_errors
 def sft_eval_cmd(arms_dir, data, output_dir, model, arms, train_batch_size, **kw):
     """LoRA-fine-tune the model on base rows + each arm (and base rows only), then measure refusals on held-out prompts."""
-    from .sft_eval import SFTEvalConfig, run_sft_eval
+    from ..synthesis.sft_eval import SFTEvalConfig, run_sft_eval
 
     cfg = SFTEvalConfig(arms_dir=arms_dir, data=data, output_dir=output_dir, model=model, arms=list(arms),
                         batch_size=train_batch_size, **kw)

@@ -1,0 +1,98 @@
+"""`safetyscope eval`: per-language results beside honest baselines, cross-lingual transfer and data
+efficiency, as results.json + report.md + PNG plots + one self-contained report.html."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import get_args
+
+import click
+
+from ..features import FeatureConfig, Pool
+from .options import NumberList, feature_config, model_options, user_errors
+
+
+@click.command("eval")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Report directory.")
+@click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the per-language and transfer runs, the random SAE and the controls' bootstrap.")
+@click.option("--seeds", type=NumberList(int), default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
+@click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True,
+              help="% of discovery data (efficiency).")
+@click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
+@click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")
+@click.option("--skip", default="", help="Comma-separated analyses to skip: transfer, efficiency, random_sae "
+              "(the random-weight SAE control: a second SAE encoding, about doubling the SAE work).")
+@click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
+              help="Comma-separated layers (an SAE source with one SAE per layer, e.g. a Qwen-Scope directory): "
+                   "OR-rule F1 and best single-feature delta per language and layer.")
+@model_options
+@user_errors
+def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, **kw):
+    """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split;
+    transfer across languages; F1 against the share of discovery data.
+
+    DATA: files with text, label, lang and split columns (e.g. ../shared/data/toxicity/*.parquet;
+    ci_sample.parquet is left out when other files are given, since it repeats their rows)."""
+    from ..eval.per_language import markdown_table
+    from ..eval.run import MAIN_METHODS, run_eval
+
+    rows, out, images = run_eval(data, output, feature_config(kw), langs=langs, seed=seed, seeds=seeds,
+                                 fractions=fractions, classifier=classifier, only=only, skip=skip,
+                                 scan_layers=scan_layers)
+    click.echo(markdown_table(rows, MAIN_METHODS, "f1"))
+    click.echo(f"wrote {out}/results.json, report.md, report.html and {len(images)} plot(s)", err=True)
+
+
+@click.command("overlap")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Report directory (overlap.json, overlap.md, overlap.png).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--name", "names", multiple=True, help="Display name per DATA, in order [default: file stems].")
+@click.option("--pool", type=click.Choice(get_args(Pool)), default=FeatureConfig.pool, show_default=True,
+              help="max: a feature fires anywhere in the text; last: at the last token only.")
+@click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Texts a feature must fire on to count.")
+@model_options
+@user_errors
+def overlap_command(data, output, text_column, names, pool, min_count, **kw):
+    """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
+    from ..data import read_table, text_list
+    from ..errors import SafetyScopeError
+    from ..eval import report
+    from ..eval.overlap import footprint, overlap_matrices, redundancy
+    from ..features import FeatureExtractor
+    from ..outputs import check_report_dir
+
+    if names and len(names) != len(data):
+        raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")
+    names = list(names) or [Path(p).stem if Path(p).suffix else Path(p).name for p in data]
+    out = check_report_dir(output, inputs=data)
+    cfg = feature_config(kw)
+    cfg.pool = pool
+    fx = FeatureExtractor.from_config(cfg)
+    prints, red = {}, {}
+    for name, path in zip(names, data):
+        texts = [t for t in text_list(read_table(path, columns=[text_column]), text_column, path)
+                 if t is not None and t.strip()]
+        if not texts:
+            raise SafetyScopeError(f"{path}: no non-empty texts")
+        codes = fx.transform(texts, progress=True)
+        prints[name] = footprint(codes, min_count)
+        red[name] = redundancy(codes)
+    res = overlap_matrices(prints)
+    res.update({"pool": pool, "min_count": min_count, "redundancy": red, "data": list(data),
+                "model": fx.backbone.model_id, "sae": cfg.sae or "default", "layer": fx.layer})
+    (out / "overlap.json").write_text(json.dumps(res, indent=2) + "\n")
+    header = ["A \\ B"] + names
+    body = [[a] + [float(v) for v in r] for a, r in zip(names, res["overlap"])]
+    md = [f"# Footprint overlap (pool={pool}, min_count={min_count})", "",
+          "overlap(A, B) = |F_A ∩ F_B| / |F_A|: the share of A's features that B also fires.", "", report.markdown_grid(header, body), "",
+          "| dataset | footprint size | redundancy |", "|---|---|---|"]
+    md += [f"| {n} | {s} | {red[n]['redundancy']:.3f} |" for n, s in zip(names, res["sizes"])]
+    (out / "overlap.md").write_text("\n".join(md) + "\n")
+    report.plot_heatmap(res["overlap"], names, names, "overlap(A=row, B=column)", out / "overlap.png",
+                        xlabel="B", ylabel="A")
+    click.echo("\n".join(md))

@@ -1,0 +1,130 @@
+"""What every command shares: user_errors (one `error:` line, exit 2), the model/extraction options, the
+Ray options and the mapping of their values onto the config dataclasses."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from ..errors import SafetyScopeError
+from ..features import FeatureConfig
+
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
+def user_errors(fn):
+    """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2 (Ctrl-C: ``_Group``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SafetyScopeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+class NumberList(click.ParamType):
+    """A comma-separated list of numbers ("1,2,5"), checked when the command line is parsed, so a typo is a
+    one-line usage error before any model loads (not a ValueError after a long extraction)."""
+
+    def __init__(self, kind: type = int, low: float | None = None, high: float | None = None):
+        self.kind, self.low, self.high = kind, low, high
+        self.name = f"comma-separated {kind.__name__}s"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(self.kind(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a list of {self.name}", param, ctx)
+        bad = [v for v in out if (self.low is not None and v <= self.low) or (self.high is not None and v > self.high)]
+        if bad:
+            self.fail(f"{bad} outside ({self.low}, {self.high}]", param, ctx)
+        return out
+
+
+def model_options(fn):
+    """--model/--sae/--layer/--k and the extraction knobs shared by every command that reads texts."""
+    opts = [
+        click.option("--model", default=None, help="Hub id, local HF directory or .gguf file [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--sae", default=None, help="SAE directory, Qwen-Scope .pt file/dir or hub repo [default: embedded]."),
+        click.option("--layer", type=int, default=None, help="Decoder layer whose output the SAE reads [default: the SAE's]."),
+        click.option("--k", type=int, default=None, help="Override k of a TopK SAE (Qwen-Scope files do not store it)."),
+        click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
+        click.option("--max-length", type=int, default=FeatureConfig.max_length, show_default=True, help="Tokens kept per text."),
+        click.option("--skip-first-token/--keep-first-token", default=None,
+                     help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
+        click.option("--dtype", default=FeatureConfig.dtype, show_default=True,
+                     help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
+        click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def recorded_model_options(what: str):
+    """Options of commands that read a saved artefact (a classifier, a targets file): where to find its
+    model/SAE if they moved (checked against its fingerprints) and the extraction knobs."""
+    def deco(fn):
+        for opt in reversed([
+            click.option("--model", default=None, help=f"Where to find the {what}'s model, if not where it was recorded."),
+            click.option("--sae", default=None, help=f"Where to find the {what}'s SAE, if not where it was recorded."),
+            click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
+            click.option("--device", default=None),
+            click.option("--dtype", default=FeatureConfig.dtype, show_default=True),
+            click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+def recorded_kwargs(kw: dict) -> dict:
+    """The values of ``recorded_model_options`` as keyword arguments of ``extractor_from_record``/``Detector.load``."""
+    return {"model": kw["model"], "sae": kw["sae"], "device": kw["device"], "dtype": kw["dtype"],
+            "batch_size": kw["batch_size"], "cache": not kw["no_cache"]}
+
+
+def feature_config(kw: dict):
+    return FeatureConfig(model=kw.pop("model"), sae=kw.pop("sae"), layer=kw.pop("layer"), k=kw.pop("k"),
+                         batch_size=kw.pop("batch_size"), max_length=kw.pop("max_length"),
+                         skip_first_token=kw.pop("skip_first_token"), device=kw.pop("device"),
+                         dtype=kw.pop("dtype"), cache=not kw.pop("no_cache"))
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+def ray_options(fn):
+    """--engine and the Ray knobs, shared by `features` and `classify`."""
+    for opt in reversed([
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="ray: Ray Data actor pool on a Ray cluster (pip install 'safetyscope[ray]')."),
+        click.option("--address", default=None, help="Ray address: ray://host:10001, auto, ... [default: start or join a local Ray]."),
+        click.option("--workers", type=int, default=1, show_default=True, help="Ray actors, each holding one model copy."),
+        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+                     help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
+        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+                     help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
+        click.option("--ray-batch-size", type=int, default=None,
+                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
+                          "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
+    ]):
+        fn = opt(fn)
+    return fn

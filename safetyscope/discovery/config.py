@@ -1,0 +1,35 @@
+"""What `discover` fits, as plain data: the one source of its defaults (the command's options read them here)
+and of the fixed choices of the rule classes. No scikit-learn import, so the command line starts fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RuleKind = Literal["or_rule", "sparse_linear"]
+Selection = Literal["greedy", "delta"]  # OrRuleClassifier: forward selection, or the report's top K by delta
+Criterion = Literal["recall_at_fpr", "f1"]  # what OrRuleClassifier's selection and K optimise
+
+
+@dataclass
+class DiscoverConfig:
+    text_column: str = "text"
+    label_column: str = "label"
+    langs: list[str] | None = None  # keep rows whose `lang` is one of these
+    split: str | None = None  # keep rows whose `split` equals this (e.g. "discovery")
+    kind: RuleKind = "or_rule"
+    selection: Selection = "greedy"  # or_rule; "delta" is the report's top-K by delta
+    max_features: int | None = None  # K; None = chosen on held-back data (or_rule) / 128 (sparse_linear)
+    threshold: float = 0.0
+    fpr_cap: float | None | str = "auto"  # or_rule: 0.2 for greedy, 0.02 for delta (see OrRuleClassifier)
+    # most recall at a bounded clean firing rate (real traffic is mostly clean), or "f1"; sparse_linear: the
+    # threshold at target_fpr of out-of-fold clean scores, or the logistic one
+    criterion: Criterion = "recall_at_fpr"
+    target_fpr: float = 0.02
+    seed: int = 0
+    layers: list[int] = field(default_factory=list)  # several = scan and keep the best single-feature delta
+    # one rule per language (each on its own rows) plus the pooled rule as the fallback for other languages
+    per_language: bool = False
+    # kind of that pooled fallback (None: `kind`); "or_rule" keeps a sparse per-language file cheap to make:
+    # an L1 path over every language's rows pooled costs far more than the per-language fits together
+    fallback_kind: RuleKind | None = None

@@ -1,0 +1,99 @@
+"""The layer rule, checked on the source: cli -> jobs -> core, never upward. Only safetyscope.cli imports click,
+and no chain of imports among safetyscope modules (module level or inside functions) leads back to where it began."""
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import safetyscope
+
+ROOT = Path(safetyscope.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(ROOT.rglob("*.py")):
+        parts = ("safetyscope", *p.relative_to(ROOT).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    """Every module this file imports, anywhere in it (lazy imports inside functions count too)."""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), pkg) if node.level else node.module
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules}  # submodules
+    return found
+
+
+def _graph():
+    modules = _modules()
+    return modules, {m: _imports(m, p, modules) for m, p in modules.items()}
+
+
+def test_only_the_cli_package_imports_click():
+    modules, graph = _graph()
+    assert "safetyscope.cli.options" in modules and "safetyscope.training" in modules
+    users = sorted(m for m, imps in graph.items() if any(i == "click" or i.startswith("click.") for i in imps))
+    assert "safetyscope.cli" in users  # the walk sees click where it is
+    assert [m for m in users if m != "safetyscope.cli" and not m.startswith("safetyscope.cli.")] == []
+
+
+def test_no_module_below_cli_imports_the_cli():
+    # `python -m safetyscope` (__main__) is the one entry point above the cli package
+    _, graph = _graph()
+    upward = {m: sorted(i for i in imps if i == "safetyscope.cli" or i.startswith("safetyscope.cli."))
+              for m, imps in graph.items() if not m.startswith("safetyscope.cli") and m != "safetyscope.__main__"}
+    assert {m: v for m, v in upward.items() if v} == {}
+
+
+def test_no_import_cycle_among_safetyscope_modules():
+    modules, graph = _graph()
+    edges = {m: sorted(i for i in imps if i in modules and i != m) for m, imps in graph.items()}
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in edges[m]:
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in edges:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+def test_public_api_names_the_classes_and_loads_classifiers_lazily():
+    import subprocess
+    import sys
+
+    # the command line starts without scikit-learn (about a second): rules load when a command needs them
+    code = ("import sys, safetyscope, safetyscope.cli; assert 'sklearn' not in sys.modules; "
+            "from safetyscope import Backbone, SAE, load_sae, FeatureExtractor, OrRuleClassifier, "
+            "SparseLinearClassifier, Detector; "
+            "from safetyscope.discovery.rules import OrRuleClassifier as O; from safetyscope.discovery import Detector as D; "
+            "assert OrRuleClassifier is O and Detector is D and set(safetyscope.__all__) <= set(dir(safetyscope)); "
+            "import safetyscope.discovery as d, safetyscope.eval as e, safetyscope.synthesis as s; "
+            "assert all(callable(getattr(m, n)) for m in (d, e, s) for n in m.__all__); "
+            "print(sorted(safetyscope.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert "Detector" in out.stdout and "SparseLinearClassifier" in out.stdout
+
+
+def test_every_public_name_has_a_line_in_the_api_docs():
+    import re
+
+    doc = (ROOT.parent / "docs" / "api.md").read_text()
+    described = set(re.findall(r"^\| `(\w+)` \| \S", doc, flags=re.M))
+    assert set(safetyscope.__all__) <= described, sorted(set(safetyscope.__all__) - described)
