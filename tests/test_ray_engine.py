@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -79,7 +80,11 @@ def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_
     run_cli(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 20,
           "--workers", 2])
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
-    assert a.equals(b) and a.schema == b.schema
+    assert a.schema == b.schema and a.drop("feature_acts").equals(b.drop("feature_acts"))  # same rows, order, features
+    # activations to float32 rounding: after other tests ran in this process, the in-process reference and the
+    # actors' processes have differed in the last bit (alone, this test is bitwise equal)
+    np.testing.assert_allclose(a["feature_acts"].explode().to_numpy(), b["feature_acts"].explode().to_numpy(),
+                               rtol=1e-5, atol=1e-6)
     # an error inside an actor (here: a null text) reaches the user as one line, nothing written
     bad = _generated(tmp_path / "bad.parquet")
     res = run_cli(["features", bad, "-o", tmp_path / "bad-out.parquet", *common, "--engine", "ray"], ok=False)
