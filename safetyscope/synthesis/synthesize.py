@@ -86,7 +86,8 @@ class SynthConfig:
     response_retries: int = 1  # a response that fails its check is regenerated this many times, then dropped
     no_template: bool = False  # drop a harmful request with no generated refusal instead of using TEMPLATE_REFUSAL
     # a target still not fired after the plain attempts gets one steered attempt per multiplier: the request is
-    # written with the target's decoder direction added at alpha = multiplier x its typical activation
+    # written with the target's decoder direction added at alpha = multiplier x its typical activation x the
+    # decoder column's norm
     steer: bool = True
     steer_schedule: tuple[float, ...] = (2.0, 4.0, 8.0)
 
@@ -439,7 +440,8 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path
             "seconds_per_pair": gen_seconds / len(rows) if rows else None,
             "judge": judge.name, **judged_stats(rows, rejected), **stats,
             "steering": {"on": why_not_steered is None, "why_not": why_not_steered, "schedule": list(cfg.steer_schedule),
-                         "alpha": "multiplier x the target's mean activation where it fires, along its unit decoder "
+                         "alpha": "multiplier x the target's mean activation where it fires x its decoder column's "
+                                  "norm (that activation's size in the residual stream), along its unit decoder "
                                   "direction, at generated positions", "steered_rows": sum(bool(r.get("steered")) for r in rows)}}
     out.with_name(out.name + ".summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -473,11 +475,11 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, de
         kept = _keep_verified(left, outs, [None] * len(left), attempt, seed, derive_seed(cfg.seed, gid, attempt, "response"),
                               cfg, fx, gen, detector, judge, dedup, stats, rows, done, fired, rejected)
         left = [t for i, t in enumerate(left) if i not in kept]
+    from ..steering import SteerSpec, steer
+
     for k, mult in enumerate(cfg.steer_schedule if steer_on else ()):
         if not left:
             break
-        from ..steering import SteerSpec, steer
-
         attempt, seed = cfg.max_attempts + k + 1, derive_seed(cfg.seed, gid, "steer", k)
         alphas, outs = [], []
         for t in left:  # one steering vector per target: one generate call each
