@@ -165,17 +165,20 @@ def cannot_steer(gen, backbone: Backbone) -> str | None:
 def classifier_features(path, fx) -> list[int]:
     """The ids of the features that make a classifier (made with ``fx``'s model, SAE and layer, else a one-line
     error) flag a text: every feature of an OR-rule; a sparse linear rule's features with a positive weight (its
-    negative-weight features push towards clean, so suppressing them would push towards toxic)."""
-    from .discovery.detector import read_classifier
-    from .discovery.rules import classifier_from_dict
+    negative-weight features push towards clean, so suppressing them would push towards toxic). A per-language
+    file: those of its fallback rule, then of each language's rule, each id once."""
+    from .discovery.detector import read_classifier, read_rules
     from .provenance import check_compatible, check_header
 
     d = read_classifier(path)
     check_header(d, path)
     check_compatible(d, fx, path)
-    rule = classifier_from_dict(d.get("rule"))
-    towards_toxic = getattr(rule, "weights_", np.ones(len(rule.features_))) > 0
-    return [int(f) for f in rule.features_[towards_toxic]]
+    rule, by_lang = read_rules(d, path, fx.sae.cfg.d_sae)
+    out: dict[int, None] = {}  # ordered set
+    for r in (rule, *by_lang.values()):
+        towards_toxic = getattr(r, "weights_", np.ones(len(r.features_))) > 0
+        out.update(dict.fromkeys(int(f) for f in r.features_[towards_toxic]))
+    return list(out)
 
 
 def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str = "all", chat: bool = True,

@@ -290,3 +290,12 @@ def test_fallback_kind_sets_only_the_pooled_rule(planted, tiny_model_dir, qwen_s
                     "--criterion", "f1", *_model_args(tiny_model_dir, qwen_scope_sae_dir)])
     assert same.exit_code == 0
     assert json.loads((planted.parent / "or_f1.json").read_text())["rule"] == d["rule"]
+
+
+def test_suppress_takes_every_languages_rule_features(per_lang_file, det):
+    from safetyscope.steering import classifier_features
+
+    got = classifier_features(per_lang_file, det.extractor)
+    want = list(dict.fromkeys([int(f) for r in (det.rule, *det.rules_by_lang.values()) for f in r.features_]))
+    assert got == want and set(det.rules_by_lang["aa"].features_) <= set(got)
+    assert set(got) > set(det.rule.features_.tolist())  # the per-language rules add features the fallback lacks
