@@ -188,19 +188,11 @@ def parse_labels(values: pl.Series, where: str) -> np.ndarray:
     return norm.is_in(list(POSITIVE)).to_numpy().astype(int)
 
 
-def labelled_data_hash(texts: list[str], labels) -> str:
-    """sha256 of the labelled rows in order (one "label<TAB>text" line each): what a classifier or a target set
-    was fitted on, recorded in its file so that a rerun on other data is visible."""
+def data_sha256(*columns) -> str:
+    """sha256 of a table's rows in order, one tab-joined line per row of the given columns: what a classifier, a
+    target set (label, text) or an eval report (every evaluated column) was computed from, recorded so that a rerun
+    on other data is visible. The one data hash of the project."""
     h = hashlib.sha256()
-    for t, label in zip(texts, np.asarray(labels).tolist()):
-        h.update(f"{label}\t{t}\n".encode())
-    return h.hexdigest()
-
-
-def frame_hash(df: pl.DataFrame) -> str:
-    """sha256 over every row of a frame (all columns, as Python reprs): `eval` records it for the rows it
-    evaluated (text, label, lang, split); kept as is so reruns compare with the committed reports."""
-    h = hashlib.sha256()
-    for row in df.iter_rows():
-        h.update(repr(row).encode())
+    for row in zip(*(np.asarray(c).tolist() if isinstance(c, np.ndarray) else list(c) for c in columns)):
+        h.update(("\t".join(map(str, row)) + "\n").encode())
     return h.hexdigest()

@@ -18,6 +18,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 
 from .errors import SafetyScopeError
 from .sae import SAE, SAEConfig
+
+SaveDtype = Literal["float32", "float16"]
 
 
 @dataclass
@@ -44,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 256
     normalize: bool = True  # scale inputs to mean squared norm d_model (folded back when saving)
+    batch_size: int = 16  # texts per forward pass while collecting activations
+    model_dtype: str = "float32"  # dtype of the model that produces the activations
+    save_dtype: SaveDtype = "float32"  # dtype of the saved weights
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)

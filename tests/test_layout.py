@@ -97,3 +97,36 @@ def test_every_public_name_has_a_line_in_the_api_docs():
     doc = (ROOT.parent / "docs" / "api.md").read_text()
     described = set(re.findall(r"^\| `(\w+)` \| \S", doc, flags=re.M))
     assert set(safetyscope.__all__) <= described, sorted(set(safetyscope.__all__) - described)
+
+
+def _option_defaults(command) -> dict:
+    return {p.name: p.default for p in command.params}
+
+
+def test_option_defaults_come_from_the_config_dataclasses():
+    """One source per default: an option's default is its config field's (or the job's constant), so changing the
+    dataclass changes the command; a literal written twice would disagree here."""
+    from safetyscope.cli import main
+    from safetyscope.cli.options import field_default
+    from safetyscope.eval.config import PERCENTS, SEEDS
+    from safetyscope.features import FeatureConfig
+    from safetyscope.synthesis.compare import CompareConfig
+    from safetyscope.training import TrainConfig
+
+    train = _option_defaults(main.commands["sae"].commands["train"])
+    for option, field in [("width", "d_sae"), ("k", "k"), ("epochs", "epochs"), ("batch_tokens", "batch_tokens"),
+                          ("auxk_alpha", "auxk_alpha"), ("dead_tokens", "dead_tokens"), ("held_out", "held_out"),
+                          ("max_length", "max_length"), ("batch_size", "batch_size"), ("seed", "seed"),
+                          ("model_dtype", "model_dtype"), ("dtype", "save_dtype")]:
+        assert train[option] == getattr(TrainConfig, field), option
+    compare = _option_defaults(main.commands["synth"].commands["compare"])
+    for option in ("seed_langs", "seed_sources", "ref_langs", "max_seed_rows", "max_ref_rows", "min_delta",
+                   "max_targets", "max_fire_rate", "sample_seed"):
+        assert (list(compare[option]) if isinstance(compare[option], tuple) else compare[option]) == \
+            field_default(CompareConfig, option), option
+    ev = main.commands["eval"]
+    parsed = {p.name: p.type.convert(p.default, p, None) for p in ev.params if p.name in ("seeds", "fractions")}
+    assert parsed == {"seeds": SEEDS, "fractions": PERCENTS}
+    feats = _option_defaults(main.commands["features"])
+    for option in ("batch_size", "max_length", "dtype"):
+        assert feats[option] == getattr(FeatureConfig, option), option

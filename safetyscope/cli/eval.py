@@ -9,6 +9,7 @@ from typing import get_args
 
 import click
 
+from ..eval.config import PERCENTS, SEEDS
 from ..features import FeatureConfig, Pool
 from .options import NumberList, feature_config, model_options, user_errors
 
@@ -19,8 +20,10 @@ from .options import NumberList, feature_config, model_options, user_errors
 @click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the per-language and transfer runs, the random SAE and the controls' bootstrap.")
-@click.option("--seeds", type=NumberList(int), default="0,1,2", show_default=True, help="Seeds of the data-efficiency subsamples.")
-@click.option("--fractions", type=NumberList(float, low=0, high=100), default="1,2,5,10,25,50,100", show_default=True,
+@click.option("--seeds", type=NumberList(int), default=",".join(map(str, SEEDS)), show_default=True,
+              help="Seeds of the data-efficiency subsamples.")
+@click.option("--fractions", type=NumberList(float, low=0, high=100), default=",".join(f"{p:g}" for p in PERCENTS),
+              show_default=True,
               help="% of discovery data (efficiency).")
 @click.option("-c", "--classifier", default=None, help="Also score this classifier file as is ('default' = shipped).")
 @click.option("--methods", "only", default=None, help="Comma-separated subset of per-language methods.")

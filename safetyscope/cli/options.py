@@ -3,6 +3,7 @@ Ray options and the mapping of their values onto the config dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -14,6 +15,12 @@ from ..errors import SafetyScopeError
 from ..features import FeatureConfig
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
+def field_default(cls, name: str):
+    """The default of dataclass field ``name`` (default_factory included): the one source of an option's default."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def user_errors(fn):

@@ -11,7 +11,7 @@ from ..synthesis.compare import CompareConfig
 from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.synthesize import SynthConfig
 from ..synthesis.targets import TargetsConfig
-from .options import feature_config, model_options, recorded_kwargs, recorded_model_options, user_errors
+from .options import feature_config, field_default, model_options, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
@@ -222,10 +222,11 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
 @synth_group.command("compare")
 @click.argument("data")
 @click.option("-o", "--output-dir", required=True, help="Directory for compare.json/.md/.png, targets and arm data.")
-@click.option("--seed-lang", "seed_langs", multiple=True, default=("en",), show_default=True,
+@click.option("--seed-lang", "seed_langs", multiple=True, default=field_default(CompareConfig, "seed_langs"), show_default=True,
               help="The existing supervision = `seed` rows with these languages ...")
-@click.option("--seed-source", "seed_sources", multiple=True, default=(), help="... and these sources (repeatable; default all).")
-@click.option("--ref-lang", "ref_langs", multiple=True, default=("en",), show_default=True,
+@click.option("--seed-source", "seed_sources", multiple=True, default=field_default(CompareConfig, "seed_sources"),
+              help="... and these sources (repeatable; default all).")
+@click.option("--ref-lang", "ref_langs", multiple=True, default=field_default(CompareConfig, "ref_langs"), show_default=True,
               help="Languages of the reference half of `pool` that T is found on.")
 @click.option("--max-seed-rows", type=int, default=CompareConfig.max_seed_rows, show_default=True,
               help="Subsample the seed subset (CPU time).")

@@ -6,13 +6,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 import click
 import torch
 
 from ..errors import SafetyScopeError
 from ..sae import SAEConfig
-from ..training import TrainConfig, collect_activations, sha256_files, train_topk_sae
+from ..training import SaveDtype, TrainConfig, collect_activations, sha256_files, train_topk_sae
 from .options import user_errors
 
 
@@ -37,11 +38,11 @@ def sae_group():
               help="A latent that has not fired in this many tokens is dead (gets the AuxK loss).")
 @click.option("--held-out", type=float, default=TrainConfig.held_out, show_default=True, help="Share of texts kept for evaluation.")
 @click.option("--max-length", type=int, default=TrainConfig.max_length, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass.")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Texts per forward pass.")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda if available].")
-@click.option("--model-dtype", default="float32", show_default=True, help="dtype of the model for the activations.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+@click.option("--model-dtype", default=TrainConfig.model_dtype, show_default=True, help="dtype of the model for the activations.")
+@click.option("--dtype", type=click.Choice(get_args(SaveDtype)), default=TrainConfig.save_dtype, show_default=True,
               help="dtype of the saved weights.")
 @click.option("-o", "--output", required=True, help="Output directory (config.json + sae.safetensors).")
 @user_errors
@@ -58,7 +59,7 @@ def train_cmd(model, layer, corpora, text_column, width, k, max_tokens, epochs, 
         raise SafetyScopeError("--held-out must be in [0, 1)")
     cfg = TrainConfig(model=model, layer=layer, d_sae=width, k=k, lr=lr, batch_tokens=batch_tokens, epochs=epochs,
                       max_tokens=max_tokens, auxk_alpha=auxk_alpha, dead_tokens=dead_tokens, held_out=held_out,
-                      seed=seed, max_length=max_length)
+                      seed=seed, max_length=max_length, batch_size=batch_size, model_dtype=model_dtype, save_dtype=dtype)
     texts: list[str] = []
     for c in corpora:
         df = read_table(c, columns=[text_column])

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from ..backbone import Backbone
-from ..data import labelled_data_hash, parse_labels, read_table, require_columns, require_text, text_list
+from ..data import data_sha256, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from .config import DiscoverConfig
@@ -39,7 +39,7 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
 
 def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: list[str]) -> dict:
     out = {"files": [str(p) for p in paths], "rows": int(len(y)), "toxic": int(y.sum()), "clean": int(len(y) - y.sum()),
-           "split": cfg.split, "sha256": labelled_data_hash(df.get_column(cfg.text_column).to_list(), y)}
+           "split": cfg.split, "sha256": data_sha256(y, df.get_column(cfg.text_column))}
     if "lang" in df.columns:
         langs = df.with_columns(pl.Series("_y", y)).group_by("lang").agg(
             pl.col("_y").sum().alias("toxic"), (1 - pl.col("_y")).sum().alias("clean")).sort("lang")

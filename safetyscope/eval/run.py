@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..data import frame_hash, parse_labels, read_table, require_text
+from ..data import data_sha256, parse_labels, read_table, require_text
 from ..discovery.detector import read_classifier, read_rules
 from ..discovery.rules import MIN_PER_CLASS
 from ..errors import SafetyScopeError
@@ -20,6 +20,7 @@ from ..provenance import check_compatible
 from ..sae import SAE
 from . import controls as ctl
 from . import report
+from .config import PERCENTS, SEEDS
 from .per_language import evaluate_languages, layer_sweep, markdown_table, methods, split_indices
 from .report import markdown_grid
 from .transfer import efficiency_curves, transfer_matrix
@@ -33,8 +34,8 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
                 "average_precision", "roc_auc", "balanced_accuracy", "f1", "precision", "recall")
 
 
-def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed: int = 0, seeds=(0, 1, 2),
-             fractions=(1, 2, 5, 10, 25, 50, 100), classifier: str | None = None, only: str | None = None,
+def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed: int = 0, seeds=SEEDS,
+             fractions=PERCENTS, classifier: str | None = None, only: str | None = None,
              skip: str = "", scan_layers=None) -> tuple[list[dict], Path, list[Path]]:
     """Evaluate ``data`` (text, label, lang, split) into the report directory ``output``; returns the
     per-language rows, the directory and the plots written. Arguments as the `eval` options."""
@@ -100,7 +101,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
               "model": fx.backbone.model_id, "model_fingerprint": fx.backbone.fingerprint(), "sae": cfg.sae or "default",
               "sae_fingerprint": fx.sae.fingerprint(), "layer": fx.layer, "classifier": classifier,
               "max_length": cfg.max_length, "dtype": cfg.dtype, "texts": df.height,
-              "data_sha256": frame_hash(df),
+              "data_sha256": data_sha256(*df.get_columns()),
               "random_sae_fingerprint": extractors[1].sae.fingerprint() if random_ex else None}
     results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "random_controls": controls,
                "transfer": transfer, "efficiency": eff, "layer_sweep": sweep}

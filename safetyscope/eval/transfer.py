@@ -15,9 +15,8 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from ..discovery.rules import OrRuleClassifier, rank_features
+from .config import FRACTIONS, SEEDS
 from .per_language import split_indices
-
-FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def transfer_matrix(df, y, codes, langs, *, seed: int = 0, top: int = 10, progress: bool = True) -> dict:
@@ -35,7 +34,7 @@ def transfer_matrix(df, y, codes, langs, *, seed: int = 0, top: int = 10, progre
     return {"langs": list(langs), "f1": f1.tolist(), "jaccard_top10": jac.tolist()}
 
 
-def efficiency_curves(df, y, codes, langs, *, fractions=FRACTIONS, seeds=(0, 1, 2), progress: bool = True) -> dict:
+def efficiency_curves(df, y, codes, langs, *, fractions=FRACTIONS, seeds=SEEDS, progress: bool = True) -> dict:
     out = {"fractions": list(fractions), "seeds": list(seeds), "langs": {}}
     for la in tqdm(langs, desc="efficiency", disable=not progress):
         d_idx, t_idx = split_indices(df, la)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..data import labelled_data_hash, parse_labels, text_list
+from ..data import data_sha256, parse_labels, text_list
 from ..errors import SafetyScopeError
 from ..features import FeatureExtractor
 from ..provenance import extractor_record, read_document
@@ -88,7 +88,7 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
             "langs": dict(lang_counts.most_common(5)), "examples": examples,
         })
     return {"reference_data": {"source": source, "rows": len(texts), "harmful": int(y.sum()),
-                               "benign": int(len(y) - y.sum()), "sha256": labelled_data_hash(texts, y)},
+                               "benign": int(len(y) - y.sum()), "sha256": data_sha256(y, texts)},
             "settings": asdict(cfg), "targets": targets}
 
 
