@@ -28,5 +28,5 @@ def identify(texts: list[str | None], min_confidence: float = MIN_CONFIDENCE) ->
             out.append(UNDETERMINED)
             continue
         best = detect(t, model="lite")[0]
-        out.append(best["lang"] if best["score"] >= min_confidence else UNDETERMINED)
+        out.append(str(best["lang"]) if float(best["score"]) >= min_confidence else UNDETERMINED)
     return out

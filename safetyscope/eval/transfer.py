@@ -35,7 +35,7 @@ def transfer_matrix(df, y, codes, langs, *, seed: int = 0, top: int = 10, progre
 
 
 def efficiency_curves(df, y, codes, langs, *, fractions=FRACTIONS, seeds=SEEDS, progress: bool = True) -> dict:
-    out = {"fractions": list(fractions), "seeds": list(seeds), "langs": {}}
+    out: dict = {"fractions": list(fractions), "seeds": list(seeds), "langs": {}}
     for la in tqdm(langs, desc="efficiency", disable=not progress):
         d_idx, t_idx = split_indices(df, la)
         full = OrRuleClassifier(random_state=seeds[0]).fit(codes[d_idx], y[d_idx])

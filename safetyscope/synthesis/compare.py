@@ -101,7 +101,9 @@ def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg:
     target_label = the label asked for)."""
     rng = random.Random(cfg.seed)
     dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
-    rows, stats, t0 = [], {"generations": 0}, time.perf_counter()
+    rows: list[dict] = []
+    stats: dict = {"generations": 0}
+    t0 = time.perf_counter()
     rejected: dict[str, int] = {}
     for rnd in range(1, cfg.max_attempts + 1):
         need = n - len(rows)
