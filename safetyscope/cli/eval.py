@@ -3,8 +3,6 @@ efficiency, as results.json + report.md + PNG plots + one self-contained report.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import get_args
 
 import click
@@ -62,40 +60,9 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 @user_errors
 def overlap_command(data, output, text_column, names, pool, min_count, **kw):
     """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
-    from ..data import read_table, text_list
-    from ..errors import SafetyScopeError
-    from ..eval import report
-    from ..eval.overlap import footprint, overlap_matrices, redundancy
-    from ..features import FeatureExtractor
-    from ..outputs import check_report_dir
+    from ..eval.overlap import run_overlap
 
-    if names and len(names) != len(data):
-        raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")
-    names = list(names) or [Path(p).stem if Path(p).suffix else Path(p).name for p in data]
-    out = check_report_dir(output, inputs=data)
     cfg = feature_config(kw)
     cfg.pool = pool
-    fx = FeatureExtractor.from_config(cfg)
-    prints, red = {}, {}
-    for name, path in zip(names, data):
-        texts = [t for t in text_list(read_table(path, columns=[text_column]), text_column, path)
-                 if t is not None and t.strip()]
-        if not texts:
-            raise SafetyScopeError(f"{path}: no non-empty texts")
-        codes = fx.transform(texts, progress=True)
-        prints[name] = footprint(codes, min_count)
-        red[name] = redundancy(codes)
-    res = overlap_matrices(prints)
-    res.update({"pool": pool, "min_count": min_count, "redundancy": red, "data": list(data),
-                "model": fx.backbone.model_id, "sae": cfg.sae or "default", "layer": fx.layer})
-    (out / "overlap.json").write_text(json.dumps(res, indent=2) + "\n")
-    header = ["A \\ B"] + names
-    body = [[a] + [float(v) for v in r] for a, r in zip(names, res["overlap"])]
-    md = [f"# Footprint overlap (pool={pool}, min_count={min_count})", "",
-          "overlap(A, B) = |F_A ∩ F_B| / |F_A|: the share of A's features that B also fires.", "", report.markdown_grid(header, body), "",
-          "| dataset | footprint size | redundancy |", "|---|---|---|"]
-    md += [f"| {n} | {s} | {red[n]['redundancy']:.3f} |" for n, s in zip(names, res["sizes"])]
-    (out / "overlap.md").write_text("\n".join(md) + "\n")
-    report.plot_heatmap(res["overlap"], names, names, "overlap(A=row, B=column)", out / "overlap.png",
-                        xlabel="B", ylabel="A")
-    click.echo("\n".join(md))
+    _, md = run_overlap(data, output, cfg, names=names, text_column=text_column, min_count=min_count)
+    click.echo(md)

@@ -3,7 +3,6 @@ written as results.json + report.md + PNG plots + one self-contained report.html
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +16,12 @@ from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor, extract_shared
 from ..outputs import check_report_dir
 from ..provenance import check_compatible
+from ..reports import html_table, markdown_grid, write_html, write_json, write_text
 from ..sae import SAE
 from . import controls as ctl
 from . import report
 from .config import PERCENTS, SEEDS
 from .per_language import evaluate_languages, layer_sweep, markdown_table, methods, split_indices
-from .report import markdown_grid
 from .transfer import efficiency_curves, transfer_matrix
 
 MAIN_METHODS = ["shipped", "or_rule_fpr2", "or_rule", "or_rule_delta", "or_rule_report", "sparse_linear", "sparse_linear_fpr2",
@@ -105,7 +104,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
               "random_sae_fingerprint": extractors[1].sae.fingerprint() if random_ex else None}
     results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "random_controls": controls,
                "transfer": transfer, "efficiency": eff, "layer_sweep": sweep}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
 
     images = [out / "per_language_f1.png"]
     report.plot_method_bars(rows, MAIN_METHODS, images[0])
@@ -130,16 +129,16 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
         md += [f"## Per language: {metric}", "", markdown_table(rows, MAIN_METHODS, metric), ""]
     md += ["## OR-rule K sweep (F1)", "", markdown_table(rows, k_sweep, "f1"), ""]
     sections.append(("Per language (recall at 1% clean FPR)",
-                     _html_from_rows(rows, MAIN_METHODS, "recall_at_1pct_fpr", lang_list, report)))
+                     _html_from_rows(rows, MAIN_METHODS, "recall_at_1pct_fpr", lang_list)))
     sections.append(("Per language (precision at 5% prevalence)",
-                     _html_from_rows(rows, MAIN_METHODS, "precision_at_5pct", lang_list, report)))
-    sections.append(("Per language (F1)", _html_from_rows(rows, MAIN_METHODS, "f1", lang_list, report)))
-    sections.append(("Per language (ROC-AUC)", _html_from_rows(rows, MAIN_METHODS, "roc_auc", lang_list, report)))
-    sections.append(("OR-rule K sweep (F1)", _html_from_rows(rows, k_sweep, "f1", lang_list, report)))
+                     _html_from_rows(rows, MAIN_METHODS, "precision_at_5pct", lang_list)))
+    sections.append(("Per language (F1)", _html_from_rows(rows, MAIN_METHODS, "f1", lang_list)))
+    sections.append(("Per language (ROC-AUC)", _html_from_rows(rows, MAIN_METHODS, "roc_auc", lang_list)))
+    sections.append(("OR-rule K sweep (F1)", _html_from_rows(rows, k_sweep, "f1", lang_list)))
     if controls["langs"]:
         md += ctl.markdown(rows, controls)
         sections.append(("Random controls (is the SAE doing the work?)", ctl.html(
-            rows, controls, lang_list, lambda r, m, metric, g: _html_from_rows(r, m, metric, g, report))))
+            rows, controls, lang_list, lambda r, m, metric, g: _html_from_rows(r, m, metric, g))))
     if transfer:
         images.append(out / "transfer_f1.png")
         report.plot_heatmap(transfer["f1"], lang_list, lang_list, "F1: discover on row, test on column", images[-1],
@@ -150,7 +149,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
         header = ["discover \\ test"] + lang_list
         body = [[a] + [float(v) for v in r] for a, r in zip(lang_list, transfer["f1"])]
         md += ["## Cross-lingual transfer (F1, discover on row, test on column)", "", markdown_grid(header, body), ""]
-        sections.append(("Cross-lingual transfer (F1)", report.html_table(header, body)))
+        sections.append(("Cross-lingual transfer (F1)", html_table(header, body)))
     if eff:
         images.append(out / "efficiency.png")
         report.plot_efficiency(eff, images[-1])
@@ -160,7 +159,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
         body.append(["macro", "", eff["macro"]["full_f1"], *eff["macro"]["mean_f1"],
                      _pct(eff["macro"]["smallest_fraction_99pct"])])
         md += ["## Data efficiency (mean test F1 over seeds)", "", markdown_grid(header, body), ""]
-        sections.append(("Data efficiency (mean F1 over seeds)", report.html_table(header, body)))
+        sections.append(("Data efficiency (mean F1 over seeds)", html_table(header, body)))
     if sweep and sweep["f1"]:
         header = ["lang"] + [f"layer {la}: F1 (best delta)" for la in sweep["layers"]] + ["chosen by delta"]
         body = [[g] + [f"{sweep['f1'][g][la]:.3f} ({sweep['best_delta'][g][la]:.3f})" for la in sweep["layers"]]
@@ -168,11 +167,11 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
         body.append(["macro F1"] + [sweep["macro_f1"][la] for la in sweep["layers"]] + [sweep["macro_f1_chosen"]])
         md += [f"## Layer sweep (OR-rule test F1; best single-feature delta on discovery; main analyses use layer "
                f"{fx.layer})", "", markdown_grid(header, body), ""]
-        sections.append(("Layer sweep (OR-rule F1, best delta)", report.html_table(header, body)))
+        sections.append(("Layer sweep (OR-rule F1, best delta)", html_table(header, body)))
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    report.write_html(out / "report.html", f"safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}",
-                      sections, images)
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    write_html(out / "report.html", f"safetyscope evaluation: {fx.backbone.model_id}, layer {fx.layer}",
+               sections, images)
     return rows, out, images
 
 
@@ -195,8 +194,8 @@ def _pct(f):
     return None if f is None else f"{f * 100:g}%"
 
 
-def _html_from_rows(rows, methods, metric, langs, report) -> str:
+def _html_from_rows(rows, methods, metric, langs) -> str:
     look = {(r["lang"], r["method"]): r.get(metric) for r in rows}
     present = [m for m in methods if any(r["method"] == m for r in rows)]
     body = [[la] + [look.get((la, m)) for m in present] for la in langs]
-    return report.html_table(["lang"] + present, body)
+    return html_table(["lang"] + present, body)

@@ -14,7 +14,6 @@ targeting), natural sampling (N rows of P).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +26,7 @@ from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from ..outputs import check_report_dir
 from ..provenance import write_document
+from ..reports import pyplot, save_figure, write_json, write_text
 from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .judge import judged_stats
@@ -216,8 +216,8 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
                        "seed_T_coverage": seed_cov["coverage"], "T_miss_ids": miss},
            "arms": table, "timing": timing, "judge": judge.name, "judged": judged, "seconds": time.perf_counter() - t_start}
     res["markdown"] = markdown(res)
-    (out / "compare.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
-    (out / "compare.md").write_text(res["markdown"])
+    write_json(out / "compare.json", res)
+    write_text(out / "compare.md", res["markdown"])
     plot(table, out / "compare.png", len(miss), len(ids))
     return res
 
@@ -250,11 +250,7 @@ def _fmt(d: dict) -> str:
 
 
 def plot(table: list[dict], path: Path, n_miss: int, n_t: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["arm"] for r in table]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -267,5 +263,4 @@ def plot(table: list[dict], path: Path, n_miss: int, n_t: int) -> None:
     ax.legend()
     ax.set_title("Coverage at a matched budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -14,7 +14,6 @@ chat template; the judgement is `refused(prompt, response)` below, the same for 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import polars as pl
 
 from ..data import read_table
 from ..errors import SafetyScopeError
+from ..reports import pyplot, save_figure, write_json, write_text
 from .compare import _half
 from .generators import GeneratorConfig, TransformersGenerator
 from .synthesize import TEMPLATE_REFUSAL, is_refusal
@@ -256,9 +256,9 @@ def run_sft_eval(cfg: SFTEvalConfig, harmful_detector=None, progress=print) -> d
            "harmful_detector": harmful_detector is not None,
            "arms": {a: {k: v for k, v in r.items() if not k.startswith("_")} for a, r in results.items()},
            "timing_seconds": timing}
-    (out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "results.json", doc)
     md = markdown(doc)
-    (out / "report.md").write_text(md)
+    write_text(out / "report.md", md)
     plot(doc, out / "sft_eval.png")
     doc["markdown"] = md
     doc["_results"], doc["_sets"] = results, sets  # in memory only
@@ -281,11 +281,7 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(doc["arms"])
     keys = [("harmful", "harmful refused"), ("xstest_safe", "XSTest safe refused"), ("benign", "benign answered")]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -301,5 +297,4 @@ def plot(doc: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Effect of SFT data (LoRA)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
