@@ -196,3 +196,10 @@ def data_sha256(*columns) -> str:
     for row in zip(*(np.asarray(c).tolist() if isinstance(c, np.ndarray) else list(c) for c in columns)):
         h.update(("\t".join(map(str, row)) + "\n").encode())
     return h.hexdigest()
+
+
+def id_half(row_id: str) -> int:
+    """0 or 1 from the sha256 of a row id: a split of a table into two stable halves that does not depend on row
+    order or on which other rows are present (synth compare finds targets on half 0 of `pool` and samples the
+    natural arm and sft-eval's held-out prompts from half 1, so no arm is measured on what chose its targets)."""
+    return hashlib.sha256(row_id.encode()).digest()[0] & 1

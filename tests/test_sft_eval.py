@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import CORPUS
 
 from safetyscope.cli import main
-from safetyscope.synthesis.compare import _half
+from safetyscope.data import id_half
 from safetyscope.synthesis.sft_eval import (
     SFTEvalConfig,
     bootstrap_ci,
@@ -49,7 +49,7 @@ def setup(tmp_path):
                     "en", "generator", target_label="benign", judge="test", judge_score=-1.0) for i in range(6)]
     pl.DataFrame(tgt).write_ndjson(arms / "targeted.jsonl")
     pl.DataFrame(rnd).write_ndjson(arms / "random.jsonl")
-    nat = [r for r in rows if r["split"] == "pool" and _half(r["id"]) == 1][:5]  # natural rows: prompts, no answers
+    nat = [r for r in rows if r["split"] == "pool" and id_half(r["id"]) == 1][:5]  # natural rows: prompts, no answers
     pl.DataFrame(nat).write_ndjson(arms / "natural.jsonl")
     return data, arms, nat
 
@@ -110,7 +110,7 @@ def test_sft_eval_end_to_end(tmp_path, tiny_model_dir, setup):
     for k, ps in doc["_sets"].items():
         for p in ps:
             row = table.filter(pl.col("prompt") == p).row(0, named=True)
-            assert row["split"] == "pool" and _half(row["id"]) == 1 and row["id"] not in nat_ids
+            assert row["split"] == "pool" and id_half(row["id"]) == 1 and row["id"] not in nat_ids
             assert not any(t.endswith(f"user: {p}\nassistant:") for t in trained)
     assert {table.filter(pl.col("prompt") == p)["source"][0] for p in doc["_sets"]["xstest_safe"]} == {"xstest"}
 

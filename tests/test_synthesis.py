@@ -575,8 +575,8 @@ def safety_table(tmp_path):
 
 
 def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model_args, tiny_model_dir, classifier):
+    from safetyscope.data import id_half
     from safetyscope.provenance import extractor_from_record
-    from safetyscope.synthesis.compare import _half
     from safetyscope.synthesis.targets import read_targets
 
     out = tmp_path / "cmp"
@@ -602,7 +602,7 @@ def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model
     ids = [t["id"] for t in doc["targets"]]
     assert len(ids) == r["targets"]["T"] > 0 and doc["reference_data"]["rows"] == r["rows"]["reference"]
     nat = pl.read_ndjson(out / "natural.jsonl")
-    assert nat.height == budget and all(_half(i) == 1 for i in nat["id"]) and set(nat["split"]) == {"pool"}
+    assert nat.height == budget and all(id_half(i) == 1 for i in nat["id"]) and set(nat["split"]) == {"pool"}
 
     # T_miss = the targets that the seed subset does not fire (re-encoded here)
     seed = pl.read_parquet(safety_table).filter(pl.col("source") == "seed_src")["prompt"].to_list()

@@ -13,7 +13,6 @@ targeting), natural sampling (N rows of P).
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..data import read_table, write_table
+from ..data import id_half, read_table, write_table
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from ..outputs import check_report_dir
@@ -63,10 +62,6 @@ class CompareConfig:
     sample_seed: int = 0
 
 
-def _half(i: str) -> int:
-    return hashlib.sha256(i.encode()).digest()[0] & 1
-
-
 def _stratified(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     """At most n rows, half per label where possible (deterministic)."""
     if df.height <= n:
@@ -87,7 +82,7 @@ def split_rows(df: pl.DataFrame, cc: CompareConfig) -> tuple[pl.DataFrame, pl.Da
     seed = df.filter((pl.col("split") == "seed") & pl.col("lang").is_in(cc.seed_langs))
     if cc.seed_sources:
         seed = seed.filter(pl.col("source").is_in(cc.seed_sources))
-    pool = df.filter(pl.col("split") == "pool").with_columns(pl.col("id").map_elements(_half, return_dtype=pl.Int64).alias("_h"))
+    pool = df.filter(pl.col("split") == "pool").with_columns(pl.col("id").map_elements(id_half, return_dtype=pl.Int64).alias("_h"))
     ref = pool.filter((pl.col("_h") == 0) & pl.col("lang").is_in(cc.ref_langs)).drop("_h")
     nat = pool.filter((pl.col("_h") == 1) & pl.col("lang").is_in(cc.ref_langs)).drop("_h")
     if seed.height == 0 or ref.height == 0 or nat.height == 0:

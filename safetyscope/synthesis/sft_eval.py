@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..data import read_table
+from ..data import id_half, read_table
 from ..errors import SafetyScopeError
 from ..reports import pyplot, save_figure, write_json, write_text
-from .compare import _half
 from .generators import GeneratorConfig, TransformersGenerator
 from .synthesize import TEMPLATE_REFUSAL, is_refusal
 
@@ -93,7 +92,7 @@ def read_arm(path: Path) -> list[dict]:
 def held_out_sets(df: pl.DataFrame, exclude_ids: set, exclude_prompts: set, cfg: SFTEvalConfig,
                   harmful_detector=None) -> dict[str, list[str]]:
     pool = df.filter((pl.col("split") == "pool") & (pl.col("lang") == "en"))
-    pool = pool.filter(pl.col("id").map_elements(_half, return_dtype=pl.Int64) == 1)
+    pool = pool.filter(pl.col("id").map_elements(id_half, return_dtype=pl.Int64) == 1)
     pool = pool.filter(~pl.col("id").is_in(list(exclude_ids)) & ~pl.col("prompt").is_in(list(exclude_prompts)))
 
     def take(sub: pl.DataFrame, n: int) -> list[str]:
