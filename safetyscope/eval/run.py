@@ -74,7 +74,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
     if "random_sae" not in skip and (only is None or {"random_sae_or_rule", "random_sae_sparse_linear"} & set(only)):
         # same model, layer and tokens, random feature directions; its own fingerprint keys its own cache
         extractors.append(FeatureExtractor(fx.backbone, SAE.random_like(fx.sae, seed), fx.layer,
-                                           batch_size=fx.batch_size, max_length=fx.max_length,
+                                           batch_size=fx.batch_size, batch_tokens=fx.batch_tokens, max_length=fx.max_length,
                                            skip_first_token=fx.skip_first_token, pool=fx.pool, cache=cfg.cache))
     t0 = time.perf_counter()
     # once, every analysis reuses it; one forward pass per batch serves both SAEs
