@@ -247,15 +247,25 @@ def layer_extractors(cfg: FeatureConfig, layers: list[int], saes: list[str | Non
             for la, sae in zip(layers, saes)]
 
 
-def codes_frame(codes: sp.csr_matrix, ids=None):
+def codes_frame(codes: sp.csr_matrix, ids=None, suffix: str = ""):
     """The `features` command's output table: per text, the ids and pooled activations of the features
-    that fired (one row per CSR row), after the input's ``id`` column when it has one."""
+    that fired (one row per CSR row), after the input's ``id`` column when it has one. ``suffix`` names the
+    columns ``feature_ids{suffix}`` / ``feature_acts{suffix}`` (``--layers``: ``_l<n>``)."""
     import polars as pl
 
     rows = range(codes.shape[0])
-    out = pl.DataFrame({"feature_ids": [codes.indices[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows],
-                        "feature_acts": [codes.data[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows]},
-                       schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+    i_col, a_col = f"feature_ids{suffix}", f"feature_acts{suffix}"
+    out = pl.DataFrame({i_col: [codes.indices[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows],
+                        a_col: [codes.data[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows]},
+                       schema={i_col: pl.List(pl.Int32), a_col: pl.List(pl.Float32)})
+    return out if ids is None else out.insert_column(0, ids)
+
+
+def layers_frame(extractions: list[Extraction], layers: list[int], ids=None):
+    """``features --layers``: one feature_ids_l<n> / feature_acts_l<n> pair of columns per layer, in order."""
+    import polars as pl
+
+    out = pl.concat([codes_frame(e.codes, suffix=f"_l{la}") for e, la in zip(extractions, layers)], how="horizontal")
     return out if ids is None else out.insert_column(0, ids)
 
 
