@@ -156,6 +156,34 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+def token_ids(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per text, cut at ``max_length``, and how many texts were cut (Ray counts lengths with it too)."""
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return [x[:max_length] for x in ids], sum(len(x) > max_length for x in ids)
+
+
+def length_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
+    """Model batches as lists of text indices: texts sorted by length, longest first (ties in input order:
+    memory peaks early and a batch carries little padding), cut into groups of ``batch_size`` texts; with
+    ``batch_tokens``, each group is cut further so that a batch holds at most that many padded tokens (its
+    first text is its longest: ``n * len(first) <= batch_tokens``; a single longer text is a batch of its own).
+
+    Why groups first: a batch then never straddles a multiple of ``batch_size`` in the sorted order, so a
+    run on any whole number of groups (a Ray block) makes the same batches as the run on everything."""
+    if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
+        raise SafetyScopeError("batch_size and batch_tokens must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out = []
+    for g in range(0, len(order), batch_size):
+        group = order[g : g + batch_size]
+        s = 0
+        while s < len(group):
+            n = len(group) - s if batch_tokens is None else max(1, batch_tokens // max(1, lengths[group[s]]))
+            out.append(group[s : s + n])
+            s += n
+    return out
+
+
 class _StopForward(Exception):
     pass
 
@@ -237,6 +265,16 @@ class Backbone:
             h.update(f"{name}{tuple(p.shape)}".encode())
             h.update(p.detach().flatten()[:64].to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def tokenize(self, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+        """Token ids per text (special tokens added), cut at ``max_length``, and how many texts were cut."""
+        return token_ids(self.tokenizer, texts, max_length)
+
+    def batches(self, ids: list[list[int]], *, batch_size: int, batch_tokens: int | None = None):
+        """Yield (indices into ``ids``, input_ids, attention_mask) per model batch of ``length_batches``:
+        the one tokenise/sort/pad loop of feature extraction and SAE-training activations."""
+        for batch in length_batches([len(x) for x in ids], batch_size=batch_size, batch_tokens=batch_tokens):
+            yield (batch, *self.pad([ids[i] for i in batch]))
 
     def pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad token id lists into (input_ids, attention_mask): causal attention never sees the pads."""

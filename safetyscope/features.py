@@ -11,7 +11,7 @@ import hashlib
 import os
 import sqlite3
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -40,7 +40,10 @@ class FeatureConfig:
     sae: str | None = None  # see sae.load_sae; None = embedded default
     layer: int | None = None  # None = the SAE's own layer
     k: int | None = None  # override a TopK SAE's k
-    batch_size: int = 32
+    batch_size: int = 32  # at most this many texts per model batch
+    # ... and at most about this many padded tokens (longest text x texts): long texts go in small batches,
+    # short ones in full groups of batch_size (backbone.length_batches)
+    batch_tokens: int = 512
     max_length: int = 256
     # the first position is an attention sink with outlier norms; None = as the SAE was trained
     # (left out when its training record says position 0 was excluded, as for the embedded SAEs)
@@ -62,7 +65,8 @@ class Extraction:
 
 class FeatureExtractor:
     def __init__(self, backbone: Backbone, sae: SAE, layer: int, *, batch_size: int = 32, max_length: int = 256,
-                 skip_first_token: bool | None = None, pool: str = "max", cache: bool = True):
+                 skip_first_token: bool | None = None, pool: str = "max", cache: bool = True,
+                 batch_tokens: int | None = FeatureConfig.batch_tokens):
         if sae.cfg.d_model != backbone.d_model:
             raise SafetyScopeError(f"SAE width mismatch: the SAE reads d_model={sae.cfg.d_model} but "
                                    f"{backbone.model_id} has hidden size {backbone.d_model}")
@@ -70,13 +74,13 @@ class FeatureExtractor:
             raise SafetyScopeError(f"layer {layer} out of range: {backbone.model_id} has layers 0..{backbone.n_layers - 1}")
         if pool not in get_args(Pool):
             raise SafetyScopeError(f"pool must be 'max' or 'last', not {pool!r}")
-        if batch_size < 1 or max_length < 2:
-            raise SafetyScopeError("batch_size must be >= 1 and max_length >= 2")
+        if batch_size < 1 or max_length < 2 or (batch_tokens is not None and batch_tokens < 1):
+            raise SafetyScopeError("batch_size and batch_tokens must be >= 1 and max_length >= 2")
         if skip_first_token is None:  # encode the tokens the SAE was trained on
             skip_first_token = bool(sae.cfg.extra.get("position_0_excluded", False))
         self.backbone, self.sae, self.layer = backbone, sae.to(backbone.device), layer
         self.batch_size, self.max_length, self.skip_first_token = batch_size, max_length, skip_first_token
-        self.pool = pool
+        self.pool, self.batch_tokens = pool, batch_tokens
         self._cache = _FeatureCache(self.cache_key()) if cache else None
 
     @classmethod
@@ -93,7 +97,7 @@ class FeatureExtractor:
         if cfg.sae in (None, "", "default") and cfg.model not in (None, "", "default") and sae.cfg.model != backbone.model_id:
             raise SafetyScopeError(f"the embedded SAE belongs to {sae.cfg.model}; pass --sae for {backbone.model_id}")
         return cls(backbone, sae, layer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                   skip_first_token=cfg.skip_first_token, pool=cfg.pool, cache=cfg.cache)
+                   skip_first_token=cfg.skip_first_token, pool=cfg.pool, cache=cfg.cache, batch_tokens=cfg.batch_tokens)
 
     def cache_key(self) -> str:
         dtype = next(self.backbone.model.parameters()).dtype
@@ -102,8 +106,10 @@ class FeatureExtractor:
         if dtype != torch.float32:
             # in bf16/fp16 a text's codes depend on what it is batched with (padding changes the kernels'
             # reduction order): 53 of 150 English texts fired a different feature set at batch size 1 vs 32
-            # on SmolLM2 in bf16, none in fp32 (max |diff| 1e-4). So a half-precision cache is per batch size.
+            # on SmolLM2 in bf16, none in fp32 (max |diff| 1e-4). So a half-precision cache is per batching
+            # (both knobs decide the batches, see backbone.length_batches).
             parts.append(("batch_size", self.batch_size))
+            parts.append(("batch_tokens", self.batch_tokens))
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
     # -- tokenisation ----------------------------------------------------------------------------
@@ -113,9 +119,7 @@ class FeatureExtractor:
         if bad:
             raise SafetyScopeError(f"{len(bad)} text(s) are null or empty (rows {bad[:10]}{' ...' if len(bad) > 10 else ''}); "
                                    "drop them first")
-        ids = self.backbone.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        n_trunc = sum(len(x) > self.max_length for x in ids)
-        return [x[: self.max_length] for x in ids], n_trunc
+        return self.backbone.tokenize(texts, self.max_length)
 
     # -- extraction ------------------------------------------------------------------------------
     def transform(self, texts: list[str], *, progress: bool = False) -> sp.csr_matrix:
@@ -126,30 +130,21 @@ class FeatureExtractor:
         return extract_shared([self], texts, progress=progress)[0]
 
     @torch.inference_mode()
-    def _hidden(self, batch_ids: list[list[int]]):
-        """The layer's residual stream of a batch (float32), the tokens to encode and the tokens to average."""
-        input_ids, mask = self.backbone.pad(batch_ids)
-        hidden = self.backbone.capture(input_ids, mask, [self.layer])[self.layer].float()
-        keep = mask.to(hidden.device).bool()
-        if self.skip_first_token:
-            keep[:, 0] = False
-        means_keep = keep
-        if self.pool == "last":  # right padding: the last real token sits at length - 1
-            last = mask.sum(1) - 1
-            keep = torch.zeros_like(keep)
-            keep[torch.arange(len(batch_ids)), last.to(keep.device)] = True
-        return hidden, keep, means_keep
-
-    @torch.inference_mode()
-    def _pool(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(batch, d_sae) on the CPU: max over the kept tokens of this extractor's SAE codes."""
+    def _pool(self, hidden: torch.Tensor, keep: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text of the batch: (feature ids, max over the kept tokens of this extractor's SAE codes) of
+        the features that fired."""
         n = hidden.shape[0]
         text_of_token = torch.arange(n, device=hidden.device)[:, None].expand_as(keep)[keep]
-        vals, idx = self.sae.encode_sparse(hidden[keep])  # only real tokens are encoded: padding costs nothing
+        vals, idx = self.sae.encode_sparse(hidden[keep])  # all real tokens in one GEMM: padding costs nothing
         d_sae = self.sae.cfg.d_sae
-        pooled = torch.zeros(n * d_sae, device=hidden.device)
+        pooled = torch.zeros(n * d_sae, device=hidden.device, dtype=vals.dtype)
         pooled.scatter_reduce_(0, (text_of_token[:, None] * d_sae + idx).flatten(), vals.flatten(), "amax")
-        return pooled.view(n, d_sae).cpu()
+        pooled = pooled.view(n, d_sae).float().cpu()
+        nz = torch.nonzero(pooled)  # row-major: per text, its features in increasing id order
+        ids = nz[:, 1].numpy().astype(np.int32)
+        acts = pooled[nz[:, 0], nz[:, 1]].numpy().astype(np.float32)
+        cuts = np.cumsum(np.bincount(nz[:, 0].numpy(), minlength=n))[:-1]
+        return list(zip(np.split(ids, cuts), np.split(acts, cuts)))
 
     @torch.inference_mode()
     def token_codes(self, text: str) -> tuple[list[str], torch.Tensor]:
@@ -164,68 +159,113 @@ class FeatureExtractor:
         return tokens, codes
 
 
+def _token_masks(mask: torch.Tensor, skip_first_token: bool, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens to SAE-encode and pool, tokens to average for mean_acts) of a right-padded batch."""
+    keep = mask.bool()
+    if skip_first_token:
+        keep[:, 0] = False
+    means_keep = keep
+    if pool == "last":  # right padding: the last real token sits at length - 1
+        keep = torch.zeros_like(keep)
+        keep[torch.arange(len(mask)), mask.sum(1) - 1] = True
+    return keep, means_keep
+
+
 @torch.inference_mode()
 def extract_shared(extractors: list[FeatureExtractor], texts: list[str], *,
                    progress: bool = False) -> list[Extraction]:
-    """One Extraction per extractor, for extractors that differ only in their SAE (one model object, layer,
-    max_length, first-token and pooling choice): each batch goes through the model once and every SAE
-    encodes the same residual stream. Each SAE's codes are cached under its own key; a text is run when any
-    extractor lacks it, and only the extractors that lacked it store it."""
+    """One Extraction per extractor, for extractors that share one model object and their tokenisation, batching
+    and pooling (max_length, first-token choice, pool, batch_size, batch_tokens) and differ in their SAE and/or
+    layer: each batch goes through the model once, up to the deepest layer asked for, and every SAE encodes
+    its layer's residual stream. Each SAE's codes are cached under its own key; a text is run when any
+    extractor lacks it, and only the extractors that lacked it store it. ``mean_acts`` is each extractor's
+    layer's."""
     lead = extractors[0]
-    same = ("backbone", "layer", "max_length", "skip_first_token", "pool", "batch_size")
+    same = ("backbone", "max_length", "skip_first_token", "pool", "batch_size", "batch_tokens")
     for fx in extractors[1:]:
         diff = [a for a in same if (getattr(fx, a) is not getattr(lead, a) if a == "backbone"
                                     else getattr(fx, a) != getattr(lead, a))]
         if diff:
-            raise SafetyScopeError(f"extractors sharing a forward pass must differ only in their SAE; they differ in {diff}")
+            raise SafetyScopeError(f"extractors sharing a forward pass must differ only in their SAE and layer; they differ in {diff}")
     n, d_model = len(texts), lead.backbone.d_model
+    layers = sorted({fx.layer for fx in extractors})
     keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(t, str) else "" for t in texts]
     rows = [[None] * n for _ in extractors]  # per extractor, per text: (feature ids, acts)
-    mean_acts = np.zeros((n, d_model), dtype=np.float32)
-    n_tokens = np.zeros(n, dtype=np.int64)
+    mean_acts = {la: np.zeros((n, d_model), dtype=np.float32) for la in layers}
+    n_tokens = np.zeros(n, dtype=np.int64)  # the same at every layer
     n_cached = [0] * len(extractors)
     for e, fx in enumerate(extractors):
         if fx._cache is not None:
             for i, (r, m, t) in fx._cache.get_many(keys).items():
-                rows[e][i], mean_acts[i], n_tokens[i] = r, m, t  # mean and n_tokens: the same for every SAE
+                rows[e][i], mean_acts[fx.layer][i], n_tokens[i] = r, m, t  # mean, n_tokens: the same for every SAE
                 n_cached[e] += 1
     todo = [i for i in range(n) if any(r[i] is None for r in rows)]
     ids, n_trunc = lead.tokenize([texts[i] for i in todo]) if todo else ([], 0)
-    order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))  # longest first: memory peaks early
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress, desc="features")
-    for start in range(0, len(order), lead.batch_size):
-        batch = order[start : start + lead.batch_size]
-        hidden, keep, means_keep = lead._hidden([ids[j] for j in batch])
-        counts = means_keep.sum(1).clamp(min=1)
-        means = ((hidden * means_keep[..., None]).sum(1) / counts[:, None]).cpu().numpy()
+    for batch, input_ids, mask in lead.backbone.batches(ids, batch_size=lead.batch_size, batch_tokens=lead.batch_tokens):
+        hidden_at = lead.backbone.capture(input_ids, mask, layers)  # stops after the deepest layer
+        keep, means_keep = _token_masks(mask.to(lead.backbone.device), lead.skip_first_token, lead.pool)
+        counts = means_keep.sum(1)
         for b, j in enumerate(batch):
-            mean_acts[todo[j]], n_tokens[todo[j]] = means[b], int(means_keep[b].sum())
-        for e, fx in enumerate(extractors):
-            pooled = fx._pool(hidden, keep)
-            new = {}
-            for b, j in enumerate(batch):
-                i = todo[j]
-                if rows[e][i] is None:
-                    nz = torch.nonzero(pooled[b]).flatten()
-                    rows[e][i] = (nz.numpy().astype(np.int32), pooled[b, nz].numpy().astype(np.float32))
-                    new[keys[i]] = (rows[e][i], mean_acts[i], n_tokens[i])
-            if fx._cache is not None:
-                fx._cache.put_many(new)
+            n_tokens[todo[j]] = int(counts[b])
+        for layer in layers:
+            hidden = hidden_at[layer].float()
+            means = ((hidden * means_keep[..., None]).sum(1) / counts.clamp(min=1)[:, None]).cpu().numpy()
+            mean_acts[layer][[todo[j] for j in batch]] = means
+            for e, fx in enumerate(extractors):
+                if fx.layer != layer:
+                    continue
+                pooled, new = fx._pool(hidden, keep), {}
+                for b, j in enumerate(batch):
+                    i = todo[j]
+                    if rows[e][i] is None:
+                        rows[e][i] = pooled[b]
+                        new[keys[i]] = (rows[e][i], mean_acts[layer][i], n_tokens[i])
+                if fx._cache is not None:
+                    fx._cache.put_many(new)
         bar.update(sum(len(ids[j]) for j in batch))
     bar.close()
-    return [Extraction(_rows_to_csr(r, fx.sae.cfg.d_sae), mean_acts, n_tokens, n_trunc, c)
+    return [Extraction(_rows_to_csr(r, fx.sae.cfg.d_sae), mean_acts[fx.layer], n_tokens, n_trunc, c)
             for r, fx, c in zip(rows, extractors, n_cached)]
 
 
-def codes_frame(codes: sp.csr_matrix, ids=None):
+def layer_extractors(cfg: FeatureConfig, layers: list[int], saes: list[str | None] | None = None,
+                     backbone: Backbone | None = None) -> list[FeatureExtractor]:
+    """One extractor per layer, all on one loaded model (for ``extract_shared``: one forward pass serves them
+    all). ``saes``: one SAE source per layer; default ``cfg.sae`` for each, which must then resolve to an SAE
+    per layer (a Qwen-Scope directory or hub repo with ``layer{n}.sae.pt``, a sparsify checkpoint with
+    ``layers.{n}``; the embedded SAE has layer 6 only)."""
+    if not layers:
+        raise SafetyScopeError("no layers given")
+    if len(set(layers)) != len(layers):
+        raise SafetyScopeError(f"layers {list(layers)} repeat a layer")
+    saes = list(saes) if saes is not None else [cfg.sae] * len(layers)
+    if len(saes) != len(layers):
+        raise SafetyScopeError(f"{len(saes)} SAE(s) for {len(layers)} layer(s): give one SAE, or one per layer")
+    backbone = backbone or Backbone.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    return [FeatureExtractor.from_config(replace(cfg, layer=la, sae=sae), backbone=backbone)
+            for la, sae in zip(layers, saes)]
+
+
+def codes_frame(codes: sp.csr_matrix, ids=None, suffix: str = ""):
     """The `features` command's output table: per text, the ids and pooled activations of the features
-    that fired (one row per CSR row), after the input's ``id`` column when it has one."""
+    that fired (one row per CSR row), after the input's ``id`` column when it has one. ``suffix`` names the
+    columns ``feature_ids{suffix}`` / ``feature_acts{suffix}`` (``--layers``: ``_l<n>``)."""
     import polars as pl
 
     rows = range(codes.shape[0])
-    out = pl.DataFrame({"feature_ids": [codes.indices[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows],
-                        "feature_acts": [codes.data[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows]},
-                       schema={"feature_ids": pl.List(pl.Int32), "feature_acts": pl.List(pl.Float32)})
+    i_col, a_col = f"feature_ids{suffix}", f"feature_acts{suffix}"
+    out = pl.DataFrame({i_col: [codes.indices[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows],
+                        a_col: [codes.data[codes.indptr[i]: codes.indptr[i + 1]].tolist() for i in rows]},
+                       schema={i_col: pl.List(pl.Int32), a_col: pl.List(pl.Float32)})
+    return out if ids is None else out.insert_column(0, ids)
+
+
+def layers_frame(extractions: list[Extraction], layers: list[int], ids=None):
+    """``features --layers``: one feature_ids_l<n> / feature_acts_l<n> pair of columns per layer, in order."""
+    import polars as pl
+
+    out = pl.concat([codes_frame(e.codes, suffix=f"_l{la}") for e, la in zip(extractions, layers)], how="horizontal")
     return out if ids is None else out.insert_column(0, ids)
 
 

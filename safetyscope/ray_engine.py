@@ -316,7 +316,8 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
 
 def run_classify_ray(input_path: str, output: str, *, classifier: str | None = None, model: str | None = None,
                      sae: str | None = None, device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
-                     cache: bool = True, text_column: str = "text", chunk_rows: int = 1024, overwrite: bool = False,
+                     batch_tokens: int | None = 512, cache: bool = True, text_column: str = "text", chunk_rows: int = 1024,
+                     overwrite: bool = False,
                      address: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
                      gpus_per_worker: float = 0.0, batch_rows: int | None = None) -> dict:
     """`classify` on Ray: the same OUTPUT and stats as `classify_file` (no resume: Ray retries instead)."""
@@ -337,7 +338,8 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     rows = -(-rows // chunk_rows) * chunk_rows  # whole --chunk-rows chunks per Ray batch
     ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier,
             "text_column": text_column, "chunk_rows": chunk_rows,
-            "load": {"model": model, "sae": sae, "device": device, "dtype": dtype, "batch_size": batch_size, "cache": cache}}
+            "load": {"model": model, "sae": sae, "device": device, "dtype": dtype, "batch_size": batch_size, "batch_tokens": batch_tokens,
+                     "cache": cache}}
 
     def go(ray):
         t0 = time.perf_counter()
@@ -402,9 +404,10 @@ def _token_lengths(table, model, max_length: int, text_column: str):
     ok = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
     lens = [0] * len(texts)
     if ok:
-        ids = _TOKENIZERS[model]([texts[i] for i in ok], add_special_tokens=True)["input_ids"]
-        for i, x in zip(ok, ids):
-            lens[i] = min(len(x), max_length)
+        from .backbone import token_ids
+
+        for i, x in zip(ok, token_ids(_TOKENIZERS[model], [texts[i] for i in ok], max_length)[0]):
+            lens[i] = len(x)
     return table.append_column(LEN, pa.array(lens, pa.int64()))
 
 

@@ -64,15 +64,11 @@ def collect_activations(backbone, layer: int, texts: list[str], max_length: int 
     Returns float32 (n_tokens, d_model), texts in input order."""
     if max_length < 2:
         raise SafetyScopeError("max_length must be >= 2 (position 0 is left out)")
-    ids = backbone.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    ids = [x[:max_length] for x in ids]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding per batch
+    ids, _ = backbone.tokenize(texts, max_length)
     out: list[torch.Tensor | None] = [None] * len(ids)
     bar = tqdm(total=sum(max(0, len(x) - 1) for x in ids), unit="tok", unit_scale=True, disable=not progress,
                desc=f"activations L{layer}")
-    for s in range(0, len(order), batch_size):
-        batch = order[s : s + batch_size]
-        input_ids, mask = backbone.pad([ids[i] for i in batch])
+    for batch, input_ids, mask in backbone.batches(ids, batch_size=batch_size):  # sorted by length: little padding
         hidden = backbone.capture(input_ids, mask, [layer])[layer].float().cpu()
         for b, i in enumerate(batch):
             out[i] = hidden[b, 1 : len(ids[i])].clone()

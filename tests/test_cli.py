@@ -171,3 +171,25 @@ def test_embedded_default_model_on_ci_sample(tmp_path, shared_data):
     assert out.get_column("feature_ids").explode().min() >= 0
     assert out.get_column("feature_ids").explode().max() < d_sae
     assert out.get_column("feature_acts").explode().min() > 0
+
+
+@pytest.mark.parametrize("per_layer_saes", [False, True])
+def test_features_layers_equal_single_layer_runs(tmp_path, tiny_model_dir, qwen_scope_sae_dir, per_layer_saes):
+    """--layers 1,3: one forward pass, one column pair per layer, each equal to that layer's own --layer run."""
+    inp = _write_input(tmp_path, "parquet")
+    base = ["--model", tiny_model_dir, "--dtype", "float32", "--no-cache", "--batch-size", 2]
+    sae = (",".join(str(qwen_scope_sae_dir / f"layer{n}.sae.pt") for n in SAE_LAYERS) if per_layer_saes
+           else qwen_scope_sae_dir)
+    r = _run(["features", inp, "-o", tmp_path / "multi.parquet", *base, "--sae", sae, "--layers", "1,3"])
+    assert r.exit_code == 0, r.output
+    assert "layers 1, 3" in r.stderr
+    multi = pl.read_parquet(tmp_path / "multi.parquet")
+    assert multi.columns == ["id", "feature_ids_l1", "feature_acts_l1", "feature_ids_l3", "feature_acts_l3"]
+    for layer in SAE_LAYERS:
+        one = tmp_path / f"l{layer}.parquet"
+        r = _run(["features", inp, "-o", one, *base, "--sae", qwen_scope_sae_dir, "--layer", layer])
+        assert r.exit_code == 0, r.output
+        single = pl.read_parquet(one)
+        assert multi.get_column(f"feature_ids_l{layer}").to_list() == single.get_column("feature_ids").to_list()
+        assert multi.get_column(f"feature_acts_l{layer}").to_list() == single.get_column("feature_acts").to_list()
+    assert multi.get_column("feature_ids_l1").to_list() != multi.get_column("feature_ids_l3").to_list()

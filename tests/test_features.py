@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,58 @@ def test_extract_shared_runs_the_model_once_for_several_saes(tiny_backbone, tiny
     other = FeatureExtractor(tiny_backbone, rand, LAYER, max_length=5, cache=False)
     with pytest.raises(SafetyScopeError, match=r"differ only in their SAE.*max_length"):
         extract_shared([fxs[0], other], texts)
+
+
+# -- batching and several layers ---------------------------------------------------------------------------
+def test_length_batches_sort_longest_first_and_respect_both_limits():
+    from safetyscope.backbone import length_batches
+
+    lengths = [5, 30, 2, 30, 9, 1, 12, 7, 3, 3]
+    plain = length_batches(lengths, batch_size=4)
+    assert plain == [[1, 3, 6, 4], [7, 0, 8, 9], [2, 5]]  # longest first, ties in input order
+    budget = length_batches(lengths, batch_size=4, batch_tokens=24)
+    assert sorted(i for b in budget for i in b) == list(range(len(lengths)))
+    for b in budget:
+        assert len(b) <= 4 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 24)
+        assert lengths[b[0]] == max(lengths[i] for i in b)  # the first text is the batch's longest
+    # a batch never straddles a group of batch_size texts (Ray blocks of whole groups batch alike)
+    groups = [set(g) for g in plain]
+    assert all(any(set(b) <= g for g in groups) for b in budget)
+    assert budget == [[1], [3], [6, 4], [7, 0, 8], [9], [2, 5]]
+
+
+def test_batch_tokens_keep_the_fired_features(tiny_backbone, tiny_sae):
+    """float32: the same features fire whatever the batching (values move by float rounding only)."""
+    texts = TEXTS * 3 + ["hello there", "the cat"]
+    ref = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=1, cache=False).transform(texts)
+    for bs, bt in ((32, 8), (32, 40), (5, 64), (64, None)):
+        got = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, batch_size=bs, batch_tokens=bt, cache=False).transform(texts)
+        assert ((got > 0) != (ref > 0)).nnz == 0
+        np.testing.assert_allclose(got.toarray(), ref.toarray(), atol=1e-5)
+
+
+def test_several_layers_in_one_forward_pass_equal_single_layer_runs(tiny_model_dir, qwen_scope_sae_dir, tiny_backbone,
+                                                                    monkeypatch):
+    from safetyscope.features import extract_shared, layer_extractors
+
+    cfg = FeatureConfig(model=str(tiny_model_dir), sae=str(qwen_scope_sae_dir), dtype="float32", cache=False, batch_size=3)
+    fxs = layer_extractors(cfg, list(SAE_LAYERS), backbone=tiny_backbone)
+    calls = []
+    capture = tiny_backbone.capture
+    monkeypatch.setattr(tiny_backbone, "capture", lambda ids, mask, layers: calls.append(list(layers)) or capture(ids, mask, layers))
+    exs = extract_shared(fxs, TEXTS)
+    assert calls == [list(SAE_LAYERS)] * 3  # 7 texts in batches of 3: one pass per batch for both layers
+    calls.clear()
+    for fx, ex in zip(fxs, exs):
+        alone = FeatureExtractor.from_config(replace(cfg, layer=fx.layer), backbone=tiny_backbone).extract(TEXTS)
+        assert calls[-1] == [fx.layer]
+        np.testing.assert_array_equal(ex.codes.toarray(), alone.codes.toarray())
+        np.testing.assert_array_equal(ex.mean_acts, alone.mean_acts)
+        np.testing.assert_array_equal(ex.n_tokens, alone.n_tokens)
+    assert (exs[0].codes != exs[1].codes).nnz > 0 and not np.allclose(exs[0].mean_acts, exs[1].mean_acts)
+    with pytest.raises(SafetyScopeError, match="1 SAE.*for 2 layer"):
+        layer_extractors(cfg, list(SAE_LAYERS), [str(qwen_scope_sae_dir)], backbone=tiny_backbone)
+    with pytest.raises(SafetyScopeError, match="repeat"):
+        layer_extractors(cfg, [1, 1], backbone=tiny_backbone)
+    with pytest.raises(SafetyScopeError, match="no layer2.sae.pt"):
+        layer_extractors(cfg, [1, 2], backbone=tiny_backbone)

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
-from conftest import CORPUS, SAE_LAYERS
+from conftest import CORPUS, SAE_LAYERS, run_cli
 
 from safetyscope.cli import main
 
@@ -269,9 +269,25 @@ def test_float32_codes_do_not_depend_on_batching(tiny_backbone, tiny_sae):
     assert len(keys) == 1  # float32: one cache for every batch size
 
 
-def test_half_precision_cache_is_keyed_by_batch_size(tiny_model_dir, tiny_sae):
+def test_half_precision_cache_is_keyed_by_batch_size(tiny_model_dir, tiny_sae, tiny_backbone):
+    tiny_backbone_f32 = tiny_backbone
     from safetyscope import Backbone, FeatureExtractor
 
     bb = Backbone.from_pretrained(str(tiny_model_dir), dtype="bfloat16")
     keys = [FeatureExtractor(bb, tiny_sae, LAYER, batch_size=bs, cache=False).cache_key() for bs in (1, 7, 32, 32)]
     assert len(set(keys[:3])) == 3 and keys[2] == keys[3]
+    by_tokens = [FeatureExtractor(bb, tiny_sae, LAYER, batch_tokens=bt, cache=False).cache_key() for bt in (64, 512, None)]
+    assert len(set(by_tokens)) == 3 and by_tokens[1] == keys[2]  # 512 is the default
+    keys32 = {FeatureExtractor(tiny_backbone_f32, tiny_sae, LAYER, batch_tokens=bt, cache=False).cache_key() for bt in (64, None)}
+    assert len(keys32) == 1  # float32: one cache for every batching
+
+
+# -- features --layers ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,word", [(["--layer", 1], "--layers and --layer"), (["--engine", "ray"], "--engine local only")])
+def test_features_layers_refuses_layer_and_ray(tmp_path, tiny_model_dir, qwen_scope_sae_dir, extra, word):
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\nhello\n")
+    res = run_cli(["features", inp, "-o", tmp_path / "o.parquet", "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir,
+                   "--layers", "1,3", *extra], ok=False)
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()] and word in res.output
+    assert "Traceback" not in res.output

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import click
 
-from .options import feature_config, model_options, ray_options, user_errors
+from .options import NumberList, feature_config, model_options, ray_options, user_errors
 
 
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
 @click.option("--text-column", default="text", show_default=True)
+@click.option("--layers", type=NumberList(int, low=-1), default=None,
+              help="Several layers in one forward pass, one SAE each (--sae: a directory or hub repo with layer{n}.sae.pt, "
+                   "or one SAE per layer: --sae A,B,C); columns feature_ids_l<n> and feature_acts_l<n>.")
 @model_options
 @ray_options
 @user_errors
-def features(input_path, output, text_column, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
+def features(input_path, output, text_column, layers, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
              **kw):
     """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
     from ..data import read_table, text_list, write_table
@@ -24,6 +27,8 @@ def features(input_path, output, text_column, engine, address, workers, cpus_per
     # Before any work. features has no --overwrite: it replaces a file, or a directory it wrote, as before.
     check_output(output, inputs=[input_path], overwrite=True)
     cfg = feature_config(kw)
+    if layers:
+        return _features_layers(input_path, output, text_column, list(layers), cfg, engine)
     if engine == "ray":
         from ..ray_engine import run_features_ray
 
@@ -42,3 +47,25 @@ def features(input_path, output, text_column, engine, address, workers, cpus_per
     click.echo(f"wrote {out.height} rows to {output}: {int(ex.n_tokens.sum())} tokens, "
                f"{ex.n_truncated} text(s) truncated at {cfg.max_length} tokens, {ex.n_cached} from cache, "
                f"mean {codes.nnz / max(1, codes.shape[0]):.1f} features per text", err=True)
+
+
+def _features_layers(input_path, output, text_column, layers, cfg, engine):
+    """`features --layers`: every layer from one forward pass (it stops after the deepest)."""
+    from ..data import read_table, text_list, write_table
+    from ..errors import SafetyScopeError
+    from ..features import extract_shared, layer_extractors, layers_frame
+
+    if cfg.layer is not None:
+        raise SafetyScopeError("--layers and --layer exclude each other: list every layer in --layers")
+    if engine == "ray":
+        raise SafetyScopeError("--layers runs with --engine local only; with --engine ray run one --layer at a time")
+    saes = cfg.sae.split(",") if cfg.sae and "," in cfg.sae else None
+    df = read_table(input_path, columns=[text_column])
+    texts = text_list(df, text_column, input_path)
+    fxs = layer_extractors(cfg, layers, saes)
+    exs = extract_shared(fxs, texts, progress=True)
+    out = layers_frame(exs, layers, df.get_column("id") if "id" in df.columns else None)
+    write_table(out, output)
+    click.echo(f"wrote {out.height} rows to {output}: layers {', '.join(map(str, layers))}, {int(exs[0].n_tokens.sum())} "
+               f"tokens, {exs[0].n_truncated} text(s) truncated at {cfg.max_length} tokens; mean features per text: "
+               + ", ".join(f"l{la} {e.codes.nnz / max(1, e.codes.shape[0]):.1f}" for la, e in zip(layers, exs)), err=True)

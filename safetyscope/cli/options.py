@@ -65,7 +65,9 @@ def model_options(fn):
         click.option("--sae", default=None, help="SAE directory, Qwen-Scope .pt file/dir or hub repo [default: embedded]."),
         click.option("--layer", type=int, default=None, help="Decoder layer whose output the SAE reads [default: the SAE's]."),
         click.option("--k", type=int, default=None, help="Override k of a TopK SAE (Qwen-Scope files do not store it)."),
-        click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
+        click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True, help="Most texts per model batch."),
+        click.option("--batch-tokens", type=int, default=FeatureConfig.batch_tokens, show_default=True,
+                     help="About this many padded tokens per model batch at most (texts sorted by length)."),
         click.option("--max-length", type=int, default=FeatureConfig.max_length, show_default=True, help="Tokens kept per text."),
         click.option("--skip-first-token/--keep-first-token", default=None,
                      help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
@@ -86,7 +88,9 @@ def recorded_model_options(what: str):
         for opt in reversed([
             click.option("--model", default=None, help=f"Where to find the {what}'s model, if not where it was recorded."),
             click.option("--sae", default=None, help=f"Where to find the {what}'s SAE, if not where it was recorded."),
-            click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True),
+            click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True, help="Most texts per model batch."),
+            click.option("--batch-tokens", type=int, default=FeatureConfig.batch_tokens, show_default=True,
+                         help="About this many padded tokens per model batch at most."),
             click.option("--device", default=None),
             click.option("--dtype", default=FeatureConfig.dtype, show_default=True),
             click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
@@ -99,12 +103,12 @@ def recorded_model_options(what: str):
 def recorded_kwargs(kw: dict) -> dict:
     """The values of ``recorded_model_options`` as keyword arguments of ``extractor_from_record``/``Detector.load``."""
     return {"model": kw["model"], "sae": kw["sae"], "device": kw["device"], "dtype": kw["dtype"],
-            "batch_size": kw["batch_size"], "cache": not kw["no_cache"]}
+            "batch_size": kw["batch_size"], "batch_tokens": kw["batch_tokens"], "cache": not kw["no_cache"]}
 
 
 def feature_config(kw: dict):
     return FeatureConfig(model=kw.pop("model"), sae=kw.pop("sae"), layer=kw.pop("layer"), k=kw.pop("k"),
-                         batch_size=kw.pop("batch_size"), max_length=kw.pop("max_length"),
+                         batch_size=kw.pop("batch_size"), batch_tokens=kw.pop("batch_tokens"), max_length=kw.pop("max_length"),
                          skip_first_token=kw.pop("skip_first_token"), device=kw.pop("device"),
                          dtype=kw.pop("dtype"), cache=not kw.pop("no_cache"))
 

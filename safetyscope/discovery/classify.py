@@ -105,7 +105,8 @@ def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int
             "classifier": clf_hash, "text_column": text_column, "lang_column": lang_column, "chunk_rows": chunk_rows,
             # dtype and batch size can move activations near 0 across the firing threshold (padding, bf16)
             "dtype": str(next(fx.backbone.model.parameters()).dtype), "device": fx.backbone.device.split(":")[0],
-            "batch_size": fx.batch_size, "max_length": fx.max_length, "skip_first_token": fx.skip_first_token,
+            "batch_size": fx.batch_size, "batch_tokens": fx.batch_tokens,
+            "max_length": fx.max_length, "skip_first_token": fx.skip_first_token,
             "pool": fx.pool}
 
 

@@ -7,13 +7,12 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
-from ..backbone import Backbone
 from ..data import data_sha256, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
-from ..features import FeatureConfig, FeatureExtractor
+from ..features import FeatureConfig, FeatureExtractor, extract_shared, layer_extractors
 from .config import DiscoverConfig
 from .detector import Detector
-from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, rank_features
+from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, best_layer, rank_features
 
 
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
@@ -71,18 +70,15 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         fx = FeatureExtractor.from_config(fcfg)
         codes = fx.transform(texts, progress=progress)
         scan = None
-    else:  # one backbone, one SAE per layer; keep the layer whose best single feature separates most
-        backbone = Backbone.from_pretrained(fcfg.model, device=fcfg.device, dtype=fcfg.dtype)
-        scan, best, by_layer = {}, None, {}
-        for layer in layers:
-            fx_l = FeatureExtractor.from_config(replace(fcfg, layer=layer), backbone=backbone)
-            codes_l = fx_l.transform(texts, progress=progress)
-            order, delta, _, _ = rank_features(codes_l, y, cfg.threshold)
-            scan[layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}
-            by_layer[layer] = codes_l
-            if best is None or scan[layer]["best_delta"] > scan[best[0]]["best_delta"]:
-                best = (layer, fx_l, codes_l)
-        _, fx, codes = best
+    else:  # one SAE per layer, all layers from one forward pass; keep the layer whose best feature separates most
+        fxs = layer_extractors(fcfg, list(dict.fromkeys(layers)))
+        scan, by_layer = {}, {}
+        for fx_l, ex_l in zip(fxs, extract_shared(fxs, texts, progress=progress)):
+            order, delta, _, _ = rank_features(ex_l.codes, y, cfg.threshold)
+            scan[fx_l.layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}
+            by_layer[fx_l.layer] = ex_l.codes
+        chosen = best_layer({la: v["best_delta"] for la, v in scan.items()})
+        fx, codes = next(f for f in fxs if f.layer == chosen), by_layer[chosen]
     pooled_cfg = replace(cfg, kind=cfg.fallback_kind) if cfg.per_language and cfg.fallback_kind else cfg
     rule = make_rule(pooled_cfg).fit(codes, y)
     if "lang" in df.columns:

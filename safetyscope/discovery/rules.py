@@ -124,6 +124,12 @@ def firing_rates(X: sp.csr_matrix, y: np.ndarray, threshold: float = 0.0) -> tup
     return p_tox, p_clean
 
 
+def best_layer(best_delta: dict[int, float]) -> int:
+    """The layer scans' one choice (`discover --scan-layers`, `eval --scan-layers`): the layer whose best single
+    feature has the largest delta (the report's criterion); ties go to the lower layer."""
+    return max(best_delta, key=lambda layer: (best_delta[layer], -layer))
+
+
 def rank_features(X, y, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Feature ids by descending delta (ties: lower id first), with delta, P(fire|toxic), P(fire|clean)."""
     p_tox, p_clean = firing_rates(X, y, threshold)

@@ -26,7 +26,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..data import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier, rank_features
+from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier, best_layer, rank_features
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -129,7 +129,7 @@ def layer_sweep(df: pl.DataFrame, codes_by_layer: dict, *, langs: list[str], see
             est = OrRuleClassifier(random_state=seed).fit(X[d_idx], y[d_idx])
             f1s[layer] = binary_metrics(y[t_idx], est.predict(X[t_idx]))["f1"]
         out["best_delta"][lang], out["f1"][lang] = deltas, f1s
-        out["chosen"][lang] = max(layers, key=lambda la: (deltas[la], -la))
+        out["chosen"][lang] = best_layer(deltas)
     if out["f1"]:
         out["macro_f1"] = {la: float(np.mean([v[la] for v in out["f1"].values()])) for la in layers}
         out["macro_f1_chosen"] = float(np.mean([out["f1"][g][out["chosen"][g]] for g in out["f1"]]))

@@ -4,7 +4,6 @@ written as results.json + report.md + PNG plots + one self-contained report.html
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +12,7 @@ from ..data import data_sha256, parse_labels, read_table, require_text
 from ..discovery.detector import read_classifier, read_rules
 from ..discovery.rules import MIN_PER_CLASS
 from ..errors import SafetyScopeError
-from ..features import FeatureConfig, FeatureExtractor, extract_shared
+from ..features import FeatureConfig, FeatureExtractor, extract_shared, layer_extractors
 from ..outputs import check_report_dir
 from ..provenance import check_compatible
 from ..reports import html_table, markdown_grid, write_html, write_json, write_text
@@ -59,8 +58,8 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
     scan = sorted(set(scan_layers or ()))
     fx = FeatureExtractor.from_config(cfg)
     # the sweep's extractors share the loaded model; built now so that a bad layer or a missing SAE fails early
-    scan_fx = {la: FeatureExtractor.from_config(replace(cfg, layer=la), backbone=fx.backbone)
-               for la in scan if la != fx.layer}
+    extra = [la for la in scan if la != fx.layer]
+    scan_fx = dict(zip(extra, layer_extractors(cfg, extra, backbone=fx.backbone))) if extra else {}
     shipped = None
     if classifier:
         d = read_classifier(classifier)
@@ -73,11 +72,13 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
     if "random_sae" not in skip and (only is None or {"random_sae_or_rule", "random_sae_sparse_linear"} & set(only)):
         # same model, layer and tokens, random feature directions; its own fingerprint keys its own cache
         extractors.append(FeatureExtractor(fx.backbone, SAE.random_like(fx.sae, seed), fx.layer,
-                                           batch_size=fx.batch_size, max_length=fx.max_length,
+                                           batch_size=fx.batch_size, batch_tokens=fx.batch_tokens, max_length=fx.max_length,
                                            skip_first_token=fx.skip_first_token, pool=fx.pool, cache=cfg.cache))
     t0 = time.perf_counter()
     # once, every analysis reuses it; one forward pass per batch serves both SAEs
-    ex, *random_ex = extract_shared(extractors, df.get_column("text").to_list(), progress=True)
+    n_main = len(extractors)  # then the sweep's layers: every layer comes out of the same forward passes
+    ex, *others = extract_shared(extractors + list(scan_fx.values()), df.get_column("text").to_list(), progress=True)
+    random_ex, scan_ex = others[: n_main - 1], others[n_main - 1 :]
     t_feat = time.perf_counter() - t0
     outputs = {}
     rows = evaluate_languages(df, ex, langs=lang_list, seed=seed, shipped=shipped, only=only,
@@ -89,9 +90,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
 
     sweep = None
     if scan:
-        codes = {fx.layer: ex.codes}
-        for layer, sfx in scan_fx.items():  # one extraction per extra layer, cached like the main one
-            codes[layer] = sfx.extract(df.get_column("text").to_list(), progress=True).codes
+        codes = {fx.layer: ex.codes, **{layer: e.codes for layer, e in zip(scan_fx, scan_ex)}}
         sweep = layer_sweep(df, codes, langs=lang_list, seed=seed)
 
     k_sweep = [m for m in methods(seed) if m.startswith("or_rule_K")]
