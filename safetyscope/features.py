@@ -43,7 +43,7 @@ class FeatureConfig:
     batch_size: int = 32  # at most this many texts per model batch
     # ... and at most about this many padded tokens (longest text x texts): long texts go in small batches,
     # short ones in full groups of batch_size (backbone.length_batches)
-    batch_tokens: int = 512
+    batch_tokens: int | None = 512  # None: batch_size texts per batch whatever their length
     max_length: int = 256
     # the first position is an attention sink with outlier norms; None = as the SAE was trained
     # (left out when its training record says position 0 was excluded, as for the embedded SAEs)
