@@ -34,9 +34,10 @@ METRICS = ["precision", "recall", "f1", "roc_auc", "n"]
 
 
 def load_splits(path: str, fit_langs: list[str], other_per_lang: int, seed_rows: int = -1, pool_rows: int = -1,
-                seed: int = 0):
-    """(seed rows of ``fit_langs``, pool rows of ``fit_langs`` and at most ``other_per_lang`` random rows of every
-    other language, plus every XSTest row). ``seed_rows``/``pool_rows`` >= 0 keep that many random rows of ``fit_langs`` (the first rows
+                seed: int = 0, seed_other_per_lang: int = 0):
+    """(seed rows of ``fit_langs`` and at most ``seed_other_per_lang`` random seed rows of every other language,
+    pool rows of ``fit_langs`` and at most ``other_per_lang`` random rows of every other language, plus every
+    XSTest row). ``seed_rows``/``pool_rows`` >= 0 keep that many random rows of ``fit_langs`` (the first rows
     of one seeded shuffle, so a larger sample contains a smaller one). Why samples: on a shared 2-core CPU the
     full table (2.2M tokens) takes hours."""
     df = read_table(path, columns=["id", "prompt", "label", "lang", "source", "split"])
@@ -45,7 +46,11 @@ def load_splits(path: str, fit_langs: list[str], other_per_lang: int, seed_rows:
         frame = frame.sample(fraction=1.0, shuffle=True, seed=seed)
         return frame if n < 0 else frame.head(n)
 
-    seed_df = first(df.filter((pl.col("split") == "seed") & pl.col("lang").is_in(fit_langs)), seed_rows)
+    seed_all = df.filter(pl.col("split") == "seed")
+    seed_parts = [first(seed_all.filter(pl.col("lang").is_in(fit_langs)), seed_rows)]
+    for lang in sorted(set(seed_all.get_column("lang").to_list()) - set(fit_langs)) if seed_other_per_lang else []:
+        seed_parts.append(first(seed_all.filter(pl.col("lang") == lang), seed_other_per_lang))
+    seed_df = pl.concat(seed_parts)
     pool = df.filter(pl.col("split") == "pool")
     parts = [first(pool.filter(pl.col("lang").is_in(fit_langs)), pool_rows)]
     # every XSTest row, sampled or not: its `safe` prompts are the over-refusal measurement
