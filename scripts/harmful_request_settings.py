@@ -37,9 +37,7 @@ from safetyscope.features import FeatureConfig, FeatureExtractor
 # name -> kind and its options; `weight`: sample weight of the XSTest-safe rows; `hn`: target flag rate on them
 SETTINGS = {
     "or_rule greedy cap0.005": {"kind": "or_rule", "fpr_cap": 0.005},  # the previous shipped file's setting
-    "or_rule greedy auto": {"kind": "or_rule", "fpr_cap": "auto"},
     "sparse_linear": {"kind": "sparse_linear"},
-    "sparse_linear w5": {"kind": "sparse_linear", "weight": 5.0},
     "sparse_linear hn10": {"kind": "sparse_linear", "hn": 0.10},
     "sparse_linear w5 hn10": {"kind": "sparse_linear", "weight": 5.0, "hn": 0.10},
     "sparse_linear w5 hn5": {"kind": "sparse_linear", "weight": 5.0, "hn": 0.05},
