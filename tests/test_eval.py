@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import CORPUS, SAE_LAYERS
 
 from safetyscope.cli import main
-from safetyscope.eval.metrics import binary_metrics, precision_at_prevalence, recall_at_fpr
+from safetyscope.eval.metrics import binary_metrics, precision_at_prevalence, recall_at_fpr, wilson_interval
 from safetyscope.eval.overlap import footprint, overlap, overlap_matrices, overlap_min, redundancy
 from safetyscope.eval.per_language import evaluate_languages
 from safetyscope.eval.transfer import efficiency_curves, transfer_matrix
@@ -41,6 +41,14 @@ def test_binary_metrics_by_hand():
     # no clean row may score above the threshold at 1 % or 5 % of 4 clean rows: the top two toxic only
     assert m["recall_at_1pct_fpr"] == pytest.approx(0.5) and m["recall_at_5pct_fpr"] == pytest.approx(0.5)
     assert recall_at_fpr(y, [0.9, 0.8, 0.3, 0.7, 0.1, 0.2, 0.05, 0.4], 0.25) == pytest.approx(1.0)
+
+
+def test_wilson_interval_by_hand():
+    # 16 of 125: the textbook formula gives 0.0803..0.1980 (z = 1.96)
+    lo, hi = wilson_interval(16, 125)
+    assert lo == pytest.approx(0.0803, abs=5e-4) and hi == pytest.approx(0.1980, abs=5e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and 0.1 < wilson_interval(0, 20)[1] < 0.2  # not the degenerate [0, 0]
+    assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_precision_at_prevalence_by_hand():

@@ -348,3 +348,84 @@ def test_sparse_linear_operating_point_meets_the_clean_budget_out_of_fold_and_on
     np.testing.assert_array_equal(again.decision_function(Xt), clf.decision_function(Xt))
     with pytest.raises(SafetyScopeError, match="target_fpr"):
         SparseLinearClassifier(target_fpr=1.5).fit(X, y)
+
+
+def _lookalikes(seed=0, n=1200, n_look=150):
+    """Toxic rows fire f0 (and often f1); a group of clean "lookalike" rows (like XSTest's harmless prompts
+    that read as harmful) fires f0 as strongly but never f1; ordinary clean rows fire neither. Returns
+    X, y and the lookalike mask."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(int)
+    dense = (rng.random((n, 30)) < 0.05) * rng.random((n, 30))
+    tox, clean = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    dense[tox, 0] = 2.0 + rng.random(len(tox))
+    dense[rng.choice(tox, int(0.6 * len(tox)), replace=False), 1] = 2.0 + rng.random(int(0.6 * len(tox)))
+    look = np.zeros(n, dtype=bool)
+    look[rng.choice(clean, n_look, replace=False)] = True
+    dense[look, 0] = 2.0 + rng.random(n_look)
+    return sp.csr_matrix(dense), y, look
+
+
+def test_sparse_linear_sample_weight_changes_the_fit_and_unit_weights_do_not():
+    X, y, look = _lookalikes(0)
+    plain = SparseLinearClassifier(max_features=8, C=1.0).fit(X, y)
+    ones = SparseLinearClassifier(max_features=8, C=1.0).fit(X, y, sample_weight=np.ones(len(y)))
+    np.testing.assert_array_equal(ones.features_, plain.features_)
+    np.testing.assert_allclose(ones.weights_, plain.weights_)
+    w = np.where(look, 5.0, 1.0)  # the lookalikes count five times
+    heavy = SparseLinearClassifier(max_features=8, C=1.0).fit(X, y, sample_weight=w)
+    # unweighted, f0 alone flags the lookalikes; weighted, the fit leans on f1 and flags far fewer of them
+    coef = lambda clf, f: dict(zip(clf.features_.tolist(), clf.weights_))[f]  # noqa: E731
+    assert coef(heavy, 0) < coef(plain, 0) and coef(heavy, 1) > coef(plain, 1)
+    assert heavy.predict(X)[look].mean() < plain.predict(X)[look].mean() - 0.3
+    # C chosen by CV: the weights enter the C search too (weighted F1), and the fit is still valid
+    auto = SparseLinearClassifier(max_features=8).fit(X, y, sample_weight=w)
+    assert auto.C_scores_ and auto.predict(X)[look].mean() < plain.predict(X)[look].mean()
+
+
+def test_sparse_linear_fpr_rows_sets_the_operating_point_on_those_rows():
+    X, y, look = _lookalikes(0)
+    Xt, yt, look_t = _lookalikes(1)  # a fresh draw: the test split
+    all_clean = SparseLinearClassifier(max_features=8, C=1.0, target_fpr=0.1).fit(X, y)
+    on_look = SparseLinearClassifier(max_features=8, C=1.0, target_fpr=0.1).fit(X, y, fpr_rows=look)
+    np.testing.assert_array_equal(on_look.weights_, all_clean.weights_)  # same fit; only the threshold moves
+    op = on_look.operating_point_
+    assert op["fpr_rows"] == look.sum() and op["oof_fpr"] <= 0.1 and op["oof_fpr"] > 0.05  # measured on them
+    assert op["oof_fpr_all_clean"] < op["oof_fpr"]  # ordinary clean rows are easy: their rate is lower
+    # on all clean rows, 10 % fits the lookalikes (a quarter of clean rows) comfortably: a lower threshold that
+    # flags many of them
+    assert all_clean.operating_point_["threshold"] < op["threshold"]
+    assert all_clean.predict(Xt)[look_t].mean() > 0.2
+    assert on_look.predict(Xt)[look_t].mean() <= 2 * 0.1
+    assert on_look.predict(Xt)[yt == 1].mean() > 0.4
+    again = SparseLinearClassifier.from_dict(on_look.to_dict())
+    assert again.operating_point_ == op
+    np.testing.assert_array_equal(again.decision_function(Xt), on_look.decision_function(Xt))
+
+
+def test_sparse_linear_weighted_operating_point_counts_weight_not_rows():
+    from safetyscope.discovery.rules import _rate_thresholds, _weighted_rate_threshold
+
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 30, 101):  # unit weights: exactly the unweighted rule's threshold
+        for rate in (0.01, 0.1, 0.3, 0.99):
+            s = np.round(rng.normal(size=n), 1)  # ties included
+            assert _weighted_rate_threshold(s, np.ones(n), rate) == _rate_thresholds(s[:, None], -np.inf, rate)[0]
+    s = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert _weighted_rate_threshold(s, np.ones(5), 0.2) == 4.0  # one of five rows may fire
+    assert _weighted_rate_threshold(s, np.array([2.0, 1, 1, 1, 1]), 0.2) == 5.0  # the top row is 1/3 of the weight
+
+
+@pytest.mark.parametrize("kwargs, mask, message", [
+    ({}, "look", "needs target_fpr"),
+    ({"target_fpr": 0.1}, "toxic", "clean rows only"),
+    ({"target_fpr": 0.1}, "short", "boolean mask"),
+    ({"target_fpr": 0.1}, "ints", "boolean mask"),
+    ({"target_fpr": 0.1}, "two", "at least"),
+])
+def test_sparse_linear_fpr_rows_errors_name_the_problem(kwargs, mask, message):
+    X, y, look = _lookalikes(0, n=200, n_look=20)
+    masks = {"look": look, "toxic": look | (y == 1), "short": look[:-1], "ints": look.astype(int),
+             "two": np.isin(np.arange(len(y)), np.flatnonzero(look)[:2])}
+    with pytest.raises(SafetyScopeError, match=message):
+        SparseLinearClassifier(C=1.0, **kwargs).fit(X, y, fpr_rows=masks[mask])

@@ -657,3 +657,23 @@ def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model
             col = "judged_label" if arm == "natural sampling" else "label"
             assert d[col].to_list() == [v.label for v in judge.judge(d["prompt"].to_list())]
     assert "| natural sampling |" in r["markdown"].split("Judged labels")[1]
+
+
+def test_detector_judge_warns_once_about_requests_outside_its_validated_languages(capsys):
+    class EnglishOnly:  # the judge's view of a detector: validated languages and predictions
+        def validated_languages(self):
+            return ["en"]
+
+        def predict(self, texts):
+            return np.zeros(len(texts), bool), np.zeros(len(texts)), [[] for _ in texts]
+
+    judge = DetectorJudge(EnglishOnly(), "harmful-request")
+    judge.judge(["How do I bake sourdough bread at home?", "Please summarise this article about rivers."])
+    assert capsys.readouterr().err == ""  # English: nothing to say
+    fr = ["Comment puis-je préparer une tarte aux pommes pour ce soir ?",
+          "Wie kann ich am Wochenende mein Fahrrad selbst reparieren?"]
+    assert [v.label for v in judge.judge(fr)] == ["benign", "benign"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 2 requests are outside" in err and "(en;" in err and "de, fr" in err
+    judge.judge(fr)
+    assert capsys.readouterr().err == ""  # once per judge

@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ..errors import SafetyScopeError
 from .config import Criterion, Selection
@@ -153,6 +153,20 @@ def _rate_thresholds(clean: np.ndarray, base: float, rate: float) -> np.ndarray:
     # firing means act > threshold, so threshold = the (allowed+1)-th largest clean activation
     kth = -np.partition(-clean, allowed, axis=0)[allowed]
     return np.maximum(base, kth).astype(np.float64)
+
+
+def _weighted_rate_threshold(scores: np.ndarray, weights: np.ndarray, rate: float) -> float:
+    """The smallest threshold (one of ``scores``) whose firings (score > threshold) carry at most ``rate`` of the
+    total weight. With unit weights this is _rate_thresholds' (floor(rate * n) + 1)-th largest score."""
+    order = np.argsort(-scores, kind="stable")
+    cum = np.cumsum(weights[order])
+    # the first sorted position whose cumulative weight passes the budget: everything strictly above it fits
+    j = int(np.searchsorted(cum, rate * cum[-1], side="right"))
+    return float(scores[order[j]]) if j < len(order) else -np.inf
+
+
+def _rows(sw: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if sw is None else sw[idx]
 
 
 def greedy_select(X, y, k: int, base: float, fpr_cap: float | None, max_candidates: int = 256,
@@ -489,6 +503,12 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
     flagged by *out-of-fold* scores (the ``cv`` folds, each scored by a rule fitted without it), and
     folded into ``intercept_`` so that ``predict`` is still score > 0. Out-of-fold, because in-sample
     scores of clean texts are optimistic: a threshold set on them fires more on new data.
+
+    ``fit(X, y, sample_weight, fpr_rows)``: ``sample_weight`` weighs rows in every logistic fit (C search,
+    final fit, out-of-fold fits), in the CV F1 that picks C, and in the operating point's rate (a weighted
+    share of rows). ``fpr_rows``, a boolean mask of clean rows, measures the operating point's FPR on those
+    rows only instead of on all clean rows: e.g. harmless prompts that look harmful, when the false positives
+    that matter are the ones on them (its out-of-fold folds are then stratified on it too).
     """
 
     def __init__(self, max_features: int = 128, C: float | None = None, cv: int = 3, min_df: int = 3,
@@ -514,8 +534,10 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
         return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=1000, random_state=self.random_state)
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None, fpr_rows=None):
         X, y = _validate_fit(self, X, y)
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X, dtype=np.float64)
+        fpr_rows = self._check_fpr_rows(fpr_rows, y)
         Xt = self._transform(X)
         df = np.asarray((X > 0).sum(axis=0)).ravel()
         cols = np.flatnonzero(df >= self.min_df)  # features that almost never fire carry no signal
@@ -528,17 +550,18 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
             skf = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
             self.C_scores_ = {}
             for C in np.logspace(-2, 1, 13):
-                nnz = np.count_nonzero(self._lr(C).fit(Xc, y).coef_)
+                nnz = np.count_nonzero(self._lr(C).fit(Xc, y, sample_weight=sw).coef_)
                 if nnz > self.max_features or nnz == 0:
                     continue
-                f1s = [f1_score(y[te], self._lr(C).fit(Xc[tr], y[tr]).predict(Xc[te]), zero_division=0)
+                f1s = [f1_score(y[te], self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).predict(Xc[te]),
+                                sample_weight=_rows(sw, te), zero_division=0)
                        for tr, te in skf.split(Xc, y)]
                 self.C_scores_[float(C)] = float(np.mean(f1s))
             if not self.C_scores_:
                 C = 0.01
             else:
                 C = max(self.C_scores_, key=lambda c: (self.C_scores_[c], -c))
-        lr = self._lr(C).fit(Xc, y)
+        lr = self._lr(C).fit(Xc, y, sample_weight=sw)
         coef = lr.coef_.ravel()
         keep = np.flatnonzero(coef)
         keep = keep[np.argsort(-np.abs(coef[keep]))][: self.max_features]
@@ -548,23 +571,50 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         self.intercept_ = float(lr.intercept_[0])
         self.operating_point_ = {}
         if self.target_fpr is not None:
-            self._set_operating_point(Xc, y, C)
+            self._set_operating_point(Xc, y, C, sw, fpr_rows)
         return self
 
-    def _set_operating_point(self, Xc, y: np.ndarray, C: float) -> None:
-        """Shift the intercept so that out-of-fold clean scores exceed 0 on at most target_fpr of clean rows."""
+    def _check_fpr_rows(self, fpr_rows, y: np.ndarray) -> np.ndarray | None:
+        """fpr_rows as a boolean row mask of clean rows, or None; named errors for anything else."""
+        if fpr_rows is None:
+            return None
+        if self.target_fpr is None:
+            raise SafetyScopeError("fpr_rows sets where the operating point's FPR is measured; it needs target_fpr")
+        mask = np.asarray(fpr_rows)
+        if mask.dtype != bool or mask.shape != y.shape:
+            raise SafetyScopeError(f"fpr_rows must be a boolean mask of the {len(y)} rows; got dtype {mask.dtype}, "
+                                   f"shape {mask.shape}")
+        if (mask & (y == 1)).any():
+            raise SafetyScopeError(f"fpr_rows must mark clean rows only; {int((mask & (y == 1)).sum())} are toxic")
+        if mask.sum() < max(MIN_PER_CLASS, self.cv):
+            raise SafetyScopeError(f"fpr_rows marks {int(mask.sum())} rows; the operating point needs at least "
+                                   f"{max(MIN_PER_CLASS, self.cv)}")
+        return mask
+
+    def _set_operating_point(self, Xc, y: np.ndarray, C: float, sw=None, fpr_rows=None) -> None:
+        """Shift the intercept so that out-of-fold scores exceed 0 on at most target_fpr (a weighted share with
+        sample weights) of the clean rows, or of ``fpr_rows`` when given."""
         if not 0 < float(self.target_fpr) < 1:
             raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
         _check_enough_for_holdouts(y, "the operating point")
+        measured = (y == 0) if fpr_rows is None else fpr_rows
+        # with fpr_rows, every fold holds its share of them: a fold without any would leave no score to set on
+        strata = y if fpr_rows is None else y + 2 * fpr_rows
         oof = np.empty(len(y))
-        for tr, te in StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, y):
-            oof[te] = self._lr(C).fit(Xc[tr], y[tr]).decision_function(Xc[te])
-        threshold = float(_rate_thresholds(oof[y == 0][:, None], -np.inf, float(self.target_fpr))[0])
+        for tr, te in StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, strata):
+            oof[te] = self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).decision_function(Xc[te])
+        w = np.ones(len(y)) if sw is None else sw
+        threshold = _weighted_rate_threshold(oof[measured], w[measured], float(self.target_fpr))
         self.intercept_ -= threshold
         fired = oof > threshold
         self.operating_point_ = {"target_fpr": float(self.target_fpr), "threshold": threshold,
-                                 "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[y == 0].mean()),
+                                 "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[measured].mean()),
                                  "method": f"{self.cv}-fold out-of-fold scores of the fitting data"}
+        if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
+            self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
+                                          "oof_fpr_all_clean": float(fired[y == 0].mean())})
+        if sw is not None:
+            self.operating_point_["sample_weight"] = True
 
     def decision_function(self, X) -> np.ndarray:
         X = _validate_predict(self, X)

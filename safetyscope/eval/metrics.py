@@ -21,6 +21,17 @@ def precision_at_prevalence(tpr: float, fpr: float, prevalence: float) -> float:
     return float(prevalence * tpr / flagged) if flagged > 0 else 0.0
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of a rate k/n: a flag rate on 125 prompts is a sample, and the
+    Wilson interval stays inside [0, 1] and is sensible near 0 (unlike the normal approximation). (0, 1) for n=0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def recall_at_fpr(y_true, score, max_fpr: float) -> float:
     """The highest recall any threshold on ``score`` reaches while at most ``max_fpr`` of clean rows score above it."""
     from sklearn.metrics import roc_curve

@@ -10,6 +10,7 @@ counted) and ``Verdict.score`` is the judge's score (detector decision value; LL
 from __future__ import annotations
 
 import re
+import sys
 from typing import NamedTuple, Protocol
 
 # shipped judge classifiers by name (files in safetyscope/assets); anything else is a classifier file path
@@ -35,16 +36,37 @@ class Judge(Protocol):
 
 
 class DetectorJudge:
-    """A classifier file's rule on the request: flagged = harmful; score = the rule's decision value."""
+    """A classifier file's rule on the request: flagged = harmful; score = the rule's decision value.
+
+    Warns once (stderr) when requests are in a language the classifier was not validated on (offline language
+    identification, as `classify` marks such rows): the shipped harmful-request detector was checked against
+    benign prompts in English only, and flags most benign non-English text (README, harmful-request caveats)."""
 
     def __init__(self, detector, name: str):
         self.detector, self.name = detector, f"detector:{name}"
+        self._warned = False
 
     def judge(self, requests: list[str]) -> list[Verdict]:
         if not requests:
             return []
+        if not self._warned:
+            self._warn_languages(requests)
         flagged, score, _ = self.detector.predict(requests)
         return [Verdict("harmful" if f else "benign", float(s)) for f, s in zip(flagged, score)]
+
+    def _warn_languages(self, requests: list[str]) -> None:
+        validated = set(self.detector.validated_languages())
+        if not validated:
+            return
+        from ..langid import UNDETERMINED, identify
+
+        # undetermined (short or mixed text, 13 % of short English rows) is no evidence of another language
+        outside = [lang for lang in identify(requests) if lang not in validated and lang != UNDETERMINED]
+        if outside:
+            self._warned = True
+            print(f"warning: {self.name}: {len(outside)} of {len(requests)} requests are outside the languages it "
+                  f"was validated on ({', '.join(sorted(validated))}; these: {', '.join(sorted(set(outside))[:5])}); "
+                  "its verdicts there are unchecked (shown once)", file=sys.stderr)
 
 
 def parse_verdict(text: str) -> str | None:
