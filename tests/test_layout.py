@@ -124,6 +124,15 @@ def test_option_defaults_come_from_the_config_dataclasses():
                    "max_targets", "max_fire_rate", "sample_seed"):
         assert (list(compare[option]) if isinstance(compare[option], tuple) else compare[option]) == \
             field_default(CompareConfig, option), option
+    from safetyscope.synthesis.sft_eval import SFTEvalConfig
+
+    sft = _option_defaults(main.commands["synth"].commands["sft-eval"])
+    for option, field in [("arms", "arms"), ("train_batch_size", "batch_size")] + [
+            (f, f) for f in ("base_rows", "max_arm_rows", "lora_r", "lora_alpha", "max_steps", "lr", "max_seq_len", "seed",
+                             "n_harmful", "n_xstest", "n_benign", "max_new_tokens", "answer_tokens", "gen_batch_size",
+                             "bootstrap", "save_adapters")]:
+        value = list(sft[option]) if isinstance(sft[option], tuple) else sft[option]
+        assert value == field_default(SFTEvalConfig, field), option
     ev = main.commands["eval"]
     parsed = {p.name: p.type.convert(p.default, p, None) for p in ev.params if p.name in ("seeds", "fractions")}
     assert parsed == {"seeds": SEEDS, "fractions": PERCENTS}

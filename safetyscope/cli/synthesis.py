@@ -9,6 +9,7 @@ import click
 
 from ..synthesis.compare import CompareConfig
 from ..synthesis.generators import Backend, GeneratorConfig
+from ..synthesis.sft_eval import SFTEvalConfig
 from ..synthesis.synthesize import SynthConfig
 from ..synthesis.targets import TargetsConfig
 from .options import feature_config, field_default, model_options, recorded_kwargs, recorded_model_options, user_errors
@@ -266,28 +267,31 @@ def compare_cmd(data, output_dir, classifier, **kw):
 @click.option("--data", required=True, help="The safety prompts table compare ran on (held-out prompts come from it).")
 @click.option("-o", "--output-dir", required=True, help="Directory for results.json, report.md, sft_eval.png.")
 @click.option("--model", default=None, help="Model to fine-tune [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--arm", "arms", multiple=True, default=("targeted", "random", "natural"), show_default=True)
-@click.option("--base-rows", type=int, default=32, show_default=True, help="Benign seed rows shared by every arm.")
+@click.option("--arm", "arms", multiple=True, default=tuple(field_default(SFTEvalConfig, "arms")), show_default=True)
+@click.option("--base-rows", type=int, default=SFTEvalConfig.base_rows, show_default=True, help="Benign seed rows shared by every arm.")
 @click.option("--max-arm-rows", type=int, default=None, help="Cap every arm at this many rows [default: the smallest arm's size].")
-@click.option("--lora-r", type=int, default=8, show_default=True)
-@click.option("--lora-alpha", type=int, default=16, show_default=True)
-@click.option("--max-steps", type=int, default=24, show_default=True, help="Optimizer steps, the same for every arm.")
-@click.option("--train-batch-size", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--max-seq-len", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-harmful", type=int, default=40, show_default=True, help="Held-out harmful prompts.")
-@click.option("--n-xstest", type=int, default=40, show_default=True, help="Held-out XSTest safe prompts.")
-@click.option("--n-benign", type=int, default=30, show_default=True, help="Held-out benign instructions.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Per answer (the judgement reads the opening sentence).")
-@click.option("--answer-tokens", type=int, default=64, show_default=True, help="Untouched model's answers that complete base rows.")
-@click.option("--gen-batch-size", type=int, default=16, show_default=True)
-@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of each share.")
-@click.option("--save-adapters", is_flag=True, help="Also write each arm's LoRA adapter under OUTPUT_DIR/adapters/.")
+@click.option("--lora-r", type=int, default=SFTEvalConfig.lora_r, show_default=True)
+@click.option("--lora-alpha", type=int, default=SFTEvalConfig.lora_alpha, show_default=True)
+@click.option("--max-steps", type=int, default=SFTEvalConfig.max_steps, show_default=True, help="Optimizer steps, the same for every arm.")
+@click.option("--train-batch-size", type=int, default=SFTEvalConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=SFTEvalConfig.lr, show_default=True)
+@click.option("--max-seq-len", type=int, default=SFTEvalConfig.max_seq_len, show_default=True)
+@click.option("--seed", type=int, default=SFTEvalConfig.seed, show_default=True)
+@click.option("--n-harmful", type=int, default=SFTEvalConfig.n_harmful, show_default=True, help="Held-out harmful prompts.")
+@click.option("--n-xstest", type=int, default=SFTEvalConfig.n_xstest, show_default=True, help="Held-out XSTest safe prompts.")
+@click.option("--n-benign", type=int, default=SFTEvalConfig.n_benign, show_default=True, help="Held-out benign instructions.")
+@click.option("--max-new-tokens", type=int, default=SFTEvalConfig.max_new_tokens, show_default=True,
+              help="Per answer (the judgement reads the opening sentence).")
+@click.option("--answer-tokens", type=int, default=SFTEvalConfig.answer_tokens, show_default=True,
+              help="Untouched model's answers that complete base rows.")
+@click.option("--gen-batch-size", type=int, default=SFTEvalConfig.gen_batch_size, show_default=True)
+@click.option("--bootstrap", type=int, default=SFTEvalConfig.bootstrap, show_default=True, help="Bootstrap resamples of each share.")
+@click.option("--save-adapters", is_flag=True, default=SFTEvalConfig.save_adapters,
+              help="Also write each arm's LoRA adapter under OUTPUT_DIR/adapters/.")
 @user_errors
 def sft_eval_cmd(arms_dir, data, output_dir, model, arms, train_batch_size, **kw):
     """LoRA-fine-tune the model on base rows + each arm (and base rows only), then measure refusals on held-out prompts."""
-    from ..synthesis.sft_eval import SFTEvalConfig, run_sft_eval
+    from ..synthesis.sft_eval import run_sft_eval
 
     cfg = SFTEvalConfig(arms_dir=arms_dir, data=data, output_dir=output_dir, model=model, arms=list(arms),
                         batch_size=train_batch_size, **kw)
