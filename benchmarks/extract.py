@@ -1,7 +1,7 @@
 """Extraction benchmark: safetyscope against the measured GEMM limit, the best peer recipe and a naive pipeline.
 
     python benchmarks/extract.py --data ../shared/data/toxicity/en.parquet [--n-texts 400] [--layer 6]
-        [--batch-size 32] [--batch-tokens 512] [--repeats 3] [--dtypes float32,bfloat16]
+        [--batch-size 32] [--batch-tokens 4096] [--repeats 3] [--dtypes float32,bfloat16]
 
 Model: the embedded SmolLM2-135M-Instruct with its embedded SAE (layer 6, TopK k=32, width 4608), or --model/--sae.
 Texts: the first --n-texts non-empty texts of --data (its `discovery` split when it has a `split` column).
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from safetyscope import Backbone, FeatureExtractor, load_sae
+from safetyscope import Backbone, FeatureConfig, FeatureExtractor, load_sae
 from safetyscope.backbone import _StopForward, cpu_has_native_bf16, decoder_layers, length_batches
 
 
@@ -131,8 +131,8 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--sae", default=None)
     ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batch-tokens", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=FeatureConfig.batch_size)
+    ap.add_argument("--batch-tokens", type=int, default=FeatureConfig.batch_tokens)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", default="float32,bfloat16")

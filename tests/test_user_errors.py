@@ -276,8 +276,8 @@ def test_half_precision_cache_is_keyed_by_batch_size(tiny_model_dir, tiny_sae, t
     bb = Backbone.from_pretrained(str(tiny_model_dir), dtype="bfloat16")
     keys = [FeatureExtractor(bb, tiny_sae, LAYER, batch_size=bs, cache=False).cache_key() for bs in (1, 7, 32, 32)]
     assert len(set(keys[:3])) == 3 and keys[2] == keys[3]
-    by_tokens = [FeatureExtractor(bb, tiny_sae, LAYER, batch_tokens=bt, cache=False).cache_key() for bt in (64, 512, None)]
-    assert len(set(by_tokens)) == 3 and by_tokens[1] == keys[2]  # 512 is the default
+    by_tokens = [FeatureExtractor(bb, tiny_sae, LAYER, batch_tokens=bt, cache=False).cache_key() for bt in (64, 4096, None)]
+    assert len(set(by_tokens)) == 3 and by_tokens[1] == keys[2]  # 4096 is the default
     keys32 = {FeatureExtractor(tiny_backbone_f32, tiny_sae, LAYER, batch_tokens=bt, cache=False).cache_key() for bt in (64, None)}
     assert len(keys32) == 1  # float32: one cache for every batching
 
