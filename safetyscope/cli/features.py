@@ -11,34 +11,33 @@ from .options import feature_config, model_options, ray_options, user_errors
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
 @click.option("--text-column", default="text", show_default=True)
+@click.option("--chunk-rows", type=int, default=1024, show_default=True,
+              help="Rows per durable output part: memory holds one chunk; a killed run resumes from the finished parts.")
+@click.option("--keep-shards", is_flag=True,
+              help="OUTPUT becomes a directory of part-NNNNNN.parquet files (in row order) instead of one table.")
 @model_options
 @ray_options
 @user_errors
-def features(input_path, output, text_column, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
-             **kw):
-    """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
-    from ..data import read_table, text_list, write_table
-    from ..features import FeatureExtractor, codes_frame
-    from ..outputs import check_output
-
-    # Before any work. features has no --overwrite: it replaces a file, or a directory it wrote, as before.
-    check_output(output, inputs=[input_path], overwrite=True)
+def features(input_path, output, text_column, chunk_rows, keep_shards, engine, address, workers, cpus_per_worker,
+             gpus_per_worker, ray_batch_size, **kw):
+    """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens); streamed, resumable."""
     cfg = feature_config(kw)
     if engine == "ray":
         from ..ray_engine import run_features_ray
 
-        s = run_features_ray(input_path, output, cfg, text_column=text_column, address=address, workers=workers,
-                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
+        s = run_features_ray(input_path, output, cfg, text_column=text_column, chunk_rows=chunk_rows,
+                             keep_shards=keep_shards, address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                             gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
         click.echo(f"wrote {s['rows']} rows to {output} (ray, {workers} worker(s)): "
-                   f"mean {s['mean_features']:.1f} features per text", err=True)
+                   f"mean {s['mean_features']:.1f} features per text" + _resumed(s), err=True)
         return
-    df = read_table(input_path, columns=[text_column])
-    texts = text_list(df, text_column, input_path)
-    fx = FeatureExtractor.from_config(cfg)
-    ex = fx.extract(texts, progress=True)
-    codes = ex.codes
-    out = codes_frame(codes, df.get_column("id") if "id" in df.columns else None)
-    write_table(out, output)
-    click.echo(f"wrote {out.height} rows to {output}: {int(ex.n_tokens.sum())} tokens, "
-               f"{ex.n_truncated} text(s) truncated at {cfg.max_length} tokens, {ex.n_cached} from cache, "
-               f"mean {codes.nnz / max(1, codes.shape[0]):.1f} features per text", err=True)
+    from ..features_file import features_file
+
+    s = features_file(cfg, input_path, output, text_column=text_column, chunk_rows=chunk_rows, keep_shards=keep_shards)
+    click.echo(f"wrote {s['rows']} rows to {output}: {s['tokens']} tokens, {s['truncated']} text(s) truncated at "
+               f"{cfg.max_length} tokens, {s['cached']} from cache, mean {s['mean_features']:.1f} features per text"
+               + _resumed(s), err=True)
+
+
+def _resumed(s: dict) -> str:
+    return f" (resumed after {s['resumed_chunks']} chunk(s); counts of tokens are this run's)" if s["resumed_chunks"] else ""

@@ -130,8 +130,7 @@ def ray_options(fn):
         click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
                      help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
         click.option("--ray-batch-size", type=int, default=None,
-                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
-                          "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
+                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks [default: --chunk-rows]."),
     ]):
         fn = opt(fn)
     return fn
