@@ -74,9 +74,9 @@ def _cmd(inp, out, margs, *extra):
 
 
 def test_kill_9_then_rerun_resumes_with_identical_output(tmp_path, margs):
-    inp = _input(tmp_path / "big.parquet", 600)
+    inp = _input(tmp_path / "big.parquet", 300)
     ref = tmp_path / "ref.parquet"
-    subprocess.run(_cmd(inp, ref, margs), check=True, capture_output=True)
+    run_cli(_cmd(inp, ref, margs)[3:])  # in-process: one interpreter start less
     out, parts = tmp_path / "out.parquet", tmp_path / "out.parquet.parts"
     proc = subprocess.Popen(_cmd(inp, out, margs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -88,12 +88,12 @@ def test_kill_9_then_rerun_resumes_with_identical_output(tmp_path, margs):
     proc.communicate(timeout=60)
     assert not out.exists()
     n_parts = len(list(parts.glob("part-*.parquet")))
-    assert 6 <= n_parts < 200
+    assert 6 <= n_parts < 100
     res = subprocess.run(_cmd(inp, out, margs), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed after" in res.stderr and not parts.exists()
     a, b = pl.read_parquet(out), pl.read_parquet(ref)
-    assert a["id"].to_list() == [f"r{i}" for i in range(600)]  # every row once, in order
+    assert a["id"].to_list() == [f"r{i}" for i in range(300)]  # every row once, in order
     assert a.equals(b)  # the same chunks, the same batches: bitwise the uninterrupted run's
 
 
