@@ -4,7 +4,7 @@
 
 Model: the tests' tiny random Qwen3 (tests/conftest.py build_tiny_model, d_model 64, 4 layers, fp32) with a
 random TopK SAE of width 16384 and k 50 at layer 1, so the output (up to ~50 x tokens features per text) and
-not the model dominates memory. Texts: synthetic sentences of 3-60 words from the tests' vocabulary.
+not the model dominates memory. Texts: synthetic sentences of 3-24 words from the tests' vocabulary.
 
 Each (size, path) runs in a fresh process: the model and SAE are loaded and warmed up on a few texts, then the
 peak RSS above that point is sampled every 2 ms (benchmarks/extract.py PeakRSS) while the path turns the
@@ -39,7 +39,7 @@ def synthetic(n: int, seed: int = 0) -> list[str]:
 
     words = sorted({w for t in CORPUS for w in t.split()})
     rng = random.Random(seed)
-    return [" ".join(rng.choices(words, k=rng.randint(3, 60))) for _ in range(n)]
+    return [" ".join(rng.choices(words, k=rng.randint(3, 24))) for _ in range(n)]
 
 
 def child(path: str, inp: str, model_dir: str, chunk_rows: int) -> dict:
