@@ -139,7 +139,8 @@ def test_keep_shards_writes_a_directory_of_ordered_parts(tmp_path, margs):
     inp = _input(tmp_path / "in.parquet", 25)
     run_cli(["features", inp, "-o", tmp_path / "one.parquet", "--chunk-rows", 10, *margs])
     out = tmp_path / "shards"
-    run_cli(["features", inp, "-o", out, "--chunk-rows", 10, "--keep-shards", *margs])
+    res = run_cli(["features", inp, "-o", out, "--chunk-rows", 10, "--keep-shards", *margs])
+    assert "25/25" in res.stderr and "rows" in res.stderr and "tok/s" in res.stderr  # progress: rows and tokens/s
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "part-000000.parquet", "part-000001.parquet",
                                                      "part-000002.parquet"]
     assert [pl.read_parquet(p).height for p in sorted(out.glob("part-*"))] == [10, 10, 5]
