@@ -96,12 +96,15 @@ def count_rows(path: str | os.PathLike) -> int:
         raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
 
 
-def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0) -> Iterator[pl.DataFrame]:
-    """Row chunks of a table, from row ``start``, without holding the whole file for columnar formats."""
+def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0,
+                columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+    """Row chunks of a table, from row ``start``, without holding the whole file for columnar formats;
+    ``columns``: only these (required to exist: the error names what is there)."""
     p = Path(path)
     fmt = table_format(p)
     if fmt == "hf":  # memory-mapped arrow: slicing is cheap
-        df = read_table(p)
+        df = read_table(p, columns=columns)
+        df = df.select(columns) if columns else df
         for off in range(start, df.height, chunk_rows):
             yield df.slice(off, chunk_rows)
         return
@@ -109,6 +112,9 @@ def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0) -> 
     try:
         total = count_rows(p)
         lf = scan(p)
+        if columns:
+            require_columns(pl.DataFrame(schema=lf.collect_schema()), columns, path)
+            lf = lf.select(columns)
         for off in range(start, total, chunk_rows):
             yield lf.slice(off, chunk_rows).collect()
     except pl.exceptions.PolarsError as e:

@@ -1,15 +1,13 @@
 """`features` and `classify` on a Ray cluster through Ray Data (``--engine ray``; ``pip install 'safetyscope[ray]'``).
 
 The input is read as a Ray dataset, given a row index 0..n-1 in file order (per-block offsets), cut into
-blocks of exactly ``batch_rows`` rows and mapped by a pool of actors, each of which loads the model,
-SAE and classifier once and runs the local engine's own code (``FeatureExtractor.extract``,
-``classify_chunk``) on whole aligned chunks: a ``classify`` block holds whole ``--chunk-rows`` chunks of the
-local engine; for ``features`` the rows are first sorted by token count as the local engine batches them,
-and a block holds whole ``--batch-size`` model batches. So the model sees the same batches and the values
-are bitwise the same. Results stream back to the driver
-as parquet shards in row order (``preserve_order``); the driver checks the index is exactly 0..n-1 (a
-restarted actor can neither lose nor duplicate rows unnoticed; shards out of order would be sorted), drops
-it and writes OUTPUT with the local engine's writer, one shard in memory at a time for ``classify``.
+blocks of exactly ``batch_rows`` rows (whole ``--chunk-rows`` chunks) and mapped by a pool of actors, each of
+which loads the model, SAE and classifier once and runs the local engine's own code on each chunk
+(``features_chunk``, ``classify_chunk``): the model sees the same batches as in the local engine and the values
+are the same. Results stream back to the driver in row order (``preserve_order``) and the driver checks the
+index is exactly 0..n-1 (a restarted actor can neither lose nor duplicate rows unnoticed). ``features`` writes
+each chunk as a durable part as it arrives, as the local engine does (one chunk in the driver's memory; a
+killed run resumes, see ``streaming``); ``classify`` writes shards and assembles OUTPUT with the local writer.
 """
 
 from __future__ import annotations
@@ -21,20 +19,34 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from .data import TABLE_SUFFIXES
 from .errors import SafetyScopeError
+from .features import FeatureConfig
+from .streaming import CHUNK_ROWS
 
 ROW = "__safetyscope_row"
-LEN = "__safetyscope_tokens"  # features: tokens per text (after truncation), the local engine's batching key
+LEN = "__safetyscope_tokens"  # features: tokens per text the actor used (progress in tokens/s)
 # Ray Data's reader per table format of data.TABLE_SUFFIXES (the one list of suffixes)
 READERS = {suffix: {"parquet": "read_parquet", "csv": "read_csv", "jsonl": "read_json"}[fmt]
            for suffix, fmt in TABLE_SUFFIXES.items()}
 MAX_RESTARTS = 4  # per actor: a dead actor is restarted and its batch retried, this many times
 CRASH_ONCE_ENV = "SAFETYSCOPE_RAY_CRASH_ONCE"  # tests: path of a marker file; the first batch to create it kills its actor
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide `--engine ray` runs (the defaults of the command's Ray options)."""
+
+    address: str | None = None  # None: start or join a local Ray
+    workers: int = 1  # actors, each holding one model copy
+    cpus_per_worker: float = 1.0  # also the actor's torch threads
+    gpus_per_worker: float = 0.0
+    batch_rows: int | None = None  # rows per Ray batch, whole chunks; None: one chunk
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -109,63 +121,72 @@ def _read(ray, path: str, text_column: str):
     return ds
 
 
+def _read_all(ray, ds) -> tuple[list, list[int]]:
+    """Every input block into the object store, with its row count. Read before the actors start: they hold a
+    CPU each, and read tasks queued behind them on a small cluster would wait forever. The texts sit in the
+    object store (spilled to disk if large), not in the driver's memory."""
+    try:
+        return _refs_and_counts(ray, ds)
+    except Exception as e:
+        raise SafetyScopeError(f"Ray cannot read the input: {str(e).strip().splitlines()[0]}") from None
+
+
+def _mapped(ray, refs: list, counts: list[int], actor, ctor_kwargs: dict, *, batch_rows: int, workers: int,
+            cpus: float, gpus: float, start: int = 0):
+    """Rows ``start``.. cut into blocks of exactly ``batch_rows`` rows holding ROW, mapped by the actor pool;
+    yields the result tables in row order (an actor error as a one-line SafetyScopeError)."""
+    if batch_rows < 1:
+        raise SafetyScopeError("--ray-batch-size must be >= 1")
+    if start >= sum(counts):
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # blocks come back in file order
+    ds = ray.data.from_arrow_refs(_rechunk(ray, refs, counts, batch_rows, index=True, start=start))
+    with warnings.catch_warnings():  # Ray 2.60 flags max_restarts/max_task_retries as "ray_remote_args"
+        warnings.simplefilter("ignore")
+        # each actor call (batch_size = batch_rows) gets exactly one of these blocks
+        ds = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs,
+                            batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=cpus, num_gpus=gpus or None, max_restarts=MAX_RESTARTS,
+                            max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": _env()})
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except Exception as e:
+        raise _user_error(e) or e
+
+
 def _run(ray, ds, actor, ctor_kwargs: dict, *, batch_rows: int, workers: int, cpus: float, gpus: float,
-         shards: Path, prepare=None) -> tuple[list[Path], int]:
-    """Index and cut into ``batch_rows`` blocks, ``prepare`` (features: sort by length), map with the actor pool,
-    stream the results to parquet shards under ``shards``.
+         shards: Path) -> tuple[list[Path], int]:
+    """Map the input with the actor pool and stream the results to parquet shards under ``shards``.
 
     Returns the shard files (still holding ROW) in row order and the input row count, after checking that
     their ROW column is exactly 0..n-1: no row lost, none duplicated (whatever actors died on the way)."""
     if batch_rows < 1:
         raise SafetyScopeError("--ray-batch-size must be >= 1")
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # blocks come back in file order
-    try:  # read everything before the actors start: they hold a CPU each, and read tasks queued behind
-        # them on a small cluster would wait forever. The texts sit in the object store (spilled if large).
-        refs, counts = _refs_and_counts(ray, ds)
-    except Exception as e:
-        raise SafetyScopeError(f"Ray cannot read the input: {str(e).strip().splitlines()[0]}") from None
+    refs, counts = _read_all(ray, ds)
     n = sum(counts)
     if n == 0:
         raise SafetyScopeError("the input has no rows")
-    # blocks of exactly batch_rows rows (the last one fewer), holding ROW = the row number in file order
-    refs = _rechunk(ray, refs, counts, batch_rows, index=True)
-    if prepare is not None:  # then re-cut into batch_rows blocks in the new order
-        try:
-            refs, counts = _refs_and_counts(ray, prepare(ray.data.from_arrow_refs(refs)))
-        except Exception as e:
-            raise _user_error(e) or e
-        refs = _rechunk(ray, refs, counts, batch_rows, index=False)
-    # each actor call (batch_size = batch_rows) then gets exactly one of these blocks
-    ds = ray.data.from_arrow_refs(refs)
-    with warnings.catch_warnings():  # Ray 2.60 flags max_restarts/max_task_retries as "ray_remote_args"
-        warnings.simplefilter("ignore")
-        ds = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs,
-                            batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_cpus=cpus, num_gpus=gpus or None, max_restarts=MAX_RESTARTS,
-                            max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": _env()})
     import numpy as np
     import pyarrow.parquet as pq
 
     shutil.rmtree(shards, ignore_errors=True)
     shards.mkdir(parents=True)
     files, expected, in_order = [], 0, True
-    try:
-        for i, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-            if not table.num_rows:
-                continue
-            rows = table.column(ROW).to_numpy()
-            if in_order and np.array_equal(rows, np.arange(expected, expected + len(rows))):
-                expected += len(rows)  # the usual case: shards arrive in row order (preserve_order)
-            else:
-                in_order = False
-            files.append(shards / f"shard-{i:06d}.parquet")
-            pq.write_table(table, files[-1])
-    except Exception as e:
-        raise _user_error(e) or e
+    for i, table in enumerate(_mapped(ray, refs, counts, actor, ctor_kwargs, batch_rows=batch_rows, workers=workers,
+                                      cpus=cpus, gpus=gpus)):
+        if not table.num_rows:
+            continue
+        rows = table.column(ROW).to_numpy()
+        if in_order and np.array_equal(rows, np.arange(expected, expected + len(rows))):
+            expected += len(rows)  # the usual case: shards arrive in row order (preserve_order)
+        else:
+            in_order = False
+        files.append(shards / f"shard-{i:06d}.parquet")
+        pq.write_table(table, files[-1])
     if in_order and expected == n:
         return files, n
-    # out of row order (features: processed in length order): sort in memory, check the index is exactly 0..n-1
+    # out of row order (not seen with preserve_order): sort in memory, check the index is exactly 0..n-1
     df = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed").sort(ROW) if files else None
     got = 0 if df is None else df.height
     if got != n or not df.get_column(ROW).equals(pl.Series(ROW, range(n), dtype=df.schema[ROW])):
@@ -175,6 +196,36 @@ def _run(ray, ds, actor, ctor_kwargs: dict, *, batch_rows: int, workers: int, cp
     files = [shards / "sorted.parquet"]
     df.write_parquet(files[0])
     return files, n
+
+
+def _aligned_chunks(tables, chunk_rows: int, done: int, total: int):
+    """(chunk index, rows without ROW/LEN, tokens) per ``chunk_rows`` chunk from chunk ``done`` on, in order,
+    whatever block sizes Ray hands back; the row index must be exactly the plan's (nothing lost, duplicated or
+    out of order), else the run stops before writing a wrong part."""
+    import numpy as np
+
+    expected, i, pending = done * chunk_rows, done, []
+    for table in tables:
+        if not table.num_rows:
+            continue
+        df = pl.from_arrow(table)
+        rows = df.get_column(ROW).to_numpy()
+        if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
+            raise SafetyScopeError(f"Ray returned rows out of order near row {expected} (a broken row index); "
+                                   "rerun the same command to resume from the finished parts")
+        expected += len(rows)
+        pending.append(df)
+        have = sum(d.height for d in pending)
+        while pending and (have >= chunk_rows or expected == total):
+            buf = pl.concat(pending, how="vertical_relaxed") if len(pending) > 1 else pending[0]
+            part, rest = buf.head(chunk_rows), buf.slice(chunk_rows)
+            pending = [rest] if rest.height else []
+            have = rest.height
+            yield i, part.drop(ROW, LEN), int(part.get_column(LEN).sum())
+            i += 1
+    if expected != total:
+        raise SafetyScopeError(f"Ray returned {expected} rows for {total} input rows; rerun the same command to resume "
+                               "from the finished parts")
 
 
 def _parts(files: list[Path], stats=None):
@@ -204,15 +255,15 @@ def _refs_and_counts(ray, ds) -> tuple[list, list[int]]:
     return refs, ray.get([num_rows.remote(r) for r in refs])
 
 
-def _rechunk(ray, refs: list, counts: list[int], rows: int, *, index: bool) -> list:
-    """The same rows, in the same order, as blocks of exactly ``rows`` rows (the last one fewer).
+def _rechunk(ray, refs: list, counts: list[int], rows: int, *, index: bool, start: int = 0) -> list:
+    """The same rows from row ``start`` on, in the same order, as blocks of exactly ``rows`` rows (the last one fewer).
 
     Done here rather than with Dataset.repartition, which guarantees exact block sizes only in recent Ray
     (``strict=True``): an actor call must see whole aligned chunks for the values to be the local engine's."""
     offsets = [0, *itertools.accumulate(counts)]
     cut = ray.remote(_cut)
     out, j = [], 0
-    for lo in range(0, offsets[-1], rows):
+    for lo in range(start, offsets[-1], rows):
         hi = min(lo + rows, offsets[-1])
         while offsets[j + 1] <= lo:
             j += 1
@@ -275,56 +326,87 @@ def _with_ray(fn, address, *, workers: int, cpus: float, gpus: float):
             ray.shutdown()
 
 
-def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "text", address: str | None = None,
-                     workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                     batch_rows: int | None = None) -> dict:
-    """`features` on Ray: writes OUTPUT (id?, feature_ids, feature_acts) as the local engine does.
+def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "text", chunk_rows: int = CHUNK_ROWS,
+                     keep_shards: bool = False, address: str | None = RayConfig.address, workers: int = RayConfig.workers,
+                     cpus_per_worker: float = RayConfig.cpus_per_worker, gpus_per_worker: float = RayConfig.gpus_per_worker,
+                     batch_rows: int | None = RayConfig.batch_rows,
+                     progress: bool = True) -> dict:
+    """`features` on Ray: the local engine's OUTPUT (id?, feature_ids, feature_acts), parts and resume.
 
-    The local engine runs the model on batches of ``cfg.batch_size`` texts taken in one global order (longest
-    first, ties in row order); padding and batch shapes change the values (bf16: even which features fire).
-    So the rows are sorted by that key first and cut into Ray batches of a multiple of ``cfg.batch_size``:
-    every model batch then holds the same texts as the local engine's, and the values are bitwise the same."""
-    from .data import table_format, write_table
-    from .outputs import check_output
+    Each Ray batch holds whole ``chunk_rows`` chunks and the actors extract chunk by chunk as the local engine
+    does, so the model batches and the values are the same; the driver writes each chunk's part as it
+    arrives. The manifest is the local engine's (model and SAE fingerprints come from a task on the cluster,
+    where the weights are), so a run interrupted on one engine resumes on the other."""
+    from . import streaming
+    from .features_file import manifest, mean_features, output_format
 
-    table_format(output, for_writing=True)
+    out = Path(output)
+    fmt = output_format(out, keep_shards)
     # features has no --overwrite: it replaces a file, or a directory it wrote, as the local engine does
-    check_output(output, inputs=[] if "://" in input_path else [input_path], overwrite=True)
+    streaming.check_outputs(out, [] if "://" in input_path else [input_path], overwrite=True)
     if cfg.batch_size < 1:
         raise SafetyScopeError("--batch-size must be >= 1")
-    rows = batch_rows or 1024
-    rows = -(-rows // cfg.batch_size) * cfg.batch_size  # whole model batches per Ray batch
-
-    def by_length(ds):
-        return ds.map_batches(_token_lengths, fn_kwargs={"model": cfg.model, "max_length": cfg.max_length,
-                                                         "text_column": text_column},
-                              batch_format="pyarrow", runtime_env={"env_vars": _env()}).sort([LEN, ROW], descending=[True, False])
+    if chunk_rows < 1:
+        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    rows = -(-(batch_rows or chunk_rows) // chunk_rows) * chunk_rows  # whole chunks per Ray batch
 
     def go(ray):
         ds = _read(ray, input_path, text_column)
-        with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=Path(output).resolve().parent) as tmp:
-            files, n = _run(ray, ds, _FeatureActor, {"cfg": cfg, "text_column": text_column}, batch_rows=rows,
-                            workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker, shards=Path(tmp) / "shards",
-                            prepare=by_length)
-            df = pl.concat([pl.read_parquet(f).drop(ROW) for f in files], how="vertical_relaxed")  # as local: all in memory
-        write_table(df, output)
-        return {"rows": n, "mean_features": df.get_column("feature_ids").list.len().mean()}
+        ident = _identity_on_cluster(ray, cfg, cpus_per_worker, gpus_per_worker)
+        with streaming.open_parts(out, lambda: manifest(input_path, ident, text_column, chunk_rows)) as parts:
+            refs, counts = _read_all(ray, ds)
+            total = sum(counts)
+            if total == 0:
+                raise SafetyScopeError("the input has no rows")
+            done = streaming.check_parts(parts, total, chunk_rows)
+            tables = _mapped(ray, refs, counts, _FeatureActor, {"cfg": cfg, "text_column": text_column,
+                                                                "chunk_rows": chunk_rows},
+                             batch_rows=rows, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker,
+                             start=done * chunk_rows)
+            ran = streaming.write_chunks(parts, _aligned_chunks(tables, chunk_rows, done, total), total=total,
+                                         done_rows=done * chunk_rows, desc="features", progress=progress)
+            files = streaming.finished_parts(parts, total, chunk_rows)
+            stats = {"rows": total, "resumed_chunks": done, "tokens": ran["tokens"], "seconds": ran["seconds"],
+                     "mean_features": mean_features(files)}
+            streaming.finish(parts, files, out, fmt, keep_shards=keep_shards)
+        return stats
 
-    Path(output).resolve().parent.mkdir(parents=True, exist_ok=True)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     return _with_ray(go, address, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
 
 
+def _identity(cfg) -> dict:
+    import dataclasses
+
+    from .features import FeatureExtractor
+    from .features_file import identity
+
+    _prepare_model(cfg.model)
+    return identity(FeatureExtractor.from_config(dataclasses.replace(cfg, cache=False)))
+
+
+def _identity_on_cluster(ray, cfg, cpus: float, gpus: float) -> dict:
+    """features_file.identity as an actor computes it (same device and dtype), in one task before the pool starts."""
+    task = ray.remote(_identity).options(num_cpus=cpus, num_gpus=gpus or None, max_retries=MAX_RESTARTS,
+                                         runtime_env={"env_vars": _env()})
+    try:
+        return ray.get(task.remote(cfg))
+    except Exception as e:
+        raise _user_error(e) or e
+
+
 def run_classify_ray(input_path: str, output: str, *, classifier: str | None = None, model: str | None = None,
-                     sae: str | None = None, device: str | None = None, dtype: str | None = "auto", batch_size: int = 32,
-                     batch_tokens: int | None = 512, cache: bool = True, text_column: str = "text", chunk_rows: int = 1024,
-                     overwrite: bool = False,
-                     address: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
-                     gpus_per_worker: float = 0.0, batch_rows: int | None = None) -> dict:
+                     sae: str | None = None, device: str | None = None, dtype: str | None = FeatureConfig.dtype,
+                     batch_size: int = FeatureConfig.batch_size, batch_tokens: int | None = FeatureConfig.batch_tokens,
+                     cache: bool = FeatureConfig.cache, text_column: str = "text", chunk_rows: int = CHUNK_ROWS,
+                     overwrite: bool = False, address: str | None = RayConfig.address, workers: int = RayConfig.workers,
+                     cpus_per_worker: float = RayConfig.cpus_per_worker, gpus_per_worker: float = RayConfig.gpus_per_worker,
+                     batch_rows: int | None = RayConfig.batch_rows) -> dict:
     """`classify` on Ray: the same OUTPUT and stats as `classify_file` (no resume: Ray retries instead)."""
     from .data import table_format
-    from .discovery.classify import _assemble
     from .discovery.detector import read_classifier
     from .outputs import check_output, output_lock
+    from .streaming import assemble as _assemble
 
     out = Path(output)
     fmt = table_format(out, for_writing=True)
@@ -376,9 +458,6 @@ def _chunks(table, chunk_rows: int):
                                                                                      include_key=False)
 
 
-_TOKENIZERS: dict = {}  # per Ray worker process: tasks reuse it
-
-
 def _prepare_model(model) -> str:
     """resolve_model under a per-node file lock: actors and tasks on one node start together, and the first
     use of a GGUF model (the embedded default) converts it into the shared cache, which two processes must not
@@ -390,25 +469,6 @@ def _prepare_model(model) -> str:
     with open(cache_dir() / ".ray-model.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when fh closes
         return resolve_model(model)[1]
-
-
-def _token_lengths(table, model, max_length: int, text_column: str):
-    """LEN for each row as FeatureExtractor.tokenize counts it (null/empty texts: 0; the actor rejects them)."""
-    import pyarrow as pa
-
-    if model not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(_prepare_model(model))
-    texts = table.column(text_column).to_pylist()
-    ok = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-    lens = [0] * len(texts)
-    if ok:
-        from .backbone import token_ids
-
-        for i, x in zip(ok, token_ids(_TOKENIZERS[model], [texts[i] for i in ok], max_length)[0]):
-            lens[i] = len(x)
-    return table.append_column(LEN, pa.array(lens, pa.int64()))
 
 
 def _maybe_crash() -> None:
@@ -425,30 +485,32 @@ def _maybe_crash() -> None:
 class _FeatureActor:
     # The model loads on the first batch, once per actor: an error there (a SafetyScopeError) is then a
     # task error that reaches the driver as one line, where a failed constructor would be retried.
-    def __init__(self, cfg, text_column: str):
-        self.cfg, self.fx, self.text_column = cfg, None, text_column
+    def __init__(self, cfg, text_column: str, chunk_rows: int):
+        self.cfg, self.fx, self.text_column, self.chunk_rows = cfg, None, text_column, chunk_rows
 
     def __call__(self, table):
-        from .features import FeatureExtractor, codes_frame
+        from .features import FeatureExtractor
+        from .features_file import features_chunk
 
         _maybe_crash()
         if self.fx is None:
             _prepare_model(self.cfg.model)
             self.fx = FeatureExtractor.from_config(self.cfg)
-        # rows come sorted by (LEN desc, ROW), the batch starting at a multiple of batch_size in that order:
-        # extract()'s own stable sort by length keeps it, so its model batches are the local engine's
-        df = pl.from_arrow(table)
-        if df.height == 0:
+        chunks = _chunks(table, self.chunk_rows)  # the local engine's chunks: the same model batches
+        if not chunks:
             return table.select([ROW])
-        texts = df.get_column(self.text_column)
+        texts = pl.from_arrow(table.select([self.text_column])).to_series()
         if texts.dtype != pl.String and texts.dtype != pl.Null:
             raise SafetyScopeError(f"column {self.text_column!r} holds {texts.dtype}, not text")
-        texts = texts.to_list()
-        bad = sorted(r for r, t in zip(df.get_column(ROW).to_list(), texts) if not isinstance(t, str) or not t.strip())
+        rows = table.column(ROW).to_pylist()
+        bad = sorted(r for r, t in zip(rows, texts.to_list()) if not isinstance(t, str) or not t.strip())
         if bad:
             raise SafetyScopeError(f"{len(bad)}+ text(s) are null or empty (rows {bad[:10]}); drop them first")
-        out = codes_frame(self.fx.extract(texts).codes, df.get_column("id") if "id" in df.columns else None)
-        return out.insert_column(0, df.get_column(ROW)).to_arrow()
+        outs = []
+        for df in chunks:
+            frame, ex = features_chunk(self.fx, df.with_columns(pl.col(self.text_column).cast(pl.String)), self.text_column)
+            outs.append(frame.insert_column(0, df.get_column(ROW)).with_columns(pl.Series(LEN, ex.n_tokens, pl.Int64)))
+        return pl.concat(outs).to_arrow()
 
 
 class _ClassifyActor:

@@ -67,8 +67,8 @@ def safetyscope_cache(tmp_path_factory):
         os.environ["SAFETYSCOPE_CACHE"] = old
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_model(d: Path) -> Path:
+    """The tiny random Qwen3 and its tokenizer saved in ``d`` (benchmarks/features_memory.py uses it too)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = _build_tokenizer()
@@ -78,10 +78,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                       tie_word_embeddings=True)
     torch.manual_seed(1234)
     model = Qwen3ForCausalLM(cfg).eval()
-    d = tmp_path_factory.mktemp("tiny-qwen3")
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="session")

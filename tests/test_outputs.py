@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, run_cli
 
-from safetyscope.discovery import classify as classify_mod
+from safetyscope import streaming as streaming_mod
 from safetyscope.errors import SafetyScopeError
 from safetyscope.outputs import MARKER, output_lock
 
@@ -62,7 +62,7 @@ def _classify(inp, out, clf, *extra, ok=True):
 
 def _interrupt_after(monkeypatch, n_parts):
     """Make the (n_parts+1)-th part write fail with a full disk: the run stops after n_parts parts."""
-    real = classify_mod._fsync_write_parquet
+    real = streaming_mod.fsync_write_parquet
     calls = {"n": 0}
 
     def write(df, path):
@@ -71,8 +71,8 @@ def _interrupt_after(monkeypatch, n_parts):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(df, path)
 
-    monkeypatch.setattr(classify_mod, "_fsync_write_parquet", write)
-    return lambda: monkeypatch.setattr(classify_mod, "_fsync_write_parquet", real)
+    monkeypatch.setattr(streaming_mod, "fsync_write_parquet", write)
+    return lambda: monkeypatch.setattr(streaming_mod, "fsync_write_parquet", real)
 
 
 # -- data loss: --overwrite only replaces what the tool wrote, never the input or the cwd -------
@@ -132,15 +132,15 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(classifier, table, tmp_path, 
 
 def test_disk_full_during_assembly_keeps_the_parts(classifier, table, tmp_path, monkeypatch):
     out = tmp_path / "o.jsonl"
-    real = classify_mod._assemble
+    real = streaming_mod.assemble
 
     def full(*a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(classify_mod, "_assemble", full)
+    monkeypatch.setattr(streaming_mod, "assemble", full)
     _one_line_error(_classify(table, out, classifier, ok=False), "disk full")
     assert len(list((tmp_path / "o.jsonl.parts").glob("part-*"))) == 4 and not out.exists()
-    monkeypatch.setattr(classify_mod, "_assemble", real)
+    monkeypatch.setattr(streaming_mod, "assemble", real)
     assert "resumed after 4" in _classify(table, out, classifier).output
     assert pl.read_ndjson(out)["id"].to_list() == list(range(12))
 

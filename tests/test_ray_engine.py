@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import numpy as np
@@ -70,13 +71,14 @@ def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, one_thr
     assert a.equals(b) and a.schema == b.schema
 
 
-def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_scope_sae_dir, tmp_path):
+def test_features_ray_matches_local_and_resumes_its_parts(ray_local, one_thread, tiny_model_dir, qwen_scope_sae_dir,
+                                                          tmp_path, monkeypatch):
     inp = _generated(tmp_path / "in.parquet", with_gaps=False)
     common = ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32",
-              "--no-cache", "--batch-size", 8]
+              "--no-cache", "--batch-size", 8, "--chunk-rows", 16]
     run_cli(["features", inp, "-o", tmp_path / "local.parquet", *common])
-    # 20 rows per Ray batch -> 24 (whole model batches of 8), 4 batches over 2 actors: the rows are sorted by
-    # token count first, so every model batch holds the texts the local engine batches together
+    # 20 rows per Ray batch -> 32 (whole chunks of 16), 3 batches over 2 actors: each actor extracts chunk by
+    # chunk as the local engine does, so every model batch holds the texts the local engine batches together
     run_cli(["features", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--ray-batch-size", 20,
           "--workers", 2])
     a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
@@ -85,11 +87,32 @@ def test_features_ray_matches_local(ray_local, one_thread, tiny_model_dir, qwen_
     # actors' processes have differed in the last bit (alone, this test is bitwise equal)
     np.testing.assert_allclose(a["feature_acts"].explode().to_numpy(), b["feature_acts"].explode().to_numpy(),
                                rtol=1e-5, atol=1e-6)
+    # a run stopped after 2 parts (disk full) resumes on Ray, the manifest being the same on both engines:
+    # Ray then maps rows 32.. only
+    from safetyscope import streaming
+
+    real, calls = streaming.fsync_write_parquet, []
+
+    def stop(df, path):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(df, path)
+
+    monkeypatch.setattr(streaming, "fsync_write_parquet", stop)
+    run_cli(["features", inp, "-o", tmp_path / "resumed.parquet", *common], ok=False)
+    monkeypatch.setattr(streaming, "fsync_write_parquet", real)
+    parts = tmp_path / "resumed.parquet.parts"
+    assert len(list(parts.glob("part-*"))) == 2
+    res = run_cli(["features", inp, "-o", tmp_path / "resumed.parquet", *common, "--engine", "ray", "--workers", 2])
+    assert "resumed after 2 chunk(s)" in res.output and not parts.exists()
+    c = pl.read_parquet(tmp_path / "resumed.parquet")
+    assert c.drop("feature_acts").equals(a.drop("feature_acts"))
     # an error inside an actor (here: a null text) reaches the user as one line, nothing written
     bad = _generated(tmp_path / "bad.parquet")
     res = run_cli(["features", bad, "-o", tmp_path / "bad-out.parquet", *common, "--engine", "ray"], ok=False)
     assert res.exit_code == 2 and "null or empty" in res.output and "Traceback" not in res.output, res.output
-    assert not (tmp_path / "bad-out.parquet").exists()
+    assert not (tmp_path / "bad-out.parquet").exists() and not (tmp_path / "bad-out.parquet.parts").exists()
 
 
 def test_classify_ray_on_ci_sample(ray_local, one_thread, classifier, shared_data, tmp_path):

@@ -8,6 +8,7 @@ from typing import get_args
 import click
 
 from ..discovery.config import Criterion, DiscoverConfig, RuleKind, Selection
+from ..streaming import CHUNK_ROWS
 from .options import NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options, user_errors
 
 
@@ -106,7 +107,7 @@ def _detector(classifier, kw):
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
 @click.option("-c", "--classifier", default=None, help="Classifier JSON [default: the shipped toxicity classifier].")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per durable output chunk.")
+@click.option("--chunk-rows", type=int, default=CHUNK_ROWS, show_default=True, help="Rows per durable output chunk.")
 @click.option("--lang-column", default=None,
               help="Column holding each row's language [default: `lang` if present, else identified offline].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..streaming import CHUNK_ROWS
 from .options import NumberList, feature_config, model_options, ray_options, user_errors
 
 
@@ -13,52 +14,55 @@ from .options import NumberList, feature_config, model_options, ray_options, use
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--layers", type=NumberList(int, low=-1), default=None,
               help="Several layers in one forward pass, one SAE each (--sae: a directory or hub repo with layer{n}.sae.pt, "
-                   "or one SAE per layer: --sae A,B,C); columns feature_ids_l<n> and feature_acts_l<n>.")
+                   "or one SAE per layer: --sae A,B,C); columns feature_ids_l<n> and feature_acts_l<n> (not streamed).")
+@click.option("--chunk-rows", type=int, default=CHUNK_ROWS, show_default=True,
+              help="Rows per durable output part: memory holds one chunk; a killed run resumes from the finished parts.")
+@click.option("--keep-shards", is_flag=True,
+              help="OUTPUT becomes a directory of part-NNNNNN.parquet files (in row order) instead of one table.")
 @model_options
 @ray_options
 @user_errors
-def features(input_path, output, text_column, layers, engine, address, workers, cpus_per_worker, gpus_per_worker, ray_batch_size,
-             **kw):
-    """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens)."""
-    from ..data import read_table, text_list, write_table
-    from ..features import FeatureExtractor, codes_frame
-    from ..outputs import check_output
-
-    # Before any work. features has no --overwrite: it replaces a file, or a directory it wrote, as before.
-    check_output(output, inputs=[input_path], overwrite=True)
+def features(input_path, output, text_column, layers, chunk_rows, keep_shards, engine, address, workers, cpus_per_worker,
+             gpus_per_worker, ray_batch_size, **kw):
+    """Pooled sparse SAE codes per text: feature_ids and feature_acts (max over tokens); streamed, resumable."""
     cfg = feature_config(kw)
     if layers:
-        return _features_layers(input_path, output, text_column, list(layers), cfg, engine)
+        return _features_layers(input_path, output, text_column, list(layers), cfg, engine, keep_shards)
     if engine == "ray":
         from ..ray_engine import run_features_ray
 
-        s = run_features_ray(input_path, output, cfg, text_column=text_column, address=address, workers=workers,
-                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
+        s = run_features_ray(input_path, output, cfg, text_column=text_column, chunk_rows=chunk_rows,
+                             keep_shards=keep_shards, address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                             gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
         click.echo(f"wrote {s['rows']} rows to {output} (ray, {workers} worker(s)): "
-                   f"mean {s['mean_features']:.1f} features per text", err=True)
+                   f"mean {s['mean_features']:.1f} features per text" + _resumed(s), err=True)
         return
-    df = read_table(input_path, columns=[text_column])
-    texts = text_list(df, text_column, input_path)
-    fx = FeatureExtractor.from_config(cfg)
-    ex = fx.extract(texts, progress=True)
-    codes = ex.codes
-    out = codes_frame(codes, df.get_column("id") if "id" in df.columns else None)
-    write_table(out, output)
-    click.echo(f"wrote {out.height} rows to {output}: {int(ex.n_tokens.sum())} tokens, "
-               f"{ex.n_truncated} text(s) truncated at {cfg.max_length} tokens, {ex.n_cached} from cache, "
-               f"mean {codes.nnz / max(1, codes.shape[0]):.1f} features per text", err=True)
+    from ..features_file import features_file
+
+    s = features_file(cfg, input_path, output, text_column=text_column, chunk_rows=chunk_rows, keep_shards=keep_shards)
+    click.echo(f"wrote {s['rows']} rows to {output}: {s['tokens']} tokens, {s['truncated']} text(s) truncated at "
+               f"{cfg.max_length} tokens, {s['cached']} from cache, mean {s['mean_features']:.1f} features per text"
+               + _resumed(s), err=True)
 
 
-def _features_layers(input_path, output, text_column, layers, cfg, engine):
+def _resumed(s: dict) -> str:
+    return f" (resumed after {s['resumed_chunks']} chunk(s); counts of tokens are this run's)" if s["resumed_chunks"] else ""
+
+
+def _features_layers(input_path, output, text_column, layers, cfg, engine, keep_shards):
     """`features --layers`: every layer from one forward pass (it stops after the deepest)."""
     from ..data import read_table, text_list, write_table
     from ..errors import SafetyScopeError
     from ..features import extract_shared, layer_extractors, layers_frame
+    from ..outputs import check_output
 
     if cfg.layer is not None:
         raise SafetyScopeError("--layers and --layer exclude each other: list every layer in --layers")
     if engine == "ray":
         raise SafetyScopeError("--layers runs with --engine local only; with --engine ray run one --layer at a time")
+    if keep_shards:
+        raise SafetyScopeError("--keep-shards streams one layer; with --layers OUTPUT is one table")
+    check_output(output, inputs=[input_path], overwrite=True)  # before any work, as the streamed path checks
     saes = cfg.sae.split(",") if cfg.sae and "," in cfg.sae else None
     df = read_table(input_path, columns=[text_column])
     texts = text_list(df, text_column, input_path)

@@ -13,6 +13,7 @@ import click
 
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig
+from ..ray_engine import RayConfig
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
@@ -128,14 +129,13 @@ def ray_options(fn):
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="ray: Ray Data actor pool on a Ray cluster (pip install 'safetyscope[ray]')."),
         click.option("--address", default=None, help="Ray address: ray://host:10001, auto, ... [default: start or join a local Ray]."),
-        click.option("--workers", type=int, default=1, show_default=True, help="Ray actors, each holding one model copy."),
-        click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+        click.option("--workers", type=int, default=RayConfig.workers, show_default=True, help="Ray actors, each holding one model copy."),
+        click.option("--cpus-per-worker", type=float, default=RayConfig.cpus_per_worker, show_default=True,
                      help="CPUs Ray reserves per actor; also its torch threads (OMP_NUM_THREADS)."),
-        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+        click.option("--gpus-per-worker", type=float, default=RayConfig.gpus_per_worker, show_default=True,
                      help="GPUs per actor (e.g. 1, or 0.5 to pack two actors on a GPU)."),
         click.option("--ray-batch-size", type=int, default=None,
-                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks (classify) or --batch-size "
-                          "model batches (features) [default: --chunk-rows for classify, 1024 for features]."),
+                     help="Rows per Ray batch, rounded up to whole --chunk-rows chunks [default: --chunk-rows]."),
     ]):
         fn = opt(fn)
     return fn
