@@ -84,11 +84,7 @@ def features_file(cfg: FeatureConfig, input_path: str, output: str, *, text_colu
     built from ``cfg``. Returns rows, this run's tokens / truncated / cached counts, mean features per text,
     resumed_chunks and seconds."""
     inp, out = Path(input_path), Path(output)
-    table_format(inp)
-    if not inp.exists():
-        raise SafetyScopeError(f"{inp}: no such file or directory")
-    if chunk_rows < 1:
-        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    streaming.check_input(inp, chunk_rows)
     fmt = output_format(out, keep_shards)
     # features has no --overwrite: it replaces a file, or a directory it wrote, as it always has
     streaming.check_outputs(out, [inp], overwrite=True)

@@ -24,7 +24,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .data import csv_safe
+from .data import csv_safe, table_format
 from .errors import SafetyScopeError
 from .outputs import check_output, mark, output_errors, output_lock, remove_temp, replace, temp_path
 
@@ -32,6 +32,15 @@ from .outputs import check_output, mark, output_errors, output_lock, remove_temp
 # killed run loses at most one chunk's work.
 CHUNK_ROWS = 1024
 RESUME_HINT = "; free space (or fix the path) and rerun the same command to resume from the finished parts"
+
+
+def check_input(inp: Path, chunk_rows: int) -> None:
+    """The input table and --chunk-rows, checked before any work (the same words for classify and features)."""
+    table_format(inp)
+    if not inp.exists():
+        raise SafetyScopeError(f"{inp}: no such file or directory")
+    if chunk_rows < 1:
+        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
 
 
 def fsync_write(path: Path, write) -> None:

@@ -182,3 +182,36 @@ def count_hashes(monkeypatch, cls) -> list:
     calls, real = [], cls._hash_weights
     monkeypatch.setattr(cls, "_hash_weights", lambda self: calls.append(1) or real(self))
     return calls
+
+
+def fail_part_writes_after(monkeypatch, n_parts: int):
+    """The (n_parts+1)-th durable part write (classify, features) fails with a full disk, so the run stops after
+    n_parts parts; returns a function that restores the real writer."""
+    import errno
+
+    from safetyscope import streaming
+
+    real, calls = streaming.fsync_write_parquet, {"n": 0}
+
+    def write(df, path):
+        calls["n"] += 1
+        if calls["n"] > n_parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(df, path)
+
+    monkeypatch.setattr(streaming, "fsync_write_parquet", write)
+    return lambda: monkeypatch.setattr(streaming, "fsync_write_parquet", real)
+
+
+def kill_9_when(proc, ready, timeout: float = 120, poll: float = 0.005) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (failing if it ends first or ``timeout`` passes)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)

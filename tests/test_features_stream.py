@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import CORPUS, SAE_LAYERS, run_cli
+from conftest import CORPUS, SAE_LAYERS, fail_part_writes_after, kill_9_when, run_cli
 
 from safetyscope import FeatureConfig, FeatureExtractor
-from safetyscope import streaming as streaming_mod
 from safetyscope.features import codes_frame
 from safetyscope.outputs import MARKER
 
@@ -79,13 +75,7 @@ def test_kill_9_then_rerun_resumes_with_identical_output(tmp_path, margs):
     run_cli(_cmd(inp, ref, margs)[3:])  # in-process: one interpreter start less
     out, parts = tmp_path / "out.parquet", tmp_path / "out.parquet.parts"
     proc = subprocess.Popen(_cmd(inp, out, margs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (parts / "part-000005.parquet").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    kill_9_when(proc, lambda: (parts / "part-000005.parquet").exists())
     assert not out.exists()
     n_parts = len(list(parts.glob("part-*.parquet")))
     assert 6 <= n_parts < 100
@@ -94,20 +84,6 @@ def test_kill_9_then_rerun_resumes_with_identical_output(tmp_path, margs):
     a, b = pl.read_parquet(out), pl.read_parquet(ref)
     assert a["id"].to_list() == [f"r{i}" for i in range(300)]  # every row once, in order
     assert a.equals(b)  # the same chunks, the same batches: bitwise the uninterrupted run's
-
-
-def _stop_after(monkeypatch, n_parts):
-    """The (n_parts+1)-th part write fails with a full disk: the run stops after n_parts parts."""
-    real, calls = streaming_mod.fsync_write_parquet, {"n": 0}
-
-    def write(df, path):
-        calls["n"] += 1
-        if calls["n"] > n_parts:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(df, path)
-
-    monkeypatch.setattr(streaming_mod, "fsync_write_parquet", write)
-    return lambda: monkeypatch.setattr(streaming_mod, "fsync_write_parquet", real)
 
 
 def _one_line(res, *needles):
@@ -121,7 +97,7 @@ def _one_line(res, *needles):
 def test_a_rerun_with_other_settings_is_refused_then_the_same_resumes(tmp_path, margs, monkeypatch):
     inp = _input(tmp_path / "in.parquet", 20)
     out = tmp_path / "o.parquet"
-    restore = _stop_after(monkeypatch, 2)
+    restore = fail_part_writes_after(monkeypatch, 2)
     _one_line(run_cli(["features", inp, "-o", out, "--chunk-rows", 3, *margs], ok=False), "disk full", "rerun")
     restore()
     parts = tmp_path / "o.parquet.parts"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, run_cli
+from conftest import CORPUS, REPO_ROOT, SAE_LAYERS, TOXIC_WORDS, fail_part_writes_after, run_cli
 
 from safetyscope import streaming as streaming_mod
 from safetyscope.errors import SafetyScopeError
@@ -58,21 +58,6 @@ def table(tmp_path):
 def _classify(inp, out, clf, *extra, ok=True):
     return _run(["classify", inp, "-o", out, "-c", clf, "--chunk-rows", 3, "--no-cache", "--dtype", "float32", *extra],
                 ok=ok)
-
-
-def _interrupt_after(monkeypatch, n_parts):
-    """Make the (n_parts+1)-th part write fail with a full disk: the run stops after n_parts parts."""
-    real = streaming_mod.fsync_write_parquet
-    calls = {"n": 0}
-
-    def write(df, path):
-        calls["n"] += 1
-        if calls["n"] > n_parts:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(df, path)
-
-    monkeypatch.setattr(streaming_mod, "fsync_write_parquet", write)
-    return lambda: monkeypatch.setattr(streaming_mod, "fsync_write_parquet", real)
 
 
 # -- data loss: --overwrite only replaces what the tool wrote, never the input or the cwd -------
@@ -120,7 +105,7 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(classifier, table, tmp_path, 
     ref = tmp_path / "ref.parquet"
     _classify(table, ref, classifier)
     out = tmp_path / "o.parquet"
-    restore = _interrupt_after(monkeypatch, 2)
+    restore = fail_part_writes_after(monkeypatch, 2)
     _one_line_error(_classify(table, out, classifier, ok=False), "disk full", "rerun the same command")
     assert sorted(p.name for p in (tmp_path / "o.parquet.parts").glob("part-*")) == ["part-000000.parquet",
                                                                                     "part-000001.parquet"]
@@ -147,7 +132,7 @@ def test_disk_full_during_assembly_keeps_the_parts(classifier, table, tmp_path, 
 
 def test_a_forged_part_is_detected(classifier, table, tmp_path, monkeypatch):
     out = tmp_path / "o.parquet"
-    restore = _interrupt_after(monkeypatch, 2)
+    restore = fail_part_writes_after(monkeypatch, 2)
     _classify(table, out, classifier, ok=False)
     restore()
     part = tmp_path / "o.parquet.parts" / "part-000001.parquet"
@@ -161,7 +146,7 @@ def test_a_forged_part_is_detected(classifier, table, tmp_path, monkeypatch):
 
 def test_a_changed_input_with_the_same_size_and_mtime_is_refused(classifier, table, tmp_path, monkeypatch):
     out = tmp_path / "o.parquet"
-    restore = _interrupt_after(monkeypatch, 1)
+    restore = fail_part_writes_after(monkeypatch, 1)
     _classify(table, out, classifier, ok=False)
     restore()
     st = table.stat()
@@ -174,7 +159,7 @@ def test_a_changed_input_with_the_same_size_and_mtime_is_refused(classifier, tab
 
 def test_a_different_dtype_or_batch_size_is_refused(classifier, table, tmp_path, monkeypatch):
     out = tmp_path / "o.parquet"
-    restore = _interrupt_after(monkeypatch, 1)
+    restore = fail_part_writes_after(monkeypatch, 1)
     _classify(table, out, classifier, ok=False)
     restore()
     res = _run(["classify", table, "-o", out, "-c", classifier, "--chunk-rows", 3, "--no-cache", "--dtype", "bfloat16"],
@@ -187,7 +172,7 @@ def test_a_different_dtype_or_batch_size_is_refused(classifier, table, tmp_path,
 
 def test_a_truncated_manifest_is_one_line(classifier, table, tmp_path, monkeypatch):
     out = tmp_path / "o.parquet"
-    restore = _interrupt_after(monkeypatch, 1)
+    restore = fail_part_writes_after(monkeypatch, 1)
     _classify(table, out, classifier, ok=False)
     restore()
     m = tmp_path / "o.parquet.parts" / "manifest.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, kill_9_when, run_cli
 
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
@@ -475,13 +474,7 @@ def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data, classifier)
         partial = tmp_path / "out.jsonl.partial.jsonl"
         proc = subprocess.Popen(_synth_cmd(targets, seed_data, out, srv.endpoint, classifier), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not partial.exists() or partial.read_text().count('"status": ') < 3:
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        kill_9_when(proc, lambda: partial.exists() and partial.read_text().count('"status": ') >= 3, poll=0.01)
         assert not out.exists()
         with open(partial, "ab") as f:  # a group's line cut short by the kill
             f.write(b'{"kind": "group", "rows": [{"pro')

@@ -77,11 +77,7 @@ def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int
 def classify_file(det: Detector, input_path: str, output: str, *, text_column: str = "text", chunk_rows: int = CHUNK_ROWS,
                   overwrite: bool = False, progress: bool = True, lang_column: str | None = None) -> dict:
     inp, out = Path(input_path), Path(output)
-    table_format(inp)
-    if not inp.exists():
-        raise SafetyScopeError(f"{inp}: no such file or directory")
-    if chunk_rows < 1:
-        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    streaming.check_input(inp, chunk_rows)
     out_fmt = table_format(out, for_writing=True)
     streaming.check_outputs(out, [inp], overwrite=overwrite)
     with streaming.open_parts(out, lambda: _manifest(inp, det, text_column, chunk_rows, lang_column)) as parts:
