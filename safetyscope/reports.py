@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .streaming import fsync_write
+
 
 def _atomic(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fsync_write(path, lambda tmp: tmp.write_bytes(data))  # the one temp + fsync + rename of the project
     return path
 
 
