@@ -116,3 +116,25 @@ def mean_features(files: list[Path]) -> float:
         a, b = pl.scan_parquet(f).select(pl.len(), pl.col("feature_ids").list.len().sum()).collect().row(0)
         n, nnz = n + a, nnz + (b or 0)
     return nnz / max(1, n)
+
+
+def features_layers_file(cfg: FeatureConfig, layers: list[int], input_path: str, output: str, *,
+                         text_column: str = "text") -> dict:
+    """`features --layers`: the codes of every layer in ``layers`` from one forward pass, one SAE per layer
+    (``cfg.sae`` a per-layer directory/repo, or one SAE per layer comma-separated), written as one table with
+    feature_ids_l<n> / feature_acts_l<n> columns. Held in memory, not streamed."""
+    from .data import read_table, write_table
+    from .features import extract_shared, layer_extractors, layers_frame
+    from .outputs import check_output
+
+    if cfg.layer is not None:
+        raise SafetyScopeError("--layers and --layer exclude each other: list every layer in --layers")
+    check_output(output, inputs=[input_path], overwrite=True)  # before any work, as the streamed path checks
+    saes: list[str | None] | None = list(cfg.sae.split(",")) if cfg.sae and "," in cfg.sae else None
+    df = read_table(input_path, columns=[text_column])
+    texts = text_list(df, text_column, input_path)
+    exs = extract_shared(layer_extractors(cfg, layers, saes), cast(list[str], texts), progress=True)
+    out = layers_frame(exs, layers, df.get_column("id") if "id" in df.columns else None)
+    write_table(out, output)
+    return {"rows": out.height, "tokens": int(exs[0].n_tokens.sum()), "truncated": exs[0].n_truncated,
+            "mean_features": [e.codes.nnz / max(1, e.codes.shape[0]) for e in exs]}

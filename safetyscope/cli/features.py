@@ -51,25 +51,14 @@ def _resumed(s: dict) -> str:
 
 def _features_layers(input_path, output, text_column, layers, cfg, engine, keep_shards):
     """`features --layers`: every layer from one forward pass (it stops after the deepest)."""
-    from ..data import read_table, text_list, write_table
     from ..errors import SafetyScopeError
-    from ..features import extract_shared, layer_extractors, layers_frame
-    from ..outputs import check_output
+    from ..features_file import features_layers_file
 
-    if cfg.layer is not None:
-        raise SafetyScopeError("--layers and --layer exclude each other: list every layer in --layers")
     if engine == "ray":
         raise SafetyScopeError("--layers runs with --engine local only; with --engine ray run one --layer at a time")
     if keep_shards:
         raise SafetyScopeError("--keep-shards streams one layer; with --layers OUTPUT is one table")
-    check_output(output, inputs=[input_path], overwrite=True)  # before any work, as the streamed path checks
-    saes = cfg.sae.split(",") if cfg.sae and "," in cfg.sae else None
-    df = read_table(input_path, columns=[text_column])
-    texts = text_list(df, text_column, input_path)
-    fxs = layer_extractors(cfg, layers, saes)
-    exs = extract_shared(fxs, texts, progress=True)
-    out = layers_frame(exs, layers, df.get_column("id") if "id" in df.columns else None)
-    write_table(out, output)
-    click.echo(f"wrote {out.height} rows to {output}: layers {', '.join(map(str, layers))}, {int(exs[0].n_tokens.sum())} "
-               f"tokens, {exs[0].n_truncated} text(s) truncated at {cfg.max_length} tokens; mean features per text: "
-               + ", ".join(f"l{la} {e.codes.nnz / max(1, e.codes.shape[0]):.1f}" for la, e in zip(layers, exs)), err=True)
+    s = features_layers_file(cfg, layers, input_path, output, text_column=text_column)
+    click.echo(f"wrote {s['rows']} rows to {output}: layers {', '.join(map(str, layers))}, {s['tokens']} tokens, "
+               f"{s['truncated']} text(s) truncated at {cfg.max_length} tokens; mean features per text: "
+               + ", ".join(f"l{la} {m:.1f}" for la, m in zip(layers, s["mean_features"])), err=True)
