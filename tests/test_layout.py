@@ -124,6 +124,10 @@ def test_option_defaults_come_from_the_config_dataclasses():
                    "max_targets", "max_fire_rate", "sample_seed"):
         assert (list(compare[option]) if isinstance(compare[option], tuple) else compare[option]) == \
             field_default(CompareConfig, option), option
+    from safetyscope.cli.synthesis import parse_schedule
+    from safetyscope.synthesis.synthesize import SynthConfig
+
+    assert parse_schedule(compare["steer_schedule"]) == SynthConfig.steer_schedule
     from safetyscope.synthesis.sft_eval import SFTEvalConfig
 
     sft = _option_defaults(main.commands["synth"].commands["sft-eval"])

@@ -377,6 +377,18 @@ def test_steered_attempts_keep_only_requests_that_fire_unsteered(tmp_path, targe
     assert Spy.calls == [0, 0] and s["rows"] == 0 and s["steering"]["why_not"] == "off (--no-steer)"
 
 
+def test_steer_schedule_option(tmp_path, targets, seed_data):
+    """--steer-schedule sets the steered attempts' multipliers; a bad value is one line before any model loads."""
+    from safetyscope.cli.synthesis import parse_schedule
+
+    assert parse_schedule("3, 0.5,12") == (3.0, 0.5, 12.0)
+    for bad in ("", "2,,8", "two", "2,-1", "0", "inf", "nan"):
+        res = run_cli(["synthesize", "--targets", targets, "--seed-data", seed_data, "-o", tmp_path / "o.jsonl",
+                       "--steer-schedule", bad], ok=False)
+        assert res.exit_code == 2 and res.output.count("\n") == 1, (bad, res.output)
+        assert "--steer-schedule" in res.output and "Traceback" not in res.output
+
+
 def jaccard_ok(a: str, b: str) -> bool:
     from safetyscope.synthesis.synthesize import jaccard, shingles
 
@@ -599,6 +611,7 @@ def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model
 
     # T_miss = the targets that the seed subset does not fire (re-encoded here)
     seed = pl.read_parquet(safety_table).filter(pl.col("source") == "seed_src")["prompt"].to_list()
+    assert sorted(pl.read_ndjson(out / "seed.jsonl")["prompt"].to_list()) == sorted(seed)  # written for reruns of an arm
     codes = fx.transform(seed).toarray()
     miss = [t for t in ids if codes[:, t].max() <= 0]
     assert r["targets"]["T_miss_ids"] == miss and r["targets"]["T_miss"] == len(miss) > 0

@@ -7,6 +7,7 @@ from typing import get_args
 
 import click
 
+from ..errors import SafetyScopeError
 from ..synthesis.compare import CompareConfig
 from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.sft_eval import SFTEvalConfig
@@ -49,8 +50,10 @@ def generator_options(fn):
                      help="Drop a harmful request without a generated refusal instead of using the template refusal."),
         click.option("--steer/--no-steer", "steer", default=SynthConfig.steer, show_default=True,
                      help="Targets still not fired after the plain attempts get steered attempts (their direction added "
-                          "at 2, 4, 8 x their mean activation; transformers backend on the SAE's model only); a request "
-                          "is kept only if it fires the target re-encoded without steering."),
+                          "at --steer-schedule x their mean activation; transformers backend on the SAE's model only); a "
+                          "request is kept only if it fires the target re-encoded without steering."),
+        click.option("--steer-schedule", default=",".join(f"{m:g}" for m in SynthConfig.steer_schedule), show_default=True,
+                     help="Multipliers of the steered attempts, one attempt each, in order (comma-separated, > 0)."),
     ]):
         fn = opt(fn)
     return fn
@@ -61,7 +64,19 @@ def synth_config(kw: dict):
                        temperature=kw.pop("temperature"), prompt_tokens=kw.pop("prompt_tokens"),
                        response_tokens=kw.pop("response_tokens"), group_size=kw.pop("group_size"), seed=kw.pop("seed"),
                        skip_covered=kw.pop("skip_covered"), response_retries=kw.pop("response_retries"),
-                       no_template=kw.pop("no_template"), steer=kw.pop("steer"))
+                       no_template=kw.pop("no_template"), steer=kw.pop("steer"),
+                       steer_schedule=parse_schedule(kw.pop("steer_schedule")))
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``"2,8,16"`` -> (2.0, 8.0, 16.0); anything else (empty, not a number, <= 0, not finite) is a one-line error."""
+    try:
+        out = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        out = ()
+    if not out or not all(0 < m < float("inf") for m in out):
+        raise SafetyScopeError(f"--steer-schedule {text!r}: give positive multipliers separated by commas, e.g. 2,8,16")
+    return out
 
 
 def generator_config(kw: dict):

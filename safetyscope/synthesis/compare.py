@@ -155,6 +155,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     write_document(doc, out / "targets.json")
     ids = [t["id"] for t in doc["targets"]]
     seed_texts = seed_df["prompt"].to_list()
+    write_table(seed_df, out / "seed.jsonl")  # the existing supervision: `synthesize --seed-data` reruns an arm on it
     seed_cov = coverage_of_texts(fx, seed_texts, ids)
     miss = seed_cov["uncovered"]
     gen = make_generator(gcfg)

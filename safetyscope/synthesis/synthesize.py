@@ -87,9 +87,11 @@ class SynthConfig:
     no_template: bool = False  # drop a harmful request with no generated refusal instead of using TEMPLATE_REFUSAL
     # a target still not fired after the plain attempts gets one steered attempt per multiplier: the request is
     # written with the target's decoder direction added at alpha = multiplier x its typical activation x the
-    # decoder column's norm
+    # decoder column's norm. 2, 8, 16 rather than 2, 4, 8: on the 37 targets of the README's `synth compare` run
+    # (scripts/steered_synthesis_rate.py) 4x wrote requests firing their target no more often than plain sampling
+    # and reached none that 2x or 8x missed, while 16x alone reached three targets no other multiplier did
     steer: bool = True
-    steer_schedule: tuple[float, ...] = (2.0, 4.0, 8.0)
+    steer_schedule: tuple[float, ...] = (2.0, 8.0, 16.0)
 
 
 # -- text helpers ------------------------------------------------------------------------------
