@@ -29,8 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from safetyscope.discovery.detector import classifier_path, read_classifier
-from safetyscope.discovery.rules import classifier_from_dict
+from safetyscope.discovery.detector import classifier_path, read_classifier, read_rules
 from safetyscope.eval.metrics import raw_activation_probe
 from safetyscope.provenance import extractor_from_record
 from safetyscope.steering import SteerSpec, classifier_features, run_steer
@@ -146,16 +145,21 @@ def main():
     path = classifier_path(a.classifier)
     doc = read_classifier(path)
     fx = extractor_from_record(doc, path, dtype="float32")
-    rule = classifier_from_dict(doc["rule"])
-    feats = classifier_features(path, fx)  # the features that push towards toxic (positive weight)
-    w_of = dict(zip((int(f) for f in rule.features_), getattr(rule, "weights_", np.ones(len(rule.features_)))))
+    fallback, by_lang = read_rules(doc, path, fx.sae.cfg.d_sae)  # a per-language file: one rule per language
+    feats = classifier_features(path, fx)  # the features that push towards toxic (positive weight), of every rule
+    w_of: dict[int, float] = {}  # a feature's largest weight in any rule
+    for r in (fallback, *by_lang.values()):
+        for f, w in zip(r.features_, getattr(r, "weights_", np.ones(len(r.features_)))):
+            w_of[int(f)] = max(w_of.get(int(f), -np.inf), float(w))
     strengths = [float(x) for x in a.strengths.split(",") if x]
     langs = ["en"] + [x for x in a.rtp_langs.split(",") if x]
     rng = np.random.default_rng(a.seed)
     res = {"settings": vars(a), "model": fx.backbone.model_id, "layer": fx.layer, "classifier": str(path.name),
-           "rule": type(rule).__name__, "suppressed_features": feats, "languages": {}}
+           "rule": type(fallback).__name__ + (f" per language ({len(by_lang)})" if by_lang else ""),
+           "suppressed_features": feats, "languages": {}}
     examples = []
     for lang in langs:
+        rule = by_lang.get(lang, fallback)  # the classifier as a judge: its rule for this language
         rows = prompt_rows(lang, a.n_en if lang == "en" else a.n_rtp, a.seed)
         prompts = rows["prompt"].to_list()
         probe, probe_info = fit_probe(fx, lang, set(rows["id"].to_list()), a.probe_rows, 200, a.seed)
