@@ -4,9 +4,10 @@ For each target a `synth compare` run left uncovered by the seed data (T_miss), 
 same generation prompt as `synthesize` (`request_messages`), unsteered (multiplier 0) and with the target's decoder
 direction added at generated positions (alpha = multiplier x the target's mean activation x its decoder column's norm,
 as in `synthesize`). Every candidate is verified as `synthesize` verifies it: near copies of the shown contexts
-(5-gram Jaccard > 0.8) do not count; the rest are re-encoded without steering and count if the target fires. Reported per
-multiplier: candidates, the share that fire their target (95% bootstrap CI over targets), targets with at least one
-firing candidate, and per target the rates, so a target that steering does not reach is named.
+(5-gram Jaccard > 0.8, or over 80 % of the candidate's 5-grams in one context) do not count; the rest are re-encoded
+without steering and count if the target fires. Reported per multiplier: candidates, the share that fire their target
+(95% bootstrap CI over targets), targets with at least one firing candidate, and per target the rates, so a target
+that steering does not reach is named.
 
     python scripts/steered_synthesis_rate.py reports/synthesis --mults 0,2,4,8 --samples 8 -o reports/steering/synthesis_rate
 """
@@ -23,7 +24,15 @@ import numpy as np
 from safetyscope.features import FeatureConfig, FeatureExtractor
 from safetyscope.steering import SteerSpec, steer
 from safetyscope.synthesis.generators import TransformersGenerator
-from safetyscope.synthesis.synthesize import derive_seed, extract_candidates, jaccard, request_messages, shingles, typical_activation
+from safetyscope.synthesis.synthesize import (
+    copies_context,
+    derive_seed,
+    extract_candidates,
+    jaccard,
+    request_messages,
+    shingles,
+    typical_activation,
+)
 
 
 def verified(fx, target: dict, samples: list[str]) -> tuple[int, int, float]:
@@ -32,7 +41,7 @@ def verified(fx, target: dict, samples: list[str]) -> tuple[int, int, float]:
     seen, cands = set(), []
     for s in samples:
         for c in extract_candidates(s):
-            if c not in seen and not any(jaccard(shingles(c), e) > 0.8 for e in ex):
+            if c not in seen and not any(jaccard(shingles(c), e) > 0.8 for e in ex) and not copies_context(c, ex):
                 seen.add(c)
                 cands.append(c)
     if not cands:

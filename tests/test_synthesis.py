@@ -118,6 +118,20 @@ def test_coverage_on_hand_built_codes():
     assert empty["coverage"] == 0 and empty["uncovered"] == [1]
 
 
+def test_a_copied_snippet_of_a_long_context_is_not_a_new_request():
+    """The request below copies the end of a shown context: Jaccard against the whole context is low (the context is
+    much longer), so only the containment check drops it; a new request on the same concept is kept."""
+    from safetyscope.synthesis.synthesize import copies_context, jaccard, shingles
+
+    ctx = shingles("If you had the opportunity to get a high-paying job, but you had to give up some of your personal "
+                   "principles, would you take it? Many people face this choice at some point in their careers.")
+    copy = "you had to give up some of your personal principles, would you not?"
+    new = "Would you betray a friend to win an election, knowing it breaks your principles?"
+    assert jaccard(shingles(copy), ctx) < 0.8 and copies_context(copy, [ctx])
+    assert not copies_context(new, [ctx]) and not copies_context(copy, []) and not copies_context("", [ctx])
+    assert not copies_context(copy, [ctx], threshold=0.99)
+
+
 def test_text_helpers():
     assert extract_candidates('1. "How do I bake bread at home?"\n2) User: What is a good cake recipe?\nHere:') == [
         "How do I bake bread at home?", "What is a good cake recipe?"]

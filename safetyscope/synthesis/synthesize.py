@@ -110,6 +110,13 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
+def copies_context(text: str, contexts: list[set], threshold: float = 0.8) -> bool:
+    """Most of ``text`` (a share of its 5-grams above ``threshold``) is found in one shown context: a copy of a
+    snippet is not new data, even when the context is much longer than the copy (Jaccard would not see it)."""
+    s = shingles(text)
+    return any(len(s & c) / len(s) > threshold for c in contexts) if s else False
+
+
 class Deduper:
     """Normalised exact duplicates and near duplicates (5-gram Jaccard > threshold) against what it holds."""
 
@@ -509,7 +516,7 @@ def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, d
         seen = set()
         for s in samples:
             for c in extract_candidates(s):
-                if normalise(c) not in seen and not dedup.is_dup(c, ex_sh):
+                if normalise(c) not in seen and not dedup.is_dup(c, ex_sh) and not copies_context(c, ex_sh, cfg.near_dup):
                     seen.add(normalise(c))
                     cands.append((i, c))
     stats["candidates"] += len(cands)
