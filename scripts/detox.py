@@ -126,7 +126,7 @@ def main():
     global DATA
     ap = argparse.ArgumentParser()
     ap.add_argument("--classifier", default="toxicity", help="shipped classifier name or file whose features are suppressed")
-    ap.add_argument("--n-en", type=int, default=200)
+    ap.add_argument("--n-en", type=int, default=200, help="English prompts (0: none)")
     ap.add_argument("--rtp-langs", default="", help="comma-separated languages whose rtp_lx rows are also used")
     ap.add_argument("--n-rtp", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=24)
@@ -152,7 +152,7 @@ def main():
         for f, w in zip(r.features_, getattr(r, "weights_", np.ones(len(r.features_)))):
             w_of[int(f)] = max(w_of.get(int(f), -np.inf), float(w))
     strengths = [float(x) for x in a.strengths.split(",") if x]
-    langs = ["en"] + [x for x in a.rtp_langs.split(",") if x]
+    langs = (["en"] if a.n_en else []) + [x for x in a.rtp_langs.split(",") if x]  # --n-en 0: RTP-LX languages only
     rng = np.random.default_rng(a.seed)
     res = {"settings": vars(a), "model": fx.backbone.model_id, "layer": fx.layer, "classifier": str(path.name),
            "rule": type(fallback).__name__ + (f" per language ({len(by_lang)})" if by_lang else ""),
