@@ -185,8 +185,10 @@ def main():
             conts[f"{who} ({strength})"] = [r["completion"] for r in rs]
             table[f"{who} ({strength})"] = {"strength": strength, "who": who, "stats": st}
         base: dict = {}
+        probe_toxic: dict[str, np.ndarray] = {}  # per arm, per prompt: reused for the paired vs-control intervals
         for name, d in table.items():
             p, c = judge(fx, rule, probe, conts[name])
+            probe_toxic[name] = p
             nll, n = fluency(fx, prompts, conts[name])
             if name == "plain":
                 base = {"p": p, "c": c}
@@ -206,8 +208,8 @@ def main():
         for name, row in table.items():  # suppressed vs its own control, paired over prompts
             if row["who"] == "suppressed":
                 q = f"control ({row['strength']})"
-                ps, pc = judge(fx, rule, probe, conts[name])[0], judge(fx, rule, probe, conts[q])[0]
-                row["probe_vs_control_ci"] = boot(ps.astype(float) - pc.astype(float), rng, a.bootstrap)
+                diff = probe_toxic[name].astype(float) - probe_toxic[q].astype(float)
+                row["probe_vs_control_ci"] = boot(diff, rng, a.bootstrap)
         res["languages"][lang] = {"prompts": len(prompts), "control_features": ctrl, "probe": probe_info,
                                   "residual_norm": hnorm, "arms": table}
         names = list(conts)

@@ -28,7 +28,6 @@ from safetyscope.synthesis.synthesize import (
     copies_context,
     derive_seed,
     extract_candidates,
-    jaccard,
     request_messages,
     shingles,
     typical_activation,
@@ -41,7 +40,7 @@ def verified(fx, target: dict, samples: list[str]) -> tuple[int, int, float]:
     seen, cands = set(), []
     for s in samples:
         for c in extract_candidates(s):
-            if c not in seen and not any(jaccard(shingles(c), e) > 0.8 for e in ex) and not copies_context(c, ex):
+            if c not in seen and not copies_context(c, ex):  # containment >= Jaccard: covers the near-copy check too
                 seen.add(c)
                 cands.append(c)
     if not cands:

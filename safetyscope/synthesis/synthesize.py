@@ -123,11 +123,11 @@ class Deduper:
     def __init__(self, threshold: float = 0.8, exact_only: list[str] = ()):
         self.threshold, self.exact, self.sh = threshold, {normalise(t) for t in exact_only}, []
 
-    def is_dup(self, text: str, also: list[set] = ()) -> bool:
+    def is_dup(self, text: str) -> bool:
         if normalise(text) in self.exact:
             return True
         s = shingles(text)
-        return any(jaccard(s, o) > self.threshold for o in (*self.sh, *also))
+        return any(jaccard(s, o) > self.threshold for o in self.sh)
 
     def add(self, text: str) -> None:
         self.exact.add(normalise(text))
@@ -512,11 +512,12 @@ def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, d
     (unsteered), judge it, add its response; appends rows/done/fired and returns the indices of the kept targets."""
     cands: list[tuple[int, str]] = []  # (index in left, text)
     for i, (t, samples) in enumerate(zip(left, outs)):
-        ex_sh = [shingles(e["text"]) for e in t["examples"]]  # copying the shown contexts is not new data
+        # copying the shown contexts is not new data; containment >= Jaccard, so this also drops near copies
+        ex_sh = [shingles(e["text"]) for e in t["examples"]]
         seen = set()
         for s in samples:
             for c in extract_candidates(s):
-                if normalise(c) not in seen and not dedup.is_dup(c, ex_sh) and not copies_context(c, ex_sh, cfg.near_dup):
+                if normalise(c) not in seen and not dedup.is_dup(c) and not copies_context(c, ex_sh, cfg.near_dup):
                     seen.add(normalise(c))
                     cands.append((i, c))
     stats["candidates"] += len(cands)
