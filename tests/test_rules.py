@@ -11,6 +11,7 @@ from safetyscope.discovery.rules import (
     firing_rates,
     fpr_thresholds,
     greedy_select,
+    group_splits,
     rank_features,
 )
 from safetyscope.errors import SafetyScopeError
@@ -429,3 +430,51 @@ def test_sparse_linear_fpr_rows_errors_name_the_problem(kwargs, mask, message):
              "two": np.isin(np.arange(len(y)), np.flatnonzero(look)[:2])}
     with pytest.raises(SafetyScopeError, match=message):
         SparseLinearClassifier(C=1.0, **kwargs).fit(X, y, fpr_rows=masks[mask])
+
+
+def _two_sources(seed=0, n=600):
+    """Source "a": toxic rows fire f0 (a style marker, like profanity in tweets) and weakly f1 (the concept);
+    source "b": toxic rows fire f1 only and clean rows fire f0 half the time (profanity that is not toxic)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(int)
+    src = np.where(np.arange(n) < n // 2, "a", "b")
+    dense = (rng.random((n, 20)) < 0.05) * rng.random((n, 20))
+    a_tox, b_tox = (src == "a") & (y == 1), (src == "b") & (y == 1)
+    dense[a_tox, 0] = 3.0
+    dense[a_tox, 1] = 0.5 * rng.random(a_tox.sum()) + 0.3
+    dense[b_tox, 1] = 1.0 + rng.random(b_tox.sum())
+    b_clean = np.flatnonzero((src == "b") & (y == 0))
+    dense[rng.choice(b_clean, len(b_clean) // 2, replace=False), 0] = 3.0
+    return sp.csr_matrix(dense), y, src
+
+
+def test_group_splits_hold_out_whole_groups_and_need_two():
+    y = np.array([0, 1] * 6)
+    groups = np.array(["a"] * 4 + ["b"] * 4 + ["c"] * 4)
+    splits = group_splits(y, groups)
+    assert len(splits) == 3
+    for fit, held in splits:
+        assert set(groups[fit]).isdisjoint(groups[held]) and len(set(groups[held])) == 1
+    assert sorted(np.concatenate([h for _, h in splits]).tolist()) == list(range(12))
+    with pytest.raises(SafetyScopeError, match="at least 2 groups"):
+        group_splits(y, np.array(["a"] * 12))
+    with pytest.raises(SafetyScopeError, match="group labels"):
+        group_splits(y, groups[:5])
+
+
+def test_grouped_operating_point_is_measured_on_held_out_sources():
+    X, y, src = _two_sources()
+    clf = SparseLinearClassifier(max_features=8, target_fpr=0.05).fit(X, y, groups=src)
+    op = clf.operating_point_
+    assert op["method"].startswith("out-of-group scores (2 groups")
+    assert set(op["by_group"]) == {"a", "b"}
+    assert op["by_group"]["a"]["toxic"] == (y[src == "a"] == 1).sum()
+    assert op["oof_fpr"] <= 0.05
+    # fitted on "a" alone, a rule leans on the style marker f0, which fires on half of b's clean rows: the
+    # out-of-group numbers show that cost, which stratified folds over the pooled rows hide
+    pooled = SparseLinearClassifier(max_features=8, target_fpr=0.05).fit(X, y)
+    assert op["oof_recall"] < pooled.operating_point_["oof_recall"]
+    again = SparseLinearClassifier.from_dict(clf.to_dict())
+    assert again.operating_point_["by_group"] == op["by_group"]
+    rule = OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.05).fit(X, y, groups=src)
+    assert "held-out groups" in rule.k_selection_

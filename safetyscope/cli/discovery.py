@@ -55,11 +55,14 @@ def _fpr_cap(value: str) -> float | None | str:
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
 @click.option("--fallback-kind", type=click.Choice(["or_rule", "sparse_linear"]), default=None,
               help="With --per-language: the kind of the pooled fallback rule [default: --kind].")
+@click.option("--group-column", default=DiscoverConfig.group_column,
+              help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "
+                   "held-out groups (leave one group out), so settings that only fit one source's style lose.")
 @click.option("--seed", type=int, default=DiscoverConfig.seed, show_default=True)
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
-             target_fpr, threshold, scan_layers, per_language, fallback_kind, seed, **kw):
+             target_fpr, threshold, scan_layers, per_language, fallback_kind, group_column, seed, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from ..discovery.discover import discover as run
     from ..outputs import check_output
@@ -69,7 +72,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
                          criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers, per_language=per_language,
-                         fallback_kind=fallback_kind)
+                         fallback_kind=fallback_kind, group_column=group_column)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)
     r = det.rule.to_dict()

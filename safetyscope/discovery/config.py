@@ -33,3 +33,6 @@ class DiscoverConfig:
     # kind of that pooled fallback (None: `kind`); "or_rule" keeps a sparse per-language file cheap to make:
     # an L1 path over every language's rows pooled costs far more than the per-language fits together
     fallback_kind: RuleKind | None = None
+    # a column naming each row's group (e.g. `source`): K / C and the operating point are chosen on held-out
+    # groups, so a setting is rewarded for carrying over to a source it was not fitted on
+    group_column: str | None = None

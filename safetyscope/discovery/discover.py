@@ -18,15 +18,22 @@ from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_h
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
     frames = []
     for p in paths:
-        df = require_text(read_table(p, columns=[cfg.text_column, cfg.label_column]), cfg.text_column, p)
+        needed = [cfg.text_column, cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
+        df = require_text(read_table(p, columns=needed), cfg.text_column, p)
         if cfg.split is not None:
             require_columns(df, ["split"], p)
             df = df.filter(pl.col("split") == cfg.split)
         if cfg.langs:
             require_columns(df, ["lang"], p)
             df = df.filter(pl.col("lang").is_in(cfg.langs))
-        keep = [c for c in (cfg.text_column, cfg.label_column, "lang") if c in df.columns]
-        frames.append(df.select(keep).with_columns(pl.col(cfg.label_column).cast(pl.String)))
+        keep = [c for c in (cfg.text_column, cfg.label_column, "lang", cfg.group_column) if c and c in df.columns]
+        df = df.select(list(dict.fromkeys(keep))).with_columns(pl.col(cfg.label_column).cast(pl.String))
+        if cfg.group_column:
+            missing = df.get_column(cfg.group_column).null_count()
+            if missing:
+                raise SafetyScopeError(f"{p}: {missing} row(s) have no {cfg.group_column!r} (--group-column)")
+            df = df.with_columns(pl.col(cfg.group_column).cast(pl.String))
+        frames.append(df)
     df = pl.concat(frames, how="diagonal")
     if df.height == 0:
         raise SafetyScopeError(f"no rows left in {paths} after filtering (split={cfg.split}, langs={cfg.langs})")
@@ -80,7 +87,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         chosen = best_layer({la: v["best_delta"] for la, v in scan.items()})
         fx, codes = next(f for f in fxs if f.layer == chosen), by_layer[chosen]
     pooled_cfg = replace(cfg, kind=cfg.fallback_kind) if cfg.per_language and cfg.fallback_kind else cfg
-    rule = make_rule(pooled_cfg).fit(codes, y)
+    groups = df.get_column(cfg.group_column).to_numpy() if cfg.group_column else None
+    rule = make_rule(pooled_cfg).fit(codes, y, groups=groups)
     if "lang" in df.columns:
         langs = [str(v) for v in df.get_column("lang").to_list()]
     else:  # the languages the rule is validated on must be known: identify them as classify would
@@ -90,13 +98,13 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     validation = language_validation(rule, codes, y, langs, cfg.seed)
     rules_by_lang = {}
     if cfg.per_language:
-        rules_by_lang, own = fit_per_language(codes, y, langs, cfg)
+        rules_by_lang, own = fit_per_language(codes, y, langs, cfg, groups)
         validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
                          "criterion": cfg.criterion, "target_fpr": cfg.target_fpr, "per_language": cfg.per_language,
-                         "fallback_kind": pooled_cfg.kind}}
+                         "fallback_kind": pooled_cfg.kind, "group_column": cfg.group_column}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
@@ -119,14 +127,19 @@ def check_per_language(df: pl.DataFrame, y: np.ndarray) -> None:
             raise SafetyScopeError(f"--per-language: language {lang!r}: {e}; add rows or leave it out with --lang") from None
 
 
-def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig) -> tuple[dict, dict]:
+def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig,
+                     groups=None) -> tuple[dict, dict]:
     """({language: rule fitted on that language's rows only}, the validation record): same kind, K choice and
-    criterion as the pooled rule; per language, the hold-out recall and clean FPR of its own rule."""
+    criterion as the pooled rule; per language, the hold-out recall and clean FPR of its own rule. With
+    ``groups``, a language of two or more groups chooses on held-out groups; one of a single group as before."""
     langs = np.asarray(langs, dtype=object)
     rules, per_lang = {}, {}
     for lang in sorted(set(langs.tolist())):
         rows = np.flatnonzero(langs == lang)
-        rules[lang] = make_rule(cfg).fit(codes[rows], y[rows])
+        g = None if groups is None else np.asarray(groups, dtype=object)[rows]
+        if g is not None and len(set(g.tolist())) < 2:
+            g = None
+        rules[lang] = make_rule(cfg).fit(codes[rows], y[rows], groups=g)
         v = language_validation(rules[lang], codes[rows], y[rows], [lang] * len(rows), cfg.seed)
         per_lang[lang] = {**v["per_lang"][lang], "k": len(rules[lang].features_), "method": v["method"]}
     return rules, {"languages": sorted(rules), "per_lang": per_lang,

@@ -165,6 +165,42 @@ def _weighted_rate_threshold(scores: np.ndarray, weights: np.ndarray, rate: floa
     return float(scores[order[j]]) if j < len(order) else -np.inf
 
 
+def group_splits(y: np.ndarray, groups, max_folds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, held-out rows) with every row of a group on one side: leave one group out (GroupKFold with
+    ``max_folds`` folds beyond that many groups). Why: rows of one source share a style (tweets, templates,
+    rewrites), so a hold-out drawn from the sources a rule was fitted on rewards that style; a held-out
+    source measures what carries over to data nobody tuned on."""
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
+
+    groups = np.asarray(groups, dtype=object)
+    if groups.shape != y.shape:
+        raise SafetyScopeError(f"{len(y)} rows but {len(groups)} group labels")
+    if any(g is None for g in groups):
+        raise SafetyScopeError(f"{sum(g is None for g in groups)} row(s) have no group")
+    groups = groups.astype(str)
+    if len(set(groups.tolist())) < 2:
+        raise SafetyScopeError(f"grouped selection needs at least 2 groups (e.g. sources); found only {groups[0]!r}")
+    n = len(set(groups.tolist()))
+    splitter = LeaveOneGroupOut() if n <= max_folds else GroupKFold(max_folds)
+    out = [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, groups) if len(set(y[tr].tolist())) == 2]
+    if not out:
+        raise SafetyScopeError("no held-out group leaves both toxic and clean rows to fit on")
+    return out
+
+
+def by_group_rates(y: np.ndarray, fired: np.ndarray, groups) -> dict:
+    """Per group: rows, recall on its toxic rows and firing rate on its clean rows (None where it has none)."""
+    groups = np.asarray(groups, dtype=object).astype(str)
+    out = {}
+    for g in sorted(set(groups.tolist())):
+        m = groups == g
+        tox, clean = m & (y == 1), m & (y == 0)
+        out[g] = {"toxic": int(tox.sum()), "clean": int(clean.sum()),
+                  "recall": float(fired[tox].mean()) if tox.any() else None,
+                  "fpr": float(fired[clean].mean()) if clean.any() else None}
+    return out
+
+
 def _rows(sw: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
     return None if sw is None else sw[idx]
 
@@ -303,11 +339,13 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
         feats = rank_features(X, y, self.threshold)[0][:k]
         return feats, fpr_thresholds(X, y, feats, self.threshold, self._cap())
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
+        """``groups`` (e.g. each row's source): K is chosen on held-out groups (``group_splits``) instead of
+        stratified hold-outs of the pooled rows."""
         X, y = _validate_fit(self, X, y)
-        return self._fit(X, y)
+        return self._fit(X, y, groups)
 
-    def _fit(self, X: sp.csr_matrix, y: np.ndarray):
+    def _fit(self, X: sp.csr_matrix, y: np.ndarray, groups=None):
         """Fit on validated CSR X and labels encoded 0/1 (1: classes_[1], the class the rule detects)."""
         self._cap()  # validates selection before any work
         self.k_scores_, self.k_folds_ = {}, {}
@@ -318,9 +356,15 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             self.k_selection_ = "fixed"
         else:
             _check_enough_for_holdouts(y, "K")
-            splits = StratifiedShuffleSplit(self.n_splits, test_size=self.holdout, random_state=self.random_state)
+            if groups is None:
+                splits = list(StratifiedShuffleSplit(self.n_splits, test_size=self.holdout,
+                                                     random_state=self.random_state).split(np.zeros(len(y)), y))
+                holdouts = f"{self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting data (seed {self.random_state})"
+            else:
+                splits = group_splits(y, groups)
+                holdouts = f"{len(splits)} held-out groups"
             folds = {int(k): [] for k in self.k_candidates}
-            for idx_fit, idx_val in splits.split(np.zeros(len(y)), y):
+            for idx_fit, idx_val in splits:
                 Xv, yv = X[idx_val], y[idx_val]
                 # one selection of the largest K; its prefixes are the smaller rules (greedy and delta alike)
                 feats, thr = self._select(X[idx_fit], y[idx_fit], max(self.k_candidates))
@@ -328,7 +372,6 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
                     folds[k].append(_fold_metrics(yv, _or_predict(Xv, feats[:k], thr[:k])))
             self.k_folds_ = folds
             mean = {k: {m: float(np.mean([f[m] for f in v])) for m in ("recall", "fpr", "f1")} for k, v in folds.items()}
-            holdouts = f"{self.n_splits} stratified {self.holdout:.0%} hold-outs of the fitting data (seed {self.random_state})"
             if self.criterion == "f1":
                 self.k_scores_ = {k: v["f1"] for k, v in mean.items()}
                 k = max(self.k_scores_, key=lambda kk: (self.k_scores_[kk], -kk))  # best F1, then fewer features
@@ -467,8 +510,8 @@ class RandomMatchedOrRule(OrRuleClassifier):
     """Control: the fitted OR-rule's K, with each selected feature swapped for a random one (seeded) thresholded
     to fire on the same share of clean fitting texts. If this matches the real rule, the selection did no work."""
 
-    def _fit(self, X, y):
-        super()._fit(X, y)
+    def _fit(self, X, y, groups=None):
+        super()._fit(X, y, groups)
         rng = np.random.default_rng(self.random_state)
         clean = X[y == 0]
         ever = np.flatnonzero(np.asarray((clean > self.threshold).sum(axis=0)).ravel() > 0)
@@ -534,7 +577,10 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
 
         return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=1000, random_state=self.random_state)
 
-    def fit(self, X, y, sample_weight=None, fpr_rows=None):
+    def fit(self, X, y, sample_weight=None, fpr_rows=None, groups=None):
+        """``groups`` (e.g. each row's source): C is chosen and the operating point set on held-out groups
+        (``group_splits``: a group's rows are scored by a rule fitted without any of them) instead of stratified
+        folds, and ``operating_point_["by_group"]`` records each held-out group's recall and clean firing rate."""
         X, y = _validate_fit(self, X, y)
         sw = None if sample_weight is None else _check_sample_weight(sample_weight, X, dtype=np.float64)
         fpr_rows = self._check_fpr_rows(fpr_rows, y)
@@ -547,15 +593,21 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
             self.C_scores_ = {}
         else:
             _check_enough_for_holdouts(y, "C")
-            skf = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
+            splits = (list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, y))
+                      if groups is None else group_splits(y, groups))
             self.C_scores_ = {}
             for C in np.logspace(-2, 1, 13):
                 nnz = np.count_nonzero(self._lr(C).fit(Xc, y, sample_weight=sw).coef_)
                 if nnz > self.max_features or nnz == 0:
                     continue
-                f1s = [f1_score(y[te], self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).predict(Xc[te]),
-                                sample_weight=_rows(sw, te), zero_division=0)
-                       for tr, te in skf.split(Xc, y)]
+                if groups is None:
+                    f1s = [f1_score(y[te], self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).predict(Xc[te]),
+                                    sample_weight=_rows(sw, te), zero_division=0) for tr, te in splits]
+                else:  # a held-out group may hold one class only: F1 of the pooled out-of-group predictions
+                    pred = np.zeros(len(y), dtype=int)
+                    for tr, te in splits:
+                        pred[te] = self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).predict(Xc[te])
+                    f1s = [f1_score(y, pred, sample_weight=sw, zero_division=0)]
                 self.C_scores_[float(C)] = float(np.mean(f1s))
             if not self.C_scores_:
                 C = 0.01
@@ -571,7 +623,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         self.intercept_ = float(lr.intercept_[0])
         self.operating_point_ = {}
         if self.target_fpr is not None:
-            self._set_operating_point(Xc, y, C, sw, fpr_rows)
+            self._set_operating_point(Xc, y, C, sw, fpr_rows, groups)
         return self
 
     def _check_fpr_rows(self, fpr_rows, y: np.ndarray) -> np.ndarray | None:
@@ -591,25 +643,34 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
                                    f"{max(MIN_PER_CLASS, self.cv)}")
         return mask
 
-    def _set_operating_point(self, Xc, y: np.ndarray, C: float, sw=None, fpr_rows=None) -> None:
+    def _set_operating_point(self, Xc, y: np.ndarray, C: float, sw=None, fpr_rows=None, groups=None) -> None:
         """Shift the intercept so that out-of-fold scores exceed 0 on at most target_fpr (a weighted share with
-        sample weights) of the clean rows, or of ``fpr_rows`` when given."""
+        sample weights) of the clean rows, or of ``fpr_rows`` when given; with ``groups``, out-of-group scores."""
         if not 0 < float(self.target_fpr) < 1:
             raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
         _check_enough_for_holdouts(y, "the operating point")
         measured = (y == 0) if fpr_rows is None else fpr_rows
         # with fpr_rows, every fold holds its share of them: a fold without any would leave no score to set on
         strata = y if fpr_rows is None else y + 2 * fpr_rows
-        oof = np.empty(len(y))
-        for tr, te in StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, strata):
+        oof = np.full(len(y), np.nan)
+        splits = (StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, strata)
+                  if groups is None else group_splits(y, groups))
+        for tr, te in splits:
             oof[te] = self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).decision_function(Xc[te])
+        if np.isnan(oof).any():  # a group whose removal leaves one class: scored by no fold
+            raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
+                                   "(without it one class is left); merge it with another group")
         w = np.ones(len(y)) if sw is None else sw
         threshold = _weighted_rate_threshold(oof[measured], w[measured], float(self.target_fpr))
         self.intercept_ -= threshold
         fired = oof > threshold
         self.operating_point_ = {"target_fpr": float(self.target_fpr), "threshold": threshold,
                                  "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[measured].mean()),
-                                 "method": f"{self.cv}-fold out-of-fold scores of the fitting data"}
+                                 "method": (f"{self.cv}-fold out-of-fold scores of the fitting data" if groups is None
+                                            else f"out-of-group scores ({len(set(np.asarray(groups).astype(str).tolist()))} groups, "
+                                                 "each scored by a rule fitted without it)")}
+        if groups is not None:
+            self.operating_point_["by_group"] = by_group_rates(y, fired, groups)
         if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
             self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
                                           "oof_fpr_all_clean": float(fired[y == 0].mean())})
