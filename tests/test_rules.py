@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from safetyscope.discovery.rules import (
+    LinearProbeClassifier,
     OrRuleClassifier,
     SparseLinearClassifier,
     classifier_from_dict,
@@ -13,6 +14,7 @@ from safetyscope.discovery.rules import (
     greedy_select,
     group_splits,
     rank_features,
+    rule_inputs,
 )
 from safetyscope.errors import SafetyScopeError
 
@@ -478,3 +480,31 @@ def test_grouped_operating_point_is_measured_on_held_out_sources():
     assert again.operating_point_["by_group"] == op["by_group"]
     rule = OrRuleClassifier(criterion="recall_at_fpr", target_fpr=0.05).fit(X, y, groups=src)
     assert "held-out groups" in rule.k_selection_
+
+
+def test_linear_probe_reads_codes_and_mean_residual_and_round_trips():
+    """Toxic rows differ from clean ones only in the mean residual (no SAE feature tells them apart), as for
+    statements without a swear word: a rule on the codes alone is at chance, the linear probe separates them."""
+    rng = np.random.default_rng(0)
+    n, d_sae, d_model = 400, 30, 8
+    y = (np.arange(n) % 2).astype(int)
+    codes = sp.csr_matrix((rng.random((n, d_sae)) < 0.1) * rng.random((n, d_sae)))
+    mean = rng.normal(size=(n, d_model)) * 5.0 + 100.0  # large offset and scale: standardised inside the fit
+    mean[:, 3] += 20.0 * y
+    X = rule_inputs(LinearProbeClassifier(), codes, mean)
+    assert X.shape == (n, d_sae + d_model)
+    clf = LinearProbeClassifier(n_codes=d_sae, C=1.0, target_fpr=0.05).fit(X[:300], y[:300])
+    s = clf.decision_function(X[300:])
+    assert ((s > 0) == y[300:]).mean() > 0.8
+    assert clf.operating_point_["oof_fpr"] <= 0.05
+    codes_only = SparseLinearClassifier(max_features=8, C=1.0).fit(codes[:300], y[:300])
+    assert ((codes_only.predict(codes[300:]) == y[300:]).mean()) < 0.65
+    again = classifier_from_dict(clf.to_dict())
+    np.testing.assert_allclose(again.decision_function(X[300:]), s)
+    assert again.fired(X[300:]) == clf.fired(X[300:])
+    bad = clf.to_dict()
+    bad["weights"] = bad["weights"][:-1]
+    with pytest.raises(SafetyScopeError, match="weights"):
+        classifier_from_dict(bad)
+    with pytest.raises(SafetyScopeError, match="mean residual"):
+        rule_inputs(clf, codes)

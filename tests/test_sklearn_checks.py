@@ -3,14 +3,16 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from safetyscope.discovery.rules import OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier
+from safetyscope.discovery.rules import LinearProbeClassifier, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier
 
-ESTIMATORS = [OrRuleClassifier(), SparseLinearClassifier(), RandomMatchedOrRule()]
+ESTIMATORS = [OrRuleClassifier(), SparseLinearClassifier(), RandomMatchedOrRule(), LinearProbeClassifier()]
 
 
 def _expected_failed_checks(est) -> dict:
     # With the defaults, K (OrRule) and C (SparseLinear) are chosen on stratified hold-outs, which needs at least
     # MIN_PER_CLASS rows of each class; this check fits 10 rows and accepts only a "1 feature(s)" message.
+    if isinstance(est, LinearProbeClassifier):  # C is a parameter and no operating point by default: nothing held out
+        return {}
     failing = {"check_fit2d_1feature": "K / C are chosen on stratified hold-outs: needs >= 5 rows of each class"}
     if isinstance(est, SparseLinearClassifier):
         # weight 2 == the row twice only if both copies fall in the same CV fold. These checks pass explicit

@@ -53,7 +53,7 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--per-language", is_flag=True,
               help="One rule per language of the `lang` column, each fitted on its own rows, plus the rule fitted on "
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
-@click.option("--fallback-kind", type=click.Choice(["or_rule", "sparse_linear"]), default=None,
+@click.option("--fallback-kind", type=click.Choice(get_args(RuleKind)), default=None,
               help="With --per-language: the kind of the pooled fallback rule [default: --kind].")
 @click.option("--group-column", default=DiscoverConfig.group_column,
               help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RuleKind = Literal["or_rule", "sparse_linear"]
+RuleKind = Literal["or_rule", "sparse_linear", "linear"]
 Selection = Literal["greedy", "delta"]  # OrRuleClassifier: forward selection, or the report's top K by delta
 Criterion = Literal["recall_at_fpr", "f1"]  # what OrRuleClassifier's selection and K optimise
 

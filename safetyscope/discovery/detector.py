@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
 from ..provenance import extractor_from_record, extractor_record, read_document, write_document
-from .rules import classifier_from_dict
+from .rules import classifier_from_dict, rule_inputs
 
 FORMAT = "safetyscope-classifier"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -65,8 +65,10 @@ def read_rules(d: dict, where, d_sae: int | None = None) -> tuple[object, dict[s
             rule = classifier_from_dict(rd)
         except SafetyScopeError as e:
             raise SafetyScopeError(f"{where}: {label}{e}") from None
-        if d_sae is not None and rule.n_features_in_ != d_sae:
-            raise SafetyScopeError(f"{where}: {label}rule n_features_in {rule.n_features_in_} is not the SAE's "
+        # a rule reading codes + mean residual has d_sae code columns (n_codes) and d_model more
+        n_codes = getattr(rule, "n_codes", rule.n_features_in_)
+        if d_sae is not None and n_codes != d_sae:
+            raise SafetyScopeError(f"{where}: {label}rule n_features_in {n_codes} is not the SAE's "
                                    f"d_sae {d_sae}")
         return rule
 
@@ -100,10 +102,12 @@ class Detector:
         """(toxic bool array, score float array, fired feature ids per text) for non-empty texts. A per-language
         detector scores each text with its language's rule (``langs``; None: identified offline, as classify
         does); a single-rule detector ignores ``langs``."""
-        codes = self.extractor.transform(texts, progress=progress)
+        ex = self.extractor.extract(texts, progress=progress)
+        codes, means = ex.codes, ex.mean_acts
         if not self.rules_by_lang:
-            score = self.rule.decision_function(codes)
-            return score > 0, score, self.rule.fired(codes)
+            X = rule_inputs(self.rule, codes, means)
+            score = self.rule.decision_function(X)
+            return score > 0, score, self.rule.fired(X)
         if langs is None:
             from ..langid import identify
 
@@ -115,8 +119,9 @@ class Detector:
         for key in set(keys.tolist()):  # "" = the fallback rule
             idx = np.flatnonzero(keys == key)
             rule = self.rule_for(key)
-            score[idx] = rule.decision_function(codes[idx])
-            for i, f in zip(idx, rule.fired(codes[idx])):
+            X = rule_inputs(rule, codes[idx], means[idx])
+            score[idx] = rule.decision_function(X)
+            for i, f in zip(idx, rule.fired(X)):
                 fired[i] = f
         return score > 0, score, fired
 

@@ -12,7 +12,15 @@ from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor, extract_shared, layer_extractors
 from .config import DiscoverConfig
 from .detector import Detector
-from .rules import OrRuleClassifier, SparseLinearClassifier, _check_enough_for_holdouts, best_layer, rank_features
+from .rules import (
+    LinearProbeClassifier,
+    OrRuleClassifier,
+    SparseLinearClassifier,
+    _check_enough_for_holdouts,
+    best_layer,
+    rank_features,
+    rule_inputs,
+)
 
 
 def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
@@ -53,7 +61,7 @@ def data_summary(df: pl.DataFrame, y: np.ndarray, cfg: DiscoverConfig, paths: li
     return out
 
 
-def make_rule(cfg: DiscoverConfig):
+def make_rule(cfg: DiscoverConfig, d_sae: int = 0):
     if cfg.kind == "or_rule":
         return OrRuleClassifier(max_features=cfg.max_features, selection=cfg.selection, threshold=cfg.threshold,
                                 fpr_cap=cfg.fpr_cap, random_state=cfg.seed, criterion=cfg.criterion,
@@ -61,7 +69,10 @@ def make_rule(cfg: DiscoverConfig):
     if cfg.kind == "sparse_linear":
         return SparseLinearClassifier(max_features=cfg.max_features or 128, random_state=cfg.seed,
                                       target_fpr=cfg.target_fpr if cfg.criterion == "recall_at_fpr" else None)
-    raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule or sparse_linear")
+    if cfg.kind == "linear":
+        return LinearProbeClassifier(n_codes=d_sae, random_state=cfg.seed,
+                                     target_fpr=cfg.target_fpr if cfg.criterion == "recall_at_fpr" else None)
+    raise SafetyScopeError(f"unknown classifier kind {cfg.kind!r}; use or_rule, sparse_linear or linear")
 
 
 def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, progress: bool = True) -> Detector:
@@ -75,30 +86,35 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     layers = cfg.layers or ([fcfg.layer] if fcfg.layer is not None else [])
     if len(layers) <= 1:
         fx = FeatureExtractor.from_config(fcfg)
-        codes = fx.transform(texts, progress=progress)
+        ex = fx.extract(texts, progress=progress)
+        codes, means = ex.codes, ex.mean_acts
         scan = None
     else:  # one SAE per layer, all layers from one forward pass; keep the layer whose best feature separates most
         fxs = layer_extractors(fcfg, list(dict.fromkeys(layers)))
-        scan, by_layer = {}, {}
+        scan, by_layer, means_by_layer = {}, {}, {}
         for fx_l, ex_l in zip(fxs, extract_shared(fxs, texts, progress=progress)):
             order, delta, _, _ = rank_features(ex_l.codes, y, cfg.threshold)
             scan[fx_l.layer] = {"best_feature": int(order[0]), "best_delta": float(delta[order[0]])}
             by_layer[fx_l.layer] = ex_l.codes
+            means_by_layer[fx_l.layer] = ex_l.mean_acts
         chosen = best_layer({la: v["best_delta"] for la, v in scan.items()})
-        fx, codes = next(f for f in fxs if f.layer == chosen), by_layer[chosen]
+        fx, codes, means = next(f for f in fxs if f.layer == chosen), by_layer[chosen], means_by_layer[chosen]
     pooled_cfg = replace(cfg, kind=cfg.fallback_kind) if cfg.per_language and cfg.fallback_kind else cfg
     groups = df.get_column(cfg.group_column).to_numpy() if cfg.group_column else None
-    rule = make_rule(pooled_cfg).fit(codes, y, groups=groups)
+    d_sae = fx.sae.cfg.d_sae
+    # a linear rule reads the mean residual beside the codes (rule_inputs); the others read the codes
+    X = rule_inputs(LinearProbeClassifier(), codes, means) if "linear" in (cfg.kind, pooled_cfg.kind) else codes
+    rule = make_rule(pooled_cfg, d_sae).fit(X if pooled_cfg.kind == "linear" else codes, y, groups=groups)
     if "lang" in df.columns:
         langs = [str(v) for v in df.get_column("lang").to_list()]
     else:  # the languages the rule is validated on must be known: identify them as classify would
         from ..langid import identify
 
         langs = identify(texts)
-    validation = language_validation(rule, codes, y, langs, cfg.seed)
+    validation = language_validation(rule, X if pooled_cfg.kind == "linear" else codes, y, langs, cfg.seed)
     rules_by_lang = {}
     if cfg.per_language:
-        rules_by_lang, own = fit_per_language(codes, y, langs, cfg, groups)
+        rules_by_lang, own = fit_per_language(X if cfg.kind == "linear" else codes, y, langs, cfg, groups, d_sae)
         validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
@@ -128,7 +144,7 @@ def check_per_language(df: pl.DataFrame, y: np.ndarray) -> None:
 
 
 def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig,
-                     groups=None) -> tuple[dict, dict]:
+                     groups=None, d_sae: int = 0) -> tuple[dict, dict]:
     """({language: rule fitted on that language's rows only}, the validation record): same kind, K choice and
     criterion as the pooled rule; per language, the hold-out recall and clean FPR of its own rule. With
     ``groups``, a language of two or more groups chooses on held-out groups; one of a single group as before."""
@@ -139,7 +155,7 @@ def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig
         g = None if groups is None else np.asarray(groups, dtype=object)[rows]
         if g is not None and len(set(g.tolist())) < 2:
             g = None
-        rules[lang] = make_rule(cfg).fit(codes[rows], y[rows], groups=g)
+        rules[lang] = make_rule(cfg, d_sae).fit(codes[rows], y[rows], groups=g)
         v = language_validation(rules[lang], codes[rows], y[rows], [lang] * len(rows), cfg.seed)
         per_lang[lang] = {**v["per_lang"][lang], "k": len(rules[lang].features_), "method": v["method"]}
     return rules, {"languages": sorted(rules), "per_lang": per_lang,
@@ -162,7 +178,10 @@ def language_validation(rule, codes, y: np.ndarray, langs: list[str], seed: int,
     seen = np.zeros((n_splits, len(y)), dtype=bool)
     splits = StratifiedShuffleSplit(n_splits, test_size=holdout, random_state=seed)
     for i, (idx_fit, idx_val) in enumerate(splits.split(np.zeros(len(y)), y)):
-        est = clone(rule).set_params(max_features=k).fit(codes[idx_fit], y[idx_fit])
+        est = clone(rule)
+        if "max_features" in est.get_params():
+            est.set_params(max_features=k)
+        est.fit(codes[idx_fit], y[idx_fit])
         pred[i, idx_val], seen[i, idx_val] = est.predict(codes[idx_val]), True
     per_lang = {}
     for lang in sorted(set(langs.tolist())):

@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .detector import UNVALIDATED, Detector
+from .rules import rule_inputs
 
 
 def explain_text(det: Detector, text: str | None, lang: str | None = None) -> dict:
@@ -21,12 +22,21 @@ def explain_text(det: Detector, text: str | None, lang: str | None = None) -> di
     tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae)
     rule = det.rule_for(lang)
     pooled = sp.csr_matrix(codes.amax(0).numpy()[None, :])
-    score = float(rule.decision_function(pooled)[0])
-    fired = set(rule.fired(pooled)[0])
-    thresholds = getattr(rule, "thresholds_", np.zeros(len(rule.features_)))
+    ids = rule.features_
+    if getattr(rule, "reads", "codes") != "codes":  # a linear rule also reads the mean residual: score as classify
+        ex = det.extractor.extract([text])
+        X = rule_inputs(rule, ex.codes, ex.mean_acts)
+        ids = np.asarray(rule.fired(X)[0], dtype=np.int64)  # the active SAE features that push towards toxic
+    else:
+        X = pooled
+    score = float(rule.decision_function(X)[0])
+    fired = set(rule.fired(X)[0])
+    thresholds = getattr(rule, "thresholds_", np.zeros(len(ids)))
     weights = getattr(rule, "weights_", None)
+    if weights is not None and len(weights) != len(rule.features_):  # one weight per input column
+        weights = weights[ids]
     feats = []
-    for j, f in enumerate(rule.features_):
+    for j, f in enumerate(ids):
         col = codes[:, int(f)].numpy()
         if col.max() <= 0:
             continue

@@ -725,7 +725,155 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         return clf
 
 
-KINDS = {"or_rule": OrRuleClassifier, "sparse_linear": SparseLinearClassifier}
+class LinearProbeClassifier(ClassifierMixin, BaseEstimator):
+    """L2 logistic regression on every SAE feature (log1p of its pooled activation) *and* the mean-pooled residual
+    of the same layer (standardised), read from one matrix ``hstack([codes, mean_acts])`` (``reads``).
+
+    Why both: max-pooled SAE codes carry the lexical evidence (a slur or a swear word fires a feature at one
+    token), while the mean residual carries what a whole sentence says; on statements without profanity (implicit
+    hate) the codes alone transfer worst (README: "Classifiers that generalize"). L2 rather than L1: a few
+    features fitted to the training sources' words were what failed out of source.
+
+    ``n_codes``: how many leading columns are SAE codes (the SAE's d_sae); the rest are the residual's d_model.
+    ``target_fpr``: as SparseLinearClassifier, the threshold at that share of clean rows flagged by out-of-fold
+    (with ``groups`` in ``fit``: out-of-group) scores, folded into ``intercept_``. The standardisation is folded
+    into the weights, so the file holds one weight per column and an intercept. ``fired`` lists the active SAE
+    features that push towards toxic, the largest contributions first (at most ``max_fired``).
+    """
+
+    reads = "codes+mean"
+
+    def __init__(self, n_codes: int = 0, C: float = 0.01, target_fpr: float | None = None, cv: int = 3,
+                 random_state: int = 0, max_fired: int = 10):
+        self.n_codes = n_codes
+        self.C = C
+        self.target_fpr = target_fpr
+        self.cv = cv
+        self.random_state = random_state
+        self.max_fired = max_fired
+
+    def __sklearn_tags__(self):
+        return _binary_sparse_tags(super().__sklearn_tags__())
+
+    def _design(self, X) -> np.ndarray:
+        """Dense design matrix: log1p(codes) beside the raw residual columns (not yet standardised)."""
+        X = X.tocsr()
+        codes = X[:, : self.n_codes].copy()
+        codes.data = np.log1p(np.maximum(codes.data, 0))
+        return np.hstack([codes.toarray(), X[:, self.n_codes:].toarray()]).astype(np.float64)
+
+    def _lr(self):
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=self.C, max_iter=3000, random_state=self.random_state)
+
+    def _fit_scaled(self, D: np.ndarray, y: np.ndarray):
+        """(weights, intercept) on the unscaled design D: the residual columns standardised inside the fit."""
+        mu, sd = np.zeros(D.shape[1]), np.ones(D.shape[1])
+        raw = slice(self.n_codes, None)
+        mu[raw], sd[raw] = D[:, raw].mean(0), D[:, raw].std(0) + 1e-6
+        lr = self._lr().fit((D - mu) / sd, y)
+        w = lr.coef_.ravel() / sd
+        return w, float(lr.intercept_[0] - (w * mu).sum())
+
+    def fit(self, X, y, groups=None):
+        X, y = _validate_fit(self, X, y)
+        if not 0 <= self.n_codes <= X.shape[1]:
+            raise SafetyScopeError(f"n_codes {self.n_codes} is not within the {X.shape[1]} input columns")
+        D = self._design(X)
+        self.weights_, self.intercept_ = self._fit_scaled(D, y)
+        self.operating_point_ = {}
+        if self.target_fpr is not None:
+            if not 0 < float(self.target_fpr) < 1:
+                raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
+            _check_enough_for_holdouts(y, "the operating point")
+            splits = (StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(D, y)
+                      if groups is None else group_splits(y, groups))
+            oof = np.full(len(y), np.nan)
+            for tr, te in splits:
+                w, b = self._fit_scaled(D[tr], y[tr])
+                oof[te] = D[te] @ w + b
+            if np.isnan(oof).any():
+                raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
+                                       "(without it one class is left); merge it with another group")
+            threshold = _weighted_rate_threshold(oof[y == 0], np.ones(int((y == 0).sum())), float(self.target_fpr))
+            self.intercept_ -= threshold
+            fired = oof > threshold
+            self.operating_point_ = {
+                "target_fpr": float(self.target_fpr), "threshold": threshold,
+                "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[y == 0].mean()),
+                "method": (f"{self.cv}-fold out-of-fold scores of the fitting data" if groups is None
+                           else f"out-of-group scores ({len(set(np.asarray(groups).astype(str).tolist()))} groups, "
+                                "each scored by a rule fitted without it)")}
+            if groups is not None:
+                self.operating_point_["by_group"] = by_group_rates(y, fired, groups)
+        # the features worth naming: SAE features with a positive weight (the residual columns have no name)
+        self.features_ = np.flatnonzero(self.weights_[: self.n_codes] > 0).astype(np.int64)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        X = _validate_predict(self, X)
+        return self._design(X) @ self.weights_ + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = 1 / (1 + np.exp(-self.decision_function(X)))
+        return np.stack([1 - p, p], axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        fires = self.decision_function(X) > 0  # checks fitted first
+        return self.classes_[fires.astype(int)]
+
+    def fired(self, X) -> list[list[int]]:
+        """Per row, the active SAE features that push towards toxic, largest contribution first."""
+        X = _validate_predict(self, X)
+        codes = X[:, : self.n_codes].tocsr()
+        out = []
+        for i in range(codes.shape[0]):
+            row = codes[i]
+            contrib = np.log1p(np.maximum(row.data, 0)) * self.weights_[row.indices]
+            order = np.argsort(-contrib)
+            out.append([int(row.indices[j]) for j in order[: self.max_fired] if contrib[j] > 0])
+        return out
+
+    def to_dict(self) -> dict:
+        out = {"kind": "linear", "params": self.get_params(), "reads": self.reads,
+               "weights": [float(w) for w in self.weights_], "intercept": self.intercept_,
+               "n_features_in": self.n_features_in_, "k": int(len(self.features_)),
+               "k_selection": "every SAE feature and the mean residual, L2 logistic regression",
+               **({"operating_point": self.operating_point_} if self.operating_point_ else {})}
+        _write_classes(self, out)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearProbeClassifier":
+        for key in ("weights", "intercept", "n_features_in", "params"):
+            if key not in d:
+                raise SafetyScopeError(f"classifier rule is missing key {key!r}")
+        w = np.asarray(d["weights"], dtype=np.float64)
+        n = int(_number(d["n_features_in"], "n_features_in", integer=True))
+        if w.ndim != 1 or len(w) != n or not np.isfinite(w).all():
+            raise SafetyScopeError(f"classifier weights must be {n} finite numbers; got {w.shape}")
+        clf = _construct(cls, d["params"])
+        if not 0 <= clf.n_codes <= n:
+            raise SafetyScopeError(f"classifier n_codes {clf.n_codes} is not within n_features_in {n}")
+        clf.classes_ = _read_classes(d)
+        clf.weights_, clf.intercept_ = w, _number(d["intercept"], "intercept")
+        clf.n_features_in_ = n
+        clf.features_ = np.flatnonzero(w[: clf.n_codes] > 0).astype(np.int64)
+        clf.operating_point_ = d.get("operating_point", {})
+        return clf
+
+
+def rule_inputs(rule, codes, mean_acts=None):
+    """The matrix a rule reads: SAE codes, or ``hstack([codes, mean_acts])`` for a rule that ``reads`` both."""
+    if getattr(rule, "reads", "codes") != "codes+mean":
+        return codes
+    if mean_acts is None:
+        raise SafetyScopeError("this classifier reads the mean residual beside the SAE codes; none was given")
+    return sp.hstack([sp.csr_matrix(codes), sp.csr_matrix(np.asarray(mean_acts, dtype=np.float32))], format="csr")
+
+
+KINDS = {"or_rule": OrRuleClassifier, "sparse_linear": SparseLinearClassifier, "linear": LinearProbeClassifier}
 
 
 def classifier_from_dict(d: dict):

@@ -26,7 +26,15 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ..data import parse_labels
-from ..discovery.rules import K_CANDIDATES, OrRuleClassifier, RandomMatchedOrRule, SparseLinearClassifier, best_layer, rank_features
+from ..discovery.rules import (
+    K_CANDIDATES,
+    OrRuleClassifier,
+    RandomMatchedOrRule,
+    SparseLinearClassifier,
+    best_layer,
+    rank_features,
+    rule_inputs,
+)
 from ..errors import SafetyScopeError
 from ..features import Extraction
 from .metrics import binary_metrics, majority_predict, raw_activation_probe
@@ -88,7 +96,8 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
         rows.append({"lang": lang, "method": "majority",
                      **binary_metrics(y[t_idx], majority_predict(y[d_idx], len(t_idx)))})
         if shipped is not None:
-            score = shipped(lang).decision_function(ex.codes[t_idx])
+            rule = shipped(lang)
+            score = rule.decision_function(rule_inputs(rule, ex.codes[t_idx], ex.mean_acts[t_idx]))
             rows.append({"lang": lang, "method": "shipped", **binary_metrics(y[t_idx], score > 0, score)})
     return rows
 
