@@ -35,7 +35,7 @@ def test_every_registered_name_is_a_shipped_classifier_file():
         assert (ASSETS / file).exists(), f"{name}: {file} is missing"
         assert classifier_path(name) == ASSETS / file
         d = read_classifier(name)
-        assert d["format"] == "safetyscope-classifier" and d["rule"]["features"], name
+        assert d["format"] == "safetyscope-classifier" and (d["rule"].get("features") or d["rule"].get("weights")), name
         _, by_lang = read_rules(d, name)  # every rule of the file (fallback and per-language) validates
         if by_lang:  # each per-language rule belongs to a recorded, validated language
             assert sorted(by_lang) == d["validation"]["languages"], name

@@ -202,7 +202,7 @@ def test_single_rule_files_load_unchanged_and_ignore_languages(pooled_file, tmp_
     assert "rules_by_lang" not in again and again["rule"] == d["rule"] and again["validation"] == d["validation"]
     texts = [f"stupid {BASES[2]}", f"idiot {BASES[2]}"]
     assert pooled.predict(texts, langs=["aa", "zz"])[1].tolist() == pooled.predict(texts)[1].tolist()
-    for name in ("default", "harmful-request"):  # the shipped single-rule files
+    for name in ("toxicity-sparse", "harmful-request"):  # the shipped single-rule files
         rule, by_lang = read_rules(read_classifier(name), name)
         assert by_lang == {} and len(rule.features_) >= 1
 

@@ -88,7 +88,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
     for i, fold in enumerate(r.get("holdout", [])):
         click.echo(f"  hold-out {i + 1}: recall {fold['recall']:.3f}, clean FPR {fold['fpr']:.3f}, F1 {fold['f1']:.3f}", err=True)
-    for f in r["features"][:10]:
+    for f in r.get("features", [])[:10]:
         click.echo("  feature " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items()), err=True)
     scan = det.meta.get("layer_scan")
     if scan:

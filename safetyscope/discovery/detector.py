@@ -27,8 +27,11 @@ FORMAT = "safetyscope-classifier"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Shipped classifiers by name (files in ASSETS): what `-c NAME`, `explain NAME` and Detector.load(NAME) accept.
 CLASSIFIERS = {
-    "default": "toxicity-smollm2-135m-instruct.json",
-    "toxicity": "toxicity-smollm2-135m-instruct.json",
+    # linear rules on SAE codes + mean residual, one per language of en/es/it/fr (English: + implicit hate rows)
+    "default": "toxicity-linear-smollm2-135m-instruct.json",
+    "toxicity": "toxicity-linear-smollm2-135m-instruct.json",
+    # the default before it: an English sparse linear rule over 82 SAE features (assets/README.md)
+    "toxicity-sparse": "toxicity-smollm2-135m-instruct.json",
     # the Qwen-Scope-style OR-rule the default was before it (F1 operating point; assets/README.md)
     "toxicity-or-rule": "toxicity-or-rule-smollm2-135m-instruct.json",
     "harmful-request": "harmful-request-smollm2-135m-instruct.json",
