@@ -70,8 +70,8 @@ def main() -> None:
                 results[(n, "by functionality")] = {r["functionality"]: r["flag"] for r in
                                                      f.group_by("functionality").agg(pl.col("flag").mean()).iter_rows(named=True)}
     # baselines fitted on the new default's English rows (en discovery + implicit discovery), same operating point
-    en = pl.concat([pl.read_parquet(DATA / "toxicity/en.parquet").filter(pl.col("split") == "discovery").select("text", "label", "source"),
-                    pl.read_parquet(DATA / "toxicity-implicit/en.parquet").filter(pl.col("split") == "discovery").select("text", "label", "source")])
+    en = pl.concat([pl.read_parquet(DATA / f).filter(pl.col("split") == "discovery").select("text", "label", "source")
+                    for f in ("toxicity/en.parquet", "toxicity-implicit/en.parquet")])
     exe = fx.extract(en["text"].to_list(), progress=True)
     y = en["label"].to_numpy().astype(int)
     d_sae = exe.codes.shape[1]
