@@ -299,3 +299,22 @@ def test_suppress_takes_every_languages_rule_features(per_lang_file, det):
     want = list(dict.fromkeys([int(f) for r in (det.rule, *det.rules_by_lang.values()) for f in r.features_]))
     assert got == want and set(det.rules_by_lang["aa"].features_) <= set(got)
     assert set(got) > set(det.rule.features_.tolist())  # the per-language rules add features the fallback lacks
+
+
+def test_linear_kind_per_language_discovers_classifies_and_explains_alike(planted, tiny_model_dir, qwen_scope_sae_dir):
+    """`discover --kind linear`: every rule reads the SAE codes and the mean residual; explain scores a text as
+    predict does, and each language's test rows are separated by its own rule."""
+    out = planted.parent / "linear_per_lang.json"
+    run_cli(["discover", planted, "-o", out, "--split", "discovery", "--per-language", "--kind", "linear",
+             *_model_args(tiny_model_dir, qwen_scope_sae_dir)])
+    d = json.loads(out.read_text())
+    assert d["rule"]["kind"] == "linear" and {r["kind"] for r in d["rules_by_lang"].values()} == {"linear"}
+    lin = Detector.load(out, dtype="float32")
+    rows = planted_rows().filter(pl.col("split") == "test")
+    toxic, score, _ = lin.predict(rows["text"].to_list(), langs=rows["lang"].to_list())
+    assert f1_score(rows["label"].to_numpy(), toxic) > 0.8
+    text = f"stupid {BASES[1]}"
+    e = json.loads(run_cli(["explain", out, text, "--lang", "aa", "--json", "--dtype", "float32"]).stdout)
+    _, s, fired = lin.predict([text], langs=["aa"])
+    assert e["score"] == pytest.approx(float(s[0]), abs=1e-4)
+    assert sorted(f["id"] for f in e["features"] if f["fired"]) == sorted(fired[0])

@@ -102,19 +102,26 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     pooled_cfg = replace(cfg, kind=cfg.fallback_kind) if cfg.per_language and cfg.fallback_kind else cfg
     groups = df.get_column(cfg.group_column).to_numpy() if cfg.group_column else None
     d_sae = fx.sae.cfg.d_sae
-    # a linear rule reads the mean residual beside the codes (rule_inputs); the others read the codes
-    X = rule_inputs(LinearProbeClassifier(), codes, means) if "linear" in (cfg.kind, pooled_cfg.kind) else codes
-    rule = make_rule(pooled_cfg, d_sae).fit(X if pooled_cfg.kind == "linear" else codes, y, groups=groups)
+    built: dict[str, object] = {}
+
+    def inputs_of(rule):  # the matrix a rule reads (rule_inputs), built once per kind of input
+        key = getattr(rule, "reads", "codes")
+        if key not in built:
+            built[key] = rule_inputs(rule, codes, means)
+        return built[key]
+
+    rule = make_rule(pooled_cfg, d_sae)
+    rule.fit(inputs_of(rule), y, groups=groups)
     if "lang" in df.columns:
         langs = [str(v) for v in df.get_column("lang").to_list()]
     else:  # the languages the rule is validated on must be known: identify them as classify would
         from ..langid import identify
 
         langs = identify(texts)
-    validation = language_validation(rule, X if pooled_cfg.kind == "linear" else codes, y, langs, cfg.seed)
+    validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
     rules_by_lang = {}
     if cfg.per_language:
-        rules_by_lang, own = fit_per_language(X if cfg.kind == "linear" else codes, y, langs, cfg, groups, d_sae)
+        rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae)
         validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,

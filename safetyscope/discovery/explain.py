@@ -21,20 +21,17 @@ def explain_text(det: Detector, text: str | None, lang: str | None = None) -> di
         lang = identify([text])[0]
     tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae)
     rule = det.rule_for(lang)
-    pooled = sp.csr_matrix(codes.amax(0).numpy()[None, :])
-    ids = rule.features_
+    ids, weights = rule.features_, getattr(rule, "weights_", None)
     if getattr(rule, "reads", "codes") != "codes":  # a linear rule also reads the mean residual: score as classify
         ex = det.extractor.extract([text])
         X = rule_inputs(rule, ex.codes, ex.mean_acts)
         ids = np.asarray(rule.fired(X)[0], dtype=np.int64)  # the active SAE features that push towards toxic
+        weights = weights[ids]  # its weights are one per input column
     else:
-        X = pooled
+        X = sp.csr_matrix(codes.amax(0).numpy()[None, :])
     score = float(rule.decision_function(X)[0])
     fired = set(rule.fired(X)[0])
     thresholds = getattr(rule, "thresholds_", np.zeros(len(ids)))
-    weights = getattr(rule, "weights_", None)
-    if weights is not None and len(weights) != len(rule.features_):  # one weight per input column
-        weights = weights[ids]
     feats = []
     for j, f in enumerate(ids):
         col = codes[:, int(f)].numpy()

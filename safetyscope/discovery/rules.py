@@ -201,6 +201,40 @@ def by_group_rates(y: np.ndarray, fired: np.ndarray, groups) -> dict:
     return out
 
 
+def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *, cv: int, seed: int, groups=None,
+                                strata=None, measured=None, weights=None) -> tuple[float, np.ndarray, dict]:
+    """The threshold at which out-of-fold scores flag at most ``target_fpr`` (a weighted share with ``weights``) of the
+    ``measured`` rows (default: the clean rows): (threshold, which rows those scores flag, the file's record).
+    ``score_fold(fit_rows, held_rows)`` scores the held rows with a rule fitted on the fit rows only. Folds: ``cv``
+    stratified folds (on ``strata``, default ``y``), or held-out groups (``group_splits``) when ``groups`` is given.
+    Out-of-fold, because in-sample scores of clean texts are optimistic: a threshold set on them fires more on new data."""
+    if not 0 < float(target_fpr) < 1:
+        raise SafetyScopeError(f"target_fpr must be in (0, 1), not {target_fpr}")
+    _check_enough_for_holdouts(y, "the operating point")
+    measured = (y == 0) if measured is None else measured
+    if groups is None:
+        splits = StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y if strata is None else strata)
+        method = f"{cv}-fold out-of-fold scores of the fitting data"
+    else:
+        splits = group_splits(y, groups)
+        method = (f"out-of-group scores ({len(set(np.asarray(groups).astype(str).tolist()))} groups, each scored by a "
+                  "rule fitted without it)")
+    oof = np.full(len(y), np.nan)
+    for tr, te in splits:
+        oof[te] = score_fold(tr, te)
+    if np.isnan(oof).any():  # a group whose removal leaves one class: scored by no fold
+        raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
+                               "(without it one class is left); merge it with another group")
+    w = np.ones(len(y)) if weights is None else weights
+    threshold = _weighted_rate_threshold(oof[measured], w[measured], float(target_fpr))
+    fired = oof > threshold
+    record = {"target_fpr": float(target_fpr), "threshold": threshold, "oof_recall": float(fired[y == 1].mean()),
+              "oof_fpr": float(fired[measured].mean()), "method": method}
+    if groups is not None:
+        record["by_group"] = by_group_rates(y, fired, groups)
+    return threshold, fired, record
+
+
 def _rows(sw: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
     return None if sw is None else sw[idx]
 
@@ -646,31 +680,14 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
     def _set_operating_point(self, Xc, y: np.ndarray, C: float, sw=None, fpr_rows=None, groups=None) -> None:
         """Shift the intercept so that out-of-fold scores exceed 0 on at most target_fpr (a weighted share with
         sample weights) of the clean rows, or of ``fpr_rows`` when given; with ``groups``, out-of-group scores."""
-        if not 0 < float(self.target_fpr) < 1:
-            raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
-        _check_enough_for_holdouts(y, "the operating point")
-        measured = (y == 0) if fpr_rows is None else fpr_rows
+        def score_fold(tr, te):
+            return self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).decision_function(Xc[te])
+
         # with fpr_rows, every fold holds its share of them: a fold without any would leave no score to set on
-        strata = y if fpr_rows is None else y + 2 * fpr_rows
-        oof = np.full(len(y), np.nan)
-        splits = (StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Xc, strata)
-                  if groups is None else group_splits(y, groups))
-        for tr, te in splits:
-            oof[te] = self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).decision_function(Xc[te])
-        if np.isnan(oof).any():  # a group whose removal leaves one class: scored by no fold
-            raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
-                                   "(without it one class is left); merge it with another group")
-        w = np.ones(len(y)) if sw is None else sw
-        threshold = _weighted_rate_threshold(oof[measured], w[measured], float(self.target_fpr))
+        threshold, fired, self.operating_point_ = out_of_fold_operating_point(
+            score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups,
+            strata=None if fpr_rows is None else y + 2 * fpr_rows, measured=fpr_rows, weights=sw)
         self.intercept_ -= threshold
-        fired = oof > threshold
-        self.operating_point_ = {"target_fpr": float(self.target_fpr), "threshold": threshold,
-                                 "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[measured].mean()),
-                                 "method": (f"{self.cv}-fold out-of-fold scores of the fitting data" if groups is None
-                                            else f"out-of-group scores ({len(set(np.asarray(groups).astype(str).tolist()))} groups, "
-                                                 "each scored by a rule fitted without it)")}
-        if groups is not None:
-            self.operating_point_["by_group"] = by_group_rates(y, fired, groups)
         if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
             self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
                                           "oof_fpr_all_clean": float(fired[y == 0].mean())})
@@ -784,29 +801,13 @@ class LinearProbeClassifier(ClassifierMixin, BaseEstimator):
         self.weights_, self.intercept_ = self._fit_scaled(D, y)
         self.operating_point_ = {}
         if self.target_fpr is not None:
-            if not 0 < float(self.target_fpr) < 1:
-                raise SafetyScopeError(f"target_fpr must be in (0, 1), not {self.target_fpr}")
-            _check_enough_for_holdouts(y, "the operating point")
-            splits = (StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(D, y)
-                      if groups is None else group_splits(y, groups))
-            oof = np.full(len(y), np.nan)
-            for tr, te in splits:
+            def score_fold(tr, te):
                 w, b = self._fit_scaled(D[tr], y[tr])
-                oof[te] = D[te] @ w + b
-            if np.isnan(oof).any():
-                raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
-                                       "(without it one class is left); merge it with another group")
-            threshold = _weighted_rate_threshold(oof[y == 0], np.ones(int((y == 0).sum())), float(self.target_fpr))
+                return D[te] @ w + b
+
+            threshold, _, self.operating_point_ = out_of_fold_operating_point(
+                score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups)
             self.intercept_ -= threshold
-            fired = oof > threshold
-            self.operating_point_ = {
-                "target_fpr": float(self.target_fpr), "threshold": threshold,
-                "oof_recall": float(fired[y == 1].mean()), "oof_fpr": float(fired[y == 0].mean()),
-                "method": (f"{self.cv}-fold out-of-fold scores of the fitting data" if groups is None
-                           else f"out-of-group scores ({len(set(np.asarray(groups).astype(str).tolist()))} groups, "
-                                "each scored by a rule fitted without it)")}
-            if groups is not None:
-                self.operating_point_["by_group"] = by_group_rates(y, fired, groups)
         # the features worth naming: SAE features with a positive weight (the residual columns have no name)
         self.features_ = np.flatnonzero(self.weights_[: self.n_codes] > 0).astype(np.int64)
         return self
