@@ -297,7 +297,24 @@ def _fold_metrics(y, pred) -> dict:
             "f1": float(f1_score(y, pred.astype(int), zero_division=0))}
 
 
-class OrRuleClassifier(ClassifierMixin, BaseEstimator):
+class _ScoreRule:
+    """What every rule derives from its ``decision_function`` (> 0 exactly when the rule flags a text)."""
+
+    def predict(self, X) -> np.ndarray:
+        """classes_[1] where decision_function > 0, else classes_[0] (0/1 for every rule fitted on 0/1 labels)."""
+        fires = self.decision_function(X) > 0  # checks fitted first
+        return self.classes_[fires.astype(int)]
+
+
+class _LogisticScoreRule(_ScoreRule):
+    """A rule whose score is a logistic regression's log-odds (threshold folded into the intercept)."""
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = 1 / (1 + np.exp(-self.decision_function(X)))
+        return np.stack([1 - p, p], axis=1)
+
+
+class OrRuleClassifier(_ScoreRule, ClassifierMixin, BaseEstimator):
     """Toxic if any selected feature's pooled activation exceeds its threshold.
 
     Parameters
@@ -442,11 +459,6 @@ class OrRuleClassifier(ClassifierMixin, BaseEstimator):
             out[rows] = (sub - self.thresholds_[None, :]).max(axis=1)
         return out
 
-    def predict(self, X) -> np.ndarray:
-        """classes_[1] where decision_function > 0, else classes_[0] (0/1 for every rule fitted on 0/1 labels)."""
-        fires = self.decision_function(X) > 0  # checks fitted first
-        return self.classes_[fires.astype(int)]
-
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features that fire."""
         X = _validate_predict(self, X)
@@ -569,7 +581,7 @@ def _or_predict(X, feats, thr) -> np.ndarray:
     return out
 
 
-class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
+class SparseLinearClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator):
     """L1 logistic regression on log1p of pooled SAE activations, keeping at most ``max_features`` weights.
 
     C is chosen by stratified cross-validation F1 among the values whose fit keeps at most
@@ -699,15 +711,6 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         sub = self._transform(X[:, self.features_])  # sparse: log1p(0) = 0 keeps it sparse
         return np.asarray(sub @ self.weights_).ravel() + self.intercept_
 
-    def predict_proba(self, X) -> np.ndarray:
-        p = 1 / (1 + np.exp(-self.decision_function(X)))
-        return np.stack([1 - p, p], axis=1)
-
-    def predict(self, X) -> np.ndarray:
-        """classes_[1] where decision_function > 0, else classes_[0] (0/1 for every rule fitted on 0/1 labels)."""
-        fires = self.decision_function(X) > 0  # checks fitted first
-        return self.classes_[fires.astype(int)]
-
     def fired(self, X) -> list[list[int]]:
         """Per row, the selected features with a positive weight that are active (push towards toxic)."""
         X = _validate_predict(self, X)
@@ -742,7 +745,7 @@ class SparseLinearClassifier(ClassifierMixin, BaseEstimator):
         return clf
 
 
-class LinearProbeClassifier(ClassifierMixin, BaseEstimator):
+class LinearProbeClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator):
     """L2 logistic regression on every SAE feature (log1p of its pooled activation) *and* the mean-pooled residual
     of the same layer (standardised), read from one matrix ``hstack([codes, mean_acts])`` (``reads``).
 
@@ -815,14 +818,6 @@ class LinearProbeClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         X = _validate_predict(self, X)
         return self._design(X) @ self.weights_ + self.intercept_
-
-    def predict_proba(self, X) -> np.ndarray:
-        p = 1 / (1 + np.exp(-self.decision_function(X)))
-        return np.stack([1 - p, p], axis=1)
-
-    def predict(self, X) -> np.ndarray:
-        fires = self.decision_function(X) > 0  # checks fitted first
-        return self.classes_[fires.astype(int)]
 
     def fired(self, X) -> list[list[int]]:
         """Per row, the active SAE features that push towards toxic, largest contribution first."""
