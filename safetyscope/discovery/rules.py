@@ -179,7 +179,7 @@ def group_splits(y: np.ndarray, groups, max_folds: int = 10) -> list[tuple[np.nd
         raise SafetyScopeError(f"{sum(g is None for g in groups)} row(s) have no group")
     groups = groups.astype(str)
     if len(set(groups.tolist())) < 2:
-        raise SafetyScopeError(f"grouped selection needs at least 2 groups (e.g. sources); found only {groups[0]!r}")
+        raise SafetyScopeError(f"grouped selection needs at least 2 groups (e.g. sources); found only {str(groups[0])!r}")
     n = len(set(groups.tolist()))
     splitter = LeaveOneGroupOut() if n <= max_folds else GroupKFold(max_folds)
     out = [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, groups) if len(set(y[tr].tolist())) == 2]
