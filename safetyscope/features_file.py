@@ -79,15 +79,14 @@ def features_chunk(fx: FeatureExtractor, df: pl.DataFrame, text_column: str) -> 
 
 def features_file(cfg: FeatureConfig, input_path: str, output: str, *, text_column: str = "text",
                   chunk_rows: int = streaming.CHUNK_ROWS, keep_shards: bool = False, progress: bool = True,
-                  extractor: FeatureExtractor | None = None) -> dict:
+                  extractor: FeatureExtractor | None = None, overwrite: bool = False) -> dict:
     """Pooled SAE codes of every row of INPUT into OUTPUT, streamed and resumable. ``extractor``: one already
     built from ``cfg``. Returns rows, this run's tokens / truncated / cached counts, mean features per text,
     resumed_chunks and seconds."""
     inp, out = Path(input_path), Path(output)
     streaming.check_input(inp, chunk_rows)
     fmt = output_format(out, keep_shards)
-    # features has no --overwrite: it replaces a file, or a directory it wrote, as it always has
-    streaming.check_outputs(out, [inp], overwrite=True)
+    streaming.check_outputs(out, [inp], overwrite=overwrite)
     total = check_texts(inp, text_column)
     fx = extractor or FeatureExtractor.from_config(cfg)
     with streaming.open_parts(out, lambda: manifest(input_path, identity(fx), text_column, chunk_rows)) as parts:
@@ -119,7 +118,7 @@ def mean_features(files: list[Path]) -> float:
 
 
 def features_layers_file(cfg: FeatureConfig, layers: list[int], input_path: str, output: str, *,
-                         text_column: str = "text") -> dict:
+                         text_column: str = "text", overwrite: bool = False) -> dict:
     """`features --layers`: the codes of every layer in ``layers`` from one forward pass, one SAE per layer
     (``cfg.sae`` a per-layer directory/repo, or one SAE per layer comma-separated), written as one table with
     feature_ids_l<n> / feature_acts_l<n> columns. Held in memory, not streamed."""
@@ -129,7 +128,7 @@ def features_layers_file(cfg: FeatureConfig, layers: list[int], input_path: str,
 
     if cfg.layer is not None:
         raise SafetyScopeError("--layers and --layer exclude each other: list every layer in --layers")
-    check_output(output, inputs=[input_path], overwrite=True)  # before any work, as the streamed path checks
+    check_output(output, inputs=[input_path], overwrite=overwrite)  # before any work, as the streamed path checks
     saes: list[str | None] | None = list(cfg.sae.split(",")) if cfg.sae and "," in cfg.sae else None
     df = read_table(input_path, columns=[text_column])
     texts = text_list(df, text_column, input_path)

@@ -4,8 +4,9 @@ Three rules, so a careless ``-o``/``--overwrite`` can never destroy data the too
 
 * ``check_output`` runs *before* any work: the output must be writable (its parent a directory we can
   create a file in), must not be ``.``/``..``, the working directory or one of its ancestors, and must
-  not be or contain an input. An existing output is only accepted with ``--overwrite`` and only if it is
-  a plain file or a directory carrying this tool's marker file.
+  not be or contain an input. An existing output is only accepted with ``--overwrite`` (or, for a JSON
+  document, when this tool wrote it) and only if it is a plain file or a directory carrying this tool's
+  marker file, which lists what the tool put there: a file added to it later is never deleted.
 * ``replace(tmp, out)`` is the one place that deletes an old output, and it re-checks the same rule.
 * ``output_errors`` turns the write-side OSErrors a user can fix (disk full, read-only file system,
   permission) into one-line ``SafetyScopeError``s; whatever was finished before stays for a resume.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +40,45 @@ def _is_ours(p: Path) -> bool:
     if p.is_symlink() or p.is_file():
         return True
     return p.is_dir() and (p / MARKER).is_file()
+
+
+def _listed(directory: Path) -> set[str] | None:
+    """The entries the marker says this tool wrote into ``directory`` (None: a marker without a list, written
+    before lists were recorded)."""
+    try:
+        lines = (directory / MARKER).read_text().splitlines()
+        return set(json.loads(lines[1])["entries"]) if len(lines) > 1 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """Entries of a marked directory that this tool did not write (added by someone later): replacing the
+    directory would delete them."""
+    listed = _listed(directory)
+    names = sorted(e.name for e in directory.iterdir() if e.name != MARKER)
+    return names if listed is None else [n for n in names if n not in listed]
+
+
+def _refuse_foreign(p: Path, raw: str) -> None:
+    if p.is_dir() and not p.is_symlink():
+        foreign = foreign_entries(p)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise SafetyScopeError(f"{raw} holds files safetyscope did not write ({', '.join(foreign[:3])}{more}); "
+                                   "--overwrite would delete them: move them out or pick another path")
+
+
+def _is_our_document(p: Path) -> bool:
+    """A JSON document this tool writes (classifier, targets, report files carry ``"format": "safetyscope-..."``)."""
+    try:
+        if not p.is_file() or p.is_symlink() or p.stat().st_size > 512 << 20:
+            return False
+        with open(p, "rb") as fh:
+            head = fh.read(4096)
+        return b'"format": "safetyscope-' in head or b'"format":"safetyscope-' in head
+    except OSError:
+        return False
 
 
 def _check_place(raw: str, inputs: Iterable[str | os.PathLike], kind: str) -> Path:
@@ -70,20 +111,24 @@ def _probe_dir(directory: Path, raw: str) -> None:
 
 
 def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                 kind: str = "output", file_only: bool = False) -> Path:
+                 kind: str = "output", file_only: bool = False, reused: bool = False) -> Path:
     """Validate ``output`` before any work; returns it as a Path. See the module docstring for the rules.
-    ``file_only``: the command writes one file (a JSON document), so an existing directory is a mistake."""
+    ``file_only``: the command writes one file (a JSON document), so an existing directory is a mistake; such a
+    file that this tool wrote (``"format": "safetyscope-..."``) is replaced without ``--overwrite``, as a rerun
+    expects. ``reused``: an existing directory of ours is resumed, not replaced (parts directories)."""
     raw = os.fspath(output)
     out = Path(raw)
     target = _check_place(raw, inputs, kind)
     if file_only and out.is_dir():
         raise SafetyScopeError(f"{kind} {raw} is a directory; name a file to write")
     if out.exists() or out.is_symlink():
-        if not overwrite:
+        if not overwrite and not (file_only and _is_our_document(out)):
             raise SafetyScopeError(f"{raw} already exists; pass --overwrite to replace it")
         if not _is_ours(out):
             raise SafetyScopeError(f"{raw} is a directory safetyscope did not write (no {MARKER} file in it); "
                                    "--overwrite only replaces the tool's own outputs: delete it yourself or pick another path")
+        if not reused:
+            _refuse_foreign(out, raw)
     _probe_dir(target.parent, raw)
     return out
 
@@ -110,7 +155,11 @@ def temp_path(out: Path) -> Path:
 
 
 def mark(directory: Path) -> None:
-    (directory / MARKER).write_text("written by safetyscope; --overwrite may replace this directory\n")
+    """The marker, listing what the directory holds now (all of it ours): a file added later is not ours, and
+    ``--overwrite`` refuses to delete it."""
+    entries = sorted(e.name for e in directory.iterdir() if e.name != MARKER)
+    (directory / MARKER).write_text("written by safetyscope; --overwrite may replace this directory\n"
+                                    + json.dumps({"entries": entries}) + "\n")
 
 
 def remove_temp(tmp: Path) -> None:
@@ -127,6 +176,7 @@ def replace(tmp: Path, out: Path) -> None:
     if out.exists() or out.is_symlink():
         if not _is_ours(out):
             raise SafetyScopeError(f"{out} is a directory safetyscope did not write; refusing to replace it")
+        _refuse_foreign(out, str(out))
         if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
         elif tmp.is_dir():

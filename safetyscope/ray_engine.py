@@ -330,7 +330,7 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
                      keep_shards: bool = False, address: str | None = RayConfig.address, workers: int = RayConfig.workers,
                      cpus_per_worker: float = RayConfig.cpus_per_worker, gpus_per_worker: float = RayConfig.gpus_per_worker,
                      batch_rows: int | None = RayConfig.batch_rows,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, overwrite: bool = False) -> dict:
     """`features` on Ray: the local engine's OUTPUT (id?, feature_ids, feature_acts), parts and resume.
 
     Each Ray batch holds whole ``chunk_rows`` chunks and the actors extract chunk by chunk as the local engine
@@ -342,8 +342,7 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
 
     out = Path(output)
     fmt = output_format(out, keep_shards)
-    # features has no --overwrite: it replaces a file, or a directory it wrote, as the local engine does
-    streaming.check_outputs(out, [] if "://" in input_path else [input_path], overwrite=True)
+    streaming.check_outputs(out, [] if "://" in input_path else [input_path], overwrite=overwrite)
     if cfg.batch_size < 1:
         raise SafetyScopeError("--batch-size must be >= 1")
     if chunk_rows < 1:

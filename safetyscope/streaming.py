@@ -118,7 +118,7 @@ def check_outputs(out: Path, inputs: list, *, overwrite: bool) -> Path:
     """Before any work: OUTPUT and its parts directory are places this run may write; returns the parts dir."""
     check_output(out, inputs=inputs, overwrite=overwrite)
     parts = parts_dir(out)
-    check_output(parts, inputs=inputs, overwrite=True, kind="parts directory")
+    check_output(parts, inputs=inputs, overwrite=True, kind="parts directory", reused=True)
     return parts
 
 

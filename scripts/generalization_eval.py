@@ -20,10 +20,12 @@ from safetyscope.discovery.rules import LinearProbeClassifier, rule_inputs
 
 DATA = Path("../shared/data")
 FUNCTIONAL = Path("tests/fixtures/functional_checks.csv")
+LANGS = "en am ar de es fr he hi hi_latn it ja ru uk zh".split()
+PREVALENCES = (0.01, 0.05, 0.10)
 
 
 def eval_sets() -> dict[str, pl.DataFrame]:
-    tox = {la: pl.read_parquet(DATA / f"toxicity/{la}.parquet") for la in ("en", "es", "it", "fr")}
+    tox = {la: pl.read_parquet(DATA / f"toxicity/{la}.parquet") for la in LANGS}
     imp = pl.read_parquet(DATA / "toxicity-implicit/en.parquet")
     fun = pl.read_csv(FUNCTIONAL)
     ex = pl.read_csv("examples/comments.csv")  # even ids are the toxic lines
@@ -47,6 +49,11 @@ def rates(y, score) -> dict:
            "clean_flagged": int(fired[y == 0].sum()), "clean": int((y == 0).sum()),
            "recall": float(fired[y == 1].mean()), "fpr": float(fired[y == 0].mean())}
     out["roc_auc"] = float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else None
+    tp, fp = out["toxic_flagged"], out["clean_flagged"]
+    out["f1"] = 2 * tp / max(2 * tp + fp + (out["toxic"] - tp), 1)
+    for p in PREVALENCES:  # what a user sees on traffic with that share of toxic texts
+        tpr, fpr = out["recall"], out["fpr"]
+        out[f"precision_at_{p:g}"] = p * tpr / (p * tpr + (1 - p) * fpr) if tpr + fpr > 0 else None
     return out
 
 
@@ -98,15 +105,27 @@ def main() -> None:
         held = LinearProbeClassifier(n_codes=d_sae, target_fpr=0.05).fit(X[src != s], y[src != s])
         results[("out-of-source", s)] = {"in_source": rates(d["label"].to_numpy()[m], full.decision_function(Xt)),
                                          "held_out": rates(d["label"].to_numpy()[m], held.decision_function(Xt))}
+    for n in names:  # the 14-language figure: macro F1 and precision at each prevalence over the test splits
+        per = [results[(n, f"{la} test")] for la in LANGS]
+        results[(n, "14-language test, macro")] = {
+            "f1": float(np.mean([r["f1"] for r in per])), "recall": float(np.mean([r["recall"] for r in per])),
+            "fpr": float(np.mean([r["fpr"] for r in per])), "worst_f1": min((r["f1"], la) for r, la in zip(per, LANGS)),
+            **{f"precision_at_{p:g}": float(np.mean([r[f"precision_at_{p:g}"] or 0 for r in per])) for p in PREVALENCES}}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({" | ".join(k): v for k, v in results.items()}, indent=1))
     lines = ["| classifier | set | toxic flagged | clean flagged | recall | FPR | ROC-AUC |", "|---|---|---|---|---|---|---|"]
     for (a, b), v in results.items():
-        if "recall" in v:
+        if "toxic_flagged" in v:
             auc = "-" if v["roc_auc"] is None else f"{v['roc_auc']:.3f}"
             lines.append(f"| {a} | {b} | {v['toxic_flagged']}/{v['toxic']} | {v['clean_flagged']}/{v['clean']} | "
                          f"{v['recall']:.3f} | {v['fpr']:.3f} | {auc} |")
+    lines += ["", "| classifier | language | recall | FPR | F1 | precision at 1 % / 5 % / 10 % prevalence |", "|---|---|---|---|---|---|"]
+    for n in names:
+        for la in LANGS + ["14-language test, macro"]:
+            v = results[(n, f"{la} test" if la in LANGS else la)]
+            pr = " / ".join("-" if v[f"precision_at_{p:g}"] is None else f"{v[f'precision_at_{p:g}']:.2f}" for p in PREVALENCES)
+            lines.append(f"| {n} | {la} | {v['recall']:.3f} | {v['fpr']:.3f} | {v['f1']:.3f} | {pr} |")
     lines += ["", "| held-out source | recall in source | recall held out | ratio | FPR in / held out |", "|---|---|---|---|---|"]
     for (a, b), v in results.items():
         if a == "out-of-source":

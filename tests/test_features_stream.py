@@ -122,7 +122,7 @@ def test_keep_shards_writes_a_directory_of_ordered_parts(tmp_path, margs):
     assert [pl.read_parquet(p).height for p in sorted(out.glob("part-*"))] == [10, 10, 5]
     assert pl.read_parquet(sorted(out.glob("part-*.parquet"))).equals(pl.read_parquet(tmp_path / "one.parquet"))
     assert not (tmp_path / "shards.parts").exists()
-    run_cli(["features", inp, "-o", out, "--chunk-rows", 25, "--keep-shards", *margs])  # replaces its own directory
+    run_cli(["features", inp, "-o", out, "--chunk-rows", 25, "--keep-shards", "--overwrite", *margs])  # its own directory
     assert sorted(p.name for p in out.glob("part-*")) == ["part-000000.parquet"]
     _one_line(run_cli(["features", inp, "-o", tmp_path / "x.csv", "--keep-shards", *margs], ok=False),
               "--keep-shards writes a directory")

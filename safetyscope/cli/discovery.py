@@ -9,7 +9,16 @@ import click
 
 from ..discovery.config import Criterion, DiscoverConfig, RuleKind, Selection
 from ..streaming import CHUNK_ROWS
-from .options import NumberList, feature_config, model_options, ray_options, recorded_kwargs, recorded_model_options, user_errors
+from .options import (
+    NumberList,
+    feature_config,
+    model_options,
+    overwrite_option,
+    ray_options,
+    recorded_kwargs,
+    recorded_model_options,
+    user_errors,
+)
 
 
 def _fpr_cap(value: str) -> float | None | str:
@@ -59,15 +68,17 @@ def _fpr_cap(value: str) -> float | None | str:
               help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "
                    "held-out groups (leave one group out), so settings that only fit one source's style lose.")
 @click.option("--seed", type=int, default=DiscoverConfig.seed, show_default=True)
+@overwrite_option
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
-             target_fpr, threshold, scan_layers, per_language, fallback_kind, group_column, seed, **kw):
+             target_fpr, threshold, scan_layers, per_language, fallback_kind, group_column, seed, overwrite, **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from ..discovery.discover import discover as run
     from ..outputs import check_output
 
-    check_output(output, inputs=data, overwrite=True, kind="classifier file", file_only=True)  # before the work
+    # a classifier file this tool wrote is replaced by a rerun; any other file needs --overwrite
+    check_output(output, inputs=data, overwrite=overwrite, kind="classifier file", file_only=True)  # before the work
     layers = list(scan_layers or ())
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),

@@ -59,6 +59,13 @@ class NumberList(click.ParamType):
         return out
 
 
+def overwrite_option(fn):
+    """``--overwrite``: the one way to replace an existing output the user did not ask this tool to rewrite."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an existing OUTPUT: a file, or a directory safetyscope wrote that holds nothing "
+                             "else (files added to it later are never deleted).")(fn)
+
+
 def model_options(fn):
     """--model/--sae/--layer/--k and the extraction knobs shared by every command that reads texts."""
     opts = [

@@ -9,7 +9,7 @@ import click
 from ..errors import SafetyScopeError
 from ..steering import Positions
 from ..synthesis.generators import Backend, GeneratorConfig
-from .options import feature_config, model_options, user_errors
+from .options import feature_config, model_options, overwrite_option, user_errors
 
 
 @click.command()
@@ -31,10 +31,11 @@ from .options import feature_config, model_options, user_errors
 @click.option("--plain", is_flag=True, help="Also write the unsteered completion and its activations.")
 @click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
               show_default=True, help="Only transformers can steer (see README).")
+@overwrite_option
 @model_options
 @user_errors
 def steer(prompts_path, output, text_column, adds, clamps, classifier, suppress, positions, chat, max_new_tokens,
-          temperature, seed, plain, backend, **kw):
+          temperature, seed, plain, backend, overwrite, **kw):
     """Generation with SAE features added, suppressed or clamped in the residual stream (no weight update)."""
     from ..data import read_table, text_list, write_table
     from ..features import FeatureExtractor
@@ -49,7 +50,7 @@ def steer(prompts_path, output, text_column, adds, clamps, classifier, suppress,
     specs = [SteerSpec.parse(a) for a in adds] + [SteerSpec.parse(c, clamp=True) for c in clamps]
     if max_new_tokens < 1:
         raise SafetyScopeError("--max-new-tokens must be >= 1")
-    check_output(output, inputs=[prompts_path], overwrite=True)
+    check_output(output, inputs=[prompts_path], overwrite=overwrite)
     prompts = text_list(read_table(prompts_path, columns=[text_column]), text_column, prompts_path)
     empty = [i for i, p in enumerate(prompts) if not p or not p.strip()]
     if not prompts or empty:

@@ -13,7 +13,7 @@ from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.sft_eval import SFTEvalConfig
 from ..synthesis.synthesize import SynthConfig
 from ..synthesis.targets import TargetsConfig
-from .options import feature_config, field_default, model_options, recorded_kwargs, recorded_model_options, user_errors
+from .options import feature_config, field_default, model_options, overwrite_option, recorded_kwargs, recorded_model_options, user_errors
 
 
 def generator_options(fn):
@@ -135,10 +135,11 @@ def synth_group():
 @click.option("--max-fire-rate", type=float, default=TargetsConfig.max_fire_rate, show_default=True,
               help="A target fires on at most this share of rows.")
 @click.option("--examples", type=int, default=TargetsConfig.n_examples, show_default=True, help="Top-activating contexts kept per target.")
+@overwrite_option
 @model_options
 @user_errors
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
-                max_fire_rate, examples, **kw):
+                max_fire_rate, examples, overwrite, **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.config import DiscoverConfig
     from ..discovery.discover import load_labelled
@@ -147,7 +148,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
     from ..provenance import write_document
     from ..synthesis.targets import find_targets, targets_document
 
-    check_output(output, inputs=data, overwrite=True, kind="targets file", file_only=True)  # before the work
+    check_output(output, inputs=data, overwrite=overwrite, kind="targets file", file_only=True)  # before the work
     fcfg = feature_config(kw)
     df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
                                                   langs=list(langs) or None))
@@ -173,9 +174,10 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 @click.option("--targets", "targets_path", required=True, help="Targets JSON (from `synth targets`).")
 @click.option("-o", "--output", default=None, help="Write the report as JSON here.")
 @click.option("--text-column", default="prompt", show_default=True)
+@overwrite_option
 @recorded_model_options("targets file")
 @user_errors
-def coverage(data, targets_path, output, text_column, **kw):
+def coverage(data, targets_path, output, text_column, overwrite, **kw):
     """Share of the target features that fire on at least one row of DATA."""
     from ..data import read_table, text_list
     from ..outputs import check_output
@@ -184,7 +186,7 @@ def coverage(data, targets_path, output, text_column, **kw):
     from ..synthesis.targets import read_targets
 
     if output:
-        check_output(output, inputs=[data, targets_path], overwrite=True, kind="report file", file_only=True)
+        check_output(output, inputs=[data, targets_path], overwrite=overwrite, kind="report file", file_only=True)
     doc = read_targets(targets_path)
     texts = [t for t in text_list(read_table(data, columns=[text_column]), text_column, data) if t and t.strip()]
     fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
@@ -193,7 +195,8 @@ def coverage(data, targets_path, output, text_column, **kw):
     if output:
         from pathlib import Path
 
-        Path(output).write_text(json.dumps({"data": data, "targets": targets_path, **rep}, indent=2) + "\n")
+        Path(output).write_text(json.dumps({"format": "safetyscope-coverage", "data": data, "targets": targets_path, **rep},
+                                           indent=2) + "\n")
         click.echo(f"wrote {output}", err=True)
 
 

@@ -12,9 +12,10 @@ import click
 import torch
 
 from ..errors import SafetyScopeError
+from ..outputs import check_output, output_errors, remove_temp, replace, temp_path
 from ..sae import SAEConfig
 from ..training import SaveDtype, TrainConfig, collect_activations, sha256_files, train_topk_sae
-from .options import user_errors
+from .options import overwrite_option, user_errors
 
 
 @click.group("sae")
@@ -45,9 +46,10 @@ def sae_group():
 @click.option("--dtype", type=click.Choice(get_args(SaveDtype)), default=TrainConfig.save_dtype, show_default=True,
               help="dtype of the saved weights.")
 @click.option("-o", "--output", required=True, help="Output directory (config.json + sae.safetensors).")
+@overwrite_option
 @user_errors
 def train_cmd(model, layer, corpora, text_column, width, k, max_tokens, epochs, batch_tokens, lr, auxk_alpha,
-              dead_tokens, held_out, max_length, batch_size, seed, device, model_dtype, dtype, output):
+              dead_tokens, held_out, max_length, batch_size, seed, device, model_dtype, dtype, output, overwrite):
     """Train a TopK SAE on the residual stream after decoder layer LAYER."""
     import json
     import random
@@ -57,6 +59,8 @@ def train_cmd(model, layer, corpora, text_column, width, k, max_tokens, epochs, 
 
     if not 0 <= held_out < 1:
         raise SafetyScopeError("--held-out must be in [0, 1)")
+    # before any work: never onto a corpus, a user's directory, or a directory of ours a user added files to
+    check_output(output, inputs=corpora, overwrite=overwrite, kind="SAE directory")
     cfg = TrainConfig(model=model, layer=layer, d_sae=width, k=k, lr=lr, batch_tokens=batch_tokens, epochs=epochs,
                       max_tokens=max_tokens, auxk_alpha=auxk_alpha, dead_tokens=dead_tokens, held_out=held_out,
                       seed=seed, max_length=max_length, batch_size=batch_size, model_dtype=model_dtype, save_dtype=dtype)
@@ -108,8 +112,16 @@ def train_cmd(model, layer, corpora, text_column, width, k, max_tokens, epochs, 
         "torch": torch.__version__,
         "command": "safetyscope " + " ".join(sys.argv[1:]),
     }
-    sae.save_pretrained(output, dtype=torch.float16 if dtype == "float16" else torch.float32)
-    (Path(output) / "train_history.json").write_text(json.dumps(metrics["history"], indent=1) + "\n")
+    tmp = temp_path(Path(output))  # built beside OUTPUT, then one rename: a crash leaves no half-written SAE
+    remove_temp(tmp)
+    try:
+        with output_errors(output):
+            sae.save_pretrained(tmp, dtype=torch.float16 if dtype == "float16" else torch.float32)
+            (tmp / "train_history.json").write_text(json.dumps(metrics["history"], indent=1) + "\n")
+            replace(tmp, Path(output))
+    except BaseException:
+        remove_temp(tmp)
+        raise
     e = sae.cfg.extra
     click.echo(f"wrote {output}: {e['train_tokens']} training tokens, held-out FVU {e['held_out_fvu']}, "
                f"L0 {e['held_out_l0']}, dead {e['dead_fraction']}, "

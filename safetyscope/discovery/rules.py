@@ -235,6 +235,24 @@ def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *,
     return threshold, fired, record
 
 
+def _check_fpr_rows(fpr_rows, y: np.ndarray, target_fpr, cv: int) -> np.ndarray | None:
+    """fpr_rows as a boolean row mask of clean rows, or None; named errors for anything else."""
+    if fpr_rows is None:
+        return None
+    if target_fpr is None:
+        raise SafetyScopeError("fpr_rows sets where the operating point's FPR is measured; it needs target_fpr")
+    mask = np.asarray(fpr_rows)
+    if mask.dtype != bool or mask.shape != y.shape:
+        raise SafetyScopeError(f"fpr_rows must be a boolean mask of the {len(y)} rows; got dtype {mask.dtype}, "
+                               f"shape {mask.shape}")
+    if (mask & (y == 1)).any():
+        raise SafetyScopeError(f"fpr_rows must mark clean rows only; {int((mask & (y == 1)).sum())} are toxic")
+    if mask.sum() < max(MIN_PER_CLASS, cv):
+        raise SafetyScopeError(f"fpr_rows marks {int(mask.sum())} rows; the operating point needs at least "
+                               f"{max(MIN_PER_CLASS, cv)}")
+    return mask
+
+
 def _rows(sw: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
     return None if sw is None else sw[idx]
 
@@ -629,7 +647,7 @@ class SparseLinearClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator)
         folds, and ``operating_point_["by_group"]`` records each held-out group's recall and clean firing rate."""
         X, y = _validate_fit(self, X, y)
         sw = None if sample_weight is None else _check_sample_weight(sample_weight, X, dtype=np.float64)
-        fpr_rows = self._check_fpr_rows(fpr_rows, y)
+        fpr_rows = _check_fpr_rows(fpr_rows, y, self.target_fpr, self.cv)
         Xt = self._transform(X)
         df = np.asarray((X > 0).sum(axis=0)).ravel()
         cols = np.flatnonzero(df >= self.min_df)  # features that almost never fire carry no signal
@@ -671,23 +689,6 @@ class SparseLinearClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator)
         if self.target_fpr is not None:
             self._set_operating_point(Xc, y, C, sw, fpr_rows, groups)
         return self
-
-    def _check_fpr_rows(self, fpr_rows, y: np.ndarray) -> np.ndarray | None:
-        """fpr_rows as a boolean row mask of clean rows, or None; named errors for anything else."""
-        if fpr_rows is None:
-            return None
-        if self.target_fpr is None:
-            raise SafetyScopeError("fpr_rows sets where the operating point's FPR is measured; it needs target_fpr")
-        mask = np.asarray(fpr_rows)
-        if mask.dtype != bool or mask.shape != y.shape:
-            raise SafetyScopeError(f"fpr_rows must be a boolean mask of the {len(y)} rows; got dtype {mask.dtype}, "
-                                   f"shape {mask.shape}")
-        if (mask & (y == 1)).any():
-            raise SafetyScopeError(f"fpr_rows must mark clean rows only; {int((mask & (y == 1)).sum())} are toxic")
-        if mask.sum() < max(MIN_PER_CLASS, self.cv):
-            raise SafetyScopeError(f"fpr_rows marks {int(mask.sum())} rows; the operating point needs at least "
-                                   f"{max(MIN_PER_CLASS, self.cv)}")
-        return mask
 
     def _set_operating_point(self, Xc, y: np.ndarray, C: float, sw=None, fpr_rows=None, groups=None) -> None:
         """Shift the intercept so that out-of-fold scores exceed 0 on at most target_fpr (a weighted share with
@@ -787,30 +788,40 @@ class LinearProbeClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator):
 
         return LogisticRegression(C=self.C, max_iter=3000, random_state=self.random_state)
 
-    def _fit_scaled(self, D: np.ndarray, y: np.ndarray):
+    def _fit_scaled(self, D: np.ndarray, y: np.ndarray, sw: np.ndarray | None = None):
         """(weights, intercept) on the unscaled design D: the residual columns standardised inside the fit."""
         mu, sd = np.zeros(D.shape[1]), np.ones(D.shape[1])
         raw = slice(self.n_codes, None)
         mu[raw], sd[raw] = D[:, raw].mean(0), D[:, raw].std(0) + 1e-6
-        lr = self._lr().fit((D - mu) / sd, y)
+        lr = self._lr().fit((D - mu) / sd, y, sample_weight=sw)
         w = lr.coef_.ravel() / sd
         return w, float(lr.intercept_[0] - (w * mu).sum())
 
-    def fit(self, X, y, groups=None):
+    def fit(self, X, y, sample_weight=None, fpr_rows=None, groups=None):
+        """``sample_weight``: per-row weights of the fit (e.g. hard negatives weigh more); ``fpr_rows``: the clean
+        rows on which the operating point's FPR is measured (default: all clean rows), as in SparseLinearClassifier."""
         X, y = _validate_fit(self, X, y)
         if not 0 <= self.n_codes <= X.shape[1]:
             raise SafetyScopeError(f"n_codes {self.n_codes} is not within the {X.shape[1]} input columns")
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X, dtype=np.float64)
+        fpr_rows = _check_fpr_rows(fpr_rows, y, self.target_fpr, self.cv)
         D = self._design(X)
-        self.weights_, self.intercept_ = self._fit_scaled(D, y)
+        self.weights_, self.intercept_ = self._fit_scaled(D, y, sw)
         self.operating_point_ = {}
         if self.target_fpr is not None:
             def score_fold(tr, te):
-                w, b = self._fit_scaled(D[tr], y[tr])
+                w, b = self._fit_scaled(D[tr], y[tr], _rows(sw, tr))
                 return D[te] @ w + b
 
-            threshold, _, self.operating_point_ = out_of_fold_operating_point(
-                score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups)
+            threshold, fired, self.operating_point_ = out_of_fold_operating_point(
+                score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups,
+                strata=None if fpr_rows is None else y + 2 * fpr_rows, measured=fpr_rows, weights=sw)
             self.intercept_ -= threshold
+            if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
+                self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
+                                              "oof_fpr_all_clean": float(fired[y == 0].mean())})
+            if sw is not None:
+                self.operating_point_["sample_weight"] = True
         # the features worth naming: SAE features with a positive weight (the residual columns have no name)
         self.features_ = np.flatnonzero(self.weights_[: self.n_codes] > 0).astype(np.int64)
         return self
