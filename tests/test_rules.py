@@ -510,3 +510,26 @@ def test_linear_probe_reads_codes_and_mean_residual_and_round_trips():
         classifier_from_dict(bad)
     with pytest.raises(SafetyScopeError, match="mean residual"):
         rule_inputs(clf, codes)
+
+
+def test_linear_probe_hard_negatives_weigh_more_and_set_the_operating_point():
+    """Harmless rows that look like the positives (a shifted residual halfway to toxic: XSTest's idea) are few;
+    weighting them and measuring the FPR on them alone lowers how many of them are flagged, at the price of recall."""
+    rng = np.random.default_rng(1)
+    n_pos, n_neg, n_hard, d_sae, d_model = 300, 300, 60, 10, 6
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg + n_hard)].astype(int)
+    shift = np.r_[np.full(n_pos, 2.0), np.zeros(n_neg), np.full(n_hard, 1.3)]
+    mean = rng.normal(size=(len(y), d_model))
+    mean[:, 0] += shift
+    codes = sp.csr_matrix((len(y), d_sae))
+    X = rule_inputs(LinearProbeClassifier(), codes, mean)
+    hard = np.r_[np.zeros(n_pos + n_neg, bool), np.ones(n_hard, bool)]
+    plain = LinearProbeClassifier(n_codes=d_sae, C=1.0, target_fpr=0.10).fit(X, y)
+    tuned = LinearProbeClassifier(n_codes=d_sae, C=1.0, target_fpr=0.10).fit(
+        X, y, sample_weight=np.where(hard, 5.0, 1.0), fpr_rows=hard)
+    flagged = lambda clf, rows: (clf.decision_function(X[rows]) > 0).mean()  # noqa: E731
+    assert flagged(tuned, hard) < flagged(plain, hard) - 0.2
+    assert tuned.operating_point_["fpr_rows"] == n_hard and tuned.operating_point_["sample_weight"]
+    assert tuned.operating_point_["oof_fpr"] <= 0.10 + 1e-9
+    with pytest.raises(SafetyScopeError, match="clean rows only"):
+        LinearProbeClassifier(n_codes=d_sae, target_fpr=0.1).fit(X, y, fpr_rows=y == 1)
