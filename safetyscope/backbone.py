@@ -151,8 +151,14 @@ def pick_device(device: str | None) -> str:
         torch.device(device)
     except (RuntimeError, TypeError):
         raise SafetyScopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SafetyScopeError(f"device {device!r} asked for, but no CUDA GPU is available")
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SafetyScopeError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if kind == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
+        raise SafetyScopeError(f"device {device!r} asked for, but this torch build has no usable Apple MPS backend; "
+                               "use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SafetyScopeError(f"device {device!r} cannot run the model here; use cpu, cuda, cuda:N, mps or auto")
     return device
 
 

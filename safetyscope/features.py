@@ -55,6 +55,15 @@ class FeatureConfig:
     dtype: str | None = "auto"
     cache: bool = True
 
+    def __post_init__(self):
+        from .errors import check_number
+
+        check_number("--batch-size", self.batch_size, low=1, integer=True)
+        check_number("--batch-tokens", self.batch_tokens, low=1, integer=True, none_ok=True)
+        check_number("--max-length", self.max_length, low=1, integer=True)
+        check_number("--k", self.k, low=1, integer=True, none_ok=True)
+        check_number("--layer", self.layer, low=0, integer=True, none_ok=True)
+
 
 @dataclass
 class Extraction:

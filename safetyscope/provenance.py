@@ -9,11 +9,12 @@ another model or SAE. One place for the record, the checks and the JSON reading 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .errors import SafetyScopeError
+from .errors import SafetyScopeError, check_number
 from .features import FeatureConfig, FeatureExtractor
 from .sae import FINGERPRINT_PREFIX
 
@@ -63,8 +64,27 @@ def check_header(d: dict, path) -> None:
     k = d["sae"].get("k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
         raise SafetyScopeError(f"{path}: key sae.k must be an integer; got {k!r:.80}")
+    if k is not None and k < 1:
+        raise SafetyScopeError(f"{path}: key sae.k must be >= 1; got {k!r}")
     if "extraction" in d and not isinstance(d["extraction"], dict):
         raise SafetyScopeError(f"{path}: key 'extraction' must be an object")
+    ex = d.get("extraction", {})
+    if "max_length" in ex:
+        try:
+            check_number("key extraction.max_length", ex["max_length"], low=1, integer=True)
+        except SafetyScopeError as e:
+            raise SafetyScopeError(f"{path}: {e}") from None
+    # a string "false" is truthy: only a JSON boolean says whether position 0 is left out
+    if "skip_first_token" in ex and not isinstance(ex["skip_first_token"], bool):
+        raise SafetyScopeError(f"{path}: key extraction.skip_first_token must be true or false; got "
+                               f"{ex['skip_first_token']!r:.80}")
+    for key in ("discovery_data", "validation", "settings"):
+        if key in d and not isinstance(d[key], dict):
+            raise SafetyScopeError(f"{path}: key {key!r} must be an object; got {d[key]!r:.80}")
+    langs = d.get("validation", {}).get("languages")
+    if langs is not None and (not isinstance(langs, list) or not all(isinstance(x, str) for x in langs)):
+        # "en" would be read as ['e', 'n'] and every row marked unvalidated
+        raise SafetyScopeError(f"{path}: key validation.languages must be a list of language codes; got {langs!r:.80}")
 
 
 def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str | None = None,
@@ -99,8 +119,20 @@ def read_document(path: str | Path, fmt: str, kind: str, hint: str = "") -> dict
 
 
 def write_document(doc: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    """Written beside ``path`` and renamed into place: a crash never leaves half a classifier or targets file."""
+    from .outputs import output_errors, remove_temp, temp_path
+
+    p = Path(path)
+    text = json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    tmp = temp_path(p)
+    with output_errors(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, p)
+        except BaseException:
+            remove_temp(tmp)
+            raise
 
 
 def _json_default(o):

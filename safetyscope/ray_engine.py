@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from .data import TABLE_SUFFIXES
-from .errors import SafetyScopeError
+from .errors import SafetyScopeError, check_number
 from .features import FeatureConfig
 from .streaming import CHUNK_ROWS
 
@@ -345,8 +345,7 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
     streaming.check_outputs(out, [] if "://" in input_path else [input_path], overwrite=overwrite)
     if cfg.batch_size < 1:
         raise SafetyScopeError("--batch-size must be >= 1")
-    if chunk_rows < 1:
-        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
     rows = -(-(batch_rows or chunk_rows) // chunk_rows) * chunk_rows  # whole chunks per Ray batch
 
     def go(ray):
@@ -413,8 +412,7 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     clf = read_classifier(classifier)  # validated here; its text travels to the actors (no shared disk needed)
     import json
 
-    if chunk_rows < 1:
-        raise SafetyScopeError("--chunk-rows must be >= 1")
+    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
     rows = batch_rows or chunk_rows
     rows = -(-rows // chunk_rows) * chunk_rows  # whole --chunk-rows chunks per Ray batch
     ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier,

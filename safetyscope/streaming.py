@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .data import csv_safe, table_format
-from .errors import SafetyScopeError
+from .errors import SafetyScopeError, check_number
 from .outputs import check_output, mark, output_errors, output_lock, remove_temp, replace, temp_path
 
 # Rows per durable part (`--chunk-rows` of features and classify, local and Ray): memory holds one chunk, and a
@@ -39,8 +39,7 @@ def check_input(inp: Path, chunk_rows: int) -> None:
     table_format(inp)
     if not inp.exists():
         raise SafetyScopeError(f"{inp}: no such file or directory")
-    if chunk_rows < 1:
-        raise SafetyScopeError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
 
 
 def fsync_write(path: Path, write) -> None:

@@ -51,6 +51,22 @@ class TrainConfig:
     model_dtype: str = "float32"  # dtype of the model that produces the activations
     save_dtype: SaveDtype = "float32"  # dtype of the saved weights
 
+    def __post_init__(self):
+        from .errors import check_number
+
+        check_number("--width", self.d_sae, low=1, integer=True)
+        check_number("--k", self.k, low=1, high=self.d_sae, integer=True)
+        check_number("--lr", self.lr, low=0, low_open=True, none_ok=True)
+        check_number("--epochs", self.epochs, low=0, low_open=True)
+        check_number("--max-tokens", self.max_tokens, low=1, integer=True, none_ok=True)
+        check_number("--batch-tokens", self.batch_tokens, low=1, integer=True)
+        check_number("--auxk-alpha", self.auxk_alpha, low=0)
+        check_number("--dead-tokens", self.dead_tokens, low=1, integer=True)
+        check_number("--held-out", self.held_out, low=0, high=1, high_open=True)
+        check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        check_number("--max-length", self.max_length, low=1, integer=True)
+        check_number("--batch-size", self.batch_size, low=1, integer=True)
+
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
 

@@ -67,7 +67,7 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--group-column", default=DiscoverConfig.group_column,
               help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "
                    "held-out groups (leave one group out), so settings that only fit one source's style lose.")
-@click.option("--seed", type=int, default=DiscoverConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=DiscoverConfig.seed, show_default=True)
 @overwrite_option
 @model_options
 @user_errors
@@ -159,7 +159,8 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
 @click.argument("texts", nargs=-1)
 @click.option("--input", "input_path", default=None, help="Read texts from a table instead.")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--limit", type=int, default=20, show_default=True, help="At most this many texts from --input.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="At most this many texts from --input.")
 @click.option("--lang", default=None,
               help="The texts' language: picks a per-language classifier's rule and sets the status [default: "
                    "identified offline for a per-language classifier].")

@@ -16,9 +16,9 @@ from .options import NumberList, feature_config, model_options, user_errors
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Report directory.")
 @click.option("--langs", default=None, help="Comma-separated languages [default: all present].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the per-language and transfer runs, the random SAE and the controls' bootstrap.")
-@click.option("--seeds", type=NumberList(int), default=",".join(map(str, SEEDS)), show_default=True,
+@click.option("--seeds", type=NumberList(int, low=-1, high=2**32 - 1), default=",".join(map(str, SEEDS)), show_default=True,
               help="Seeds of the data-efficiency subsamples.")
 @click.option("--fractions", type=NumberList(float, low=0, high=100), default=",".join(f"{p:g}" for p in PERCENTS),
               show_default=True,

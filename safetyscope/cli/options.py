@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import sys
 
 import click
 
-from ..errors import SafetyScopeError
+from ..errors import SafetyScopeError, check_number
 from ..features import FeatureConfig
 from ..ray_engine import RayConfig
 
@@ -53,10 +54,21 @@ class NumberList(click.ParamType):
             out = tuple(self.kind(v) for v in str(value).split(","))
         except ValueError:
             self.fail(f"{value!r} is not a list of {self.name}", param, ctx)
-        bad = [v for v in out if (self.low is not None and v <= self.low) or (self.high is not None and v > self.high)]
+        bad = [v for v in out if not math.isfinite(v) or (self.low is not None and v <= self.low)
+               or (self.high is not None and v > self.high)]
         if bad:
             self.fail(f"{bad} outside ({self.low}, {self.high}]", param, ctx)
         return out
+
+
+def finite(low: float | None = None, high: float | None = None, *, low_open: bool = False, integer: bool = False):
+    """A click callback: the value must be a finite number in range (click's FloatRange lets NaN through)."""
+    def check(ctx, param, value):
+        try:
+            return check_number("value", value, low=low, high=high, low_open=low_open, integer=integer, none_ok=True)
+        except SafetyScopeError as e:  # click names the option: "Invalid value for '--x': must be >= 0; got nan"
+            raise click.BadParameter(str(e).removeprefix("value "), ctx, param) from None
+    return check
 
 
 def overwrite_option(fn):

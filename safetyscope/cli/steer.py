@@ -9,7 +9,7 @@ import click
 from ..errors import SafetyScopeError
 from ..steering import Positions
 from ..synthesis.generators import Backend, GeneratorConfig
-from .options import feature_config, model_options, overwrite_option, user_errors
+from .options import feature_config, finite, model_options, overwrite_option, user_errors
 
 
 @click.command()
@@ -26,8 +26,8 @@ from .options import feature_config, model_options, overwrite_option, user_error
               help="Edit every position, or only those of generated tokens.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the chat template, or continue the raw text.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, callback=finite(low=0), help="0 = greedy.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--plain", is_flag=True, help="Also write the unsteered completion and its activations.")
 @click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
               show_default=True, help="Only transformers can steer (see README).")

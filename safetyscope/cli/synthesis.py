@@ -36,7 +36,7 @@ def generator_options(fn):
                      help="Max new tokens per response."),
         click.option("--group-size", type=int, default=SynthConfig.group_size, show_default=True,
                      help="Targets per batch (unit of durable output)."),
-        click.option("--seed", type=int, default=SynthConfig.seed, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SynthConfig.seed, show_default=True),
         click.option("--skip-covered/--no-skip-covered", default=SynthConfig.skip_covered, show_default=True,
                      help="Do not generate for a target that an earlier kept pair already fires."),
         click.option("--judge", "judge_kind", type=click.Choice(["detector", "llm"]), default="detector",
@@ -294,7 +294,7 @@ def compare_cmd(data, output_dir, classifier, **kw):
 @click.option("--train-batch-size", type=int, default=SFTEvalConfig.batch_size, show_default=True)
 @click.option("--lr", type=float, default=SFTEvalConfig.lr, show_default=True)
 @click.option("--max-seq-len", type=int, default=SFTEvalConfig.max_seq_len, show_default=True)
-@click.option("--seed", type=int, default=SFTEvalConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SFTEvalConfig.seed, show_default=True)
 @click.option("--n-harmful", type=int, default=SFTEvalConfig.n_harmful, show_default=True, help="Held-out harmful prompts.")
 @click.option("--n-xstest", type=int, default=SFTEvalConfig.n_xstest, show_default=True, help="Held-out XSTest safe prompts.")
 @click.option("--n-benign", type=int, default=SFTEvalConfig.n_benign, show_default=True, help="Held-out benign instructions.")

@@ -40,7 +40,7 @@ def sae_group():
 @click.option("--held-out", type=float, default=TrainConfig.held_out, show_default=True, help="Share of texts kept for evaluation.")
 @click.option("--max-length", type=int, default=TrainConfig.max_length, show_default=True)
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Texts per forward pass.")
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=TrainConfig.seed, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda if available].")
 @click.option("--model-dtype", default=TrainConfig.model_dtype, show_default=True, help="dtype of the model for the activations.")
 @click.option("--dtype", type=click.Choice(get_args(SaveDtype)), default=TrainConfig.save_dtype, show_default=True,

@@ -36,3 +36,14 @@ class DiscoverConfig:
     # a column naming each row's group (e.g. `source`): K / C and the operating point are chosen on held-out
     # groups, so a setting is rewarded for carrying over to a source it was not fitted on
     group_column: str | None = None
+
+    def __post_init__(self):
+        from ..errors import check_number
+
+        # a negative threshold fires on every text (inactive features are 0): a rule that always fires
+        check_number("--threshold", self.threshold, low=0)
+        check_number("--target-fpr", self.target_fpr, low=0, high=1, low_open=True, high_open=True)
+        check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        check_number("--max-features", self.max_features, low=1, integer=True, none_ok=True)
+        if isinstance(self.fpr_cap, float):
+            check_number("--fpr-cap", self.fpr_cap, low=0, high=1, low_open=True)

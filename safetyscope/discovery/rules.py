@@ -888,4 +888,10 @@ def classifier_from_dict(d: dict):
         raise SafetyScopeError(f"classifier rule must be an object; got {type(d).__name__}")
     if d.get("kind") not in KINDS:
         raise SafetyScopeError(f"unknown classifier kind {d.get('kind')!r}; expected one of {sorted(KINDS)}")
-    return KINDS[d["kind"]].from_dict(d)
+    rule = KINDS[d["kind"]].from_dict(d)
+    # a rule whose score cannot depend on the text flags every text or none: a broken file, not a classifier
+    weights = getattr(rule, "weights_", None)
+    if len(rule.features_) == 0 if weights is None or d["kind"] != "linear" else not np.any(weights):
+        raise SafetyScopeError(f"classifier rule ({d['kind']}) has no features with a weight, so it would flag "
+                               "every text or none; refit it with discover")
+    return rule

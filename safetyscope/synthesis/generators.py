@@ -42,6 +42,13 @@ class GeneratorConfig:
     timeout: float = 120.0  # openai: seconds per request
     workers: int = 4  # openai: concurrent requests
 
+    def __post_init__(self):
+        from ..errors import check_number
+
+        check_number("--batch-size", self.batch_size, low=1, integer=True)
+        check_number("--timeout", self.timeout, low=0, low_open=True)
+        check_number("--workers", self.workers, low=1, integer=True)
+
 
 def _plain_template(messages: Messages) -> str:
     """For tokenizers without a chat template (tiny test models)."""

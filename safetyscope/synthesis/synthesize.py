@@ -93,6 +93,18 @@ class SynthConfig:
     steer: bool = True
     steer_schedule: tuple[float, ...] = (2.0, 8.0, 16.0)
 
+    def __post_init__(self):
+        from ..errors import check_number
+
+        for name in ("budget", "max_attempts", "samples", "prompt_tokens", "response_tokens", "group_size"):
+            check_number("--" + name.replace("_", "-"), getattr(self, name), low=1, integer=True)
+        check_number("--temperature", self.temperature, low=0)
+        check_number("--near-dup", self.near_dup, low=0, high=1)
+        check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        check_number("--response-retries", self.response_retries, low=0, integer=True)
+        for m in self.steer_schedule:
+            check_number("steer schedule multiplier", m, low=0, low_open=True)
+
 
 # -- text helpers ------------------------------------------------------------------------------
 def normalise(text: str) -> str:

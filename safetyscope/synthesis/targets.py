@@ -38,6 +38,16 @@ class TargetsConfig:
     n_examples: int = 4  # top-activating contexts kept per target
     window: int = 12  # tokens either side of the max token in a snippet
 
+    def __post_init__(self):
+        from ..errors import check_number
+
+        check_number("--min-delta", self.min_delta, low=0, high=1)
+        check_number("--max-targets", self.max_targets, low=1, integer=True)
+        check_number("--min-fires", self.min_fires, low=1, integer=True)
+        check_number("--max-fire-rate", self.max_fire_rate, low=0, high=1, low_open=True)
+        check_number("--examples", self.n_examples, low=1, integer=True)
+        check_number("window", self.window, low=0, integer=True)
+
 
 def snippet(tokens: list[str], acts: np.ndarray, window: int) -> tuple[str, str]:
     """The text around the max-activating token, that token wrapped in «…»; and the token itself."""

@@ -1,0 +1,125 @@
+"""Every bad option value and every bad field of a file the tool reads is one `error:` line that names it:
+the cases of a bad-input run that gave tracebacks or silently ran (NaN, negative counts, truthy strings in
+classifier files, rules that can never or always fire, devices this build cannot run)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
+from test_user_errors import assert_user_error
+
+LAYER = SAE_LAYERS[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
+    d = tmp_path_factory.mktemp("bad")
+    rows = [{"text": t, "prompt": t, "label": "toxic" if any(w in t for w in TOXIC_WORDS) else "clean", "lang": "en",
+             "split": "discovery" if i % 3 else "test"} for i, t in enumerate(CORPUS * 4)]
+    data = d / "labelled.parquet"
+    pl.DataFrame(rows).write_parquet(data)
+    m = ["--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", LAYER, "--dtype", "float32"]
+    clf = d / "clf.json"
+    run_cli(["discover", data, "-o", clf, *m, "--max-features", 3])
+    targets = d / "targets.json"
+    run_cli(["synth", "targets", data, "-o", targets, "--min-delta", "0.05", *m])
+    return {"data": data, "clf": clf, "targets": targets, "model": m, "dir": d}
+
+
+def _cases(f, tmp):
+    data, m, o = f["data"], f["model"], tmp / "out.parquet"
+    train = ["sae", "train", "--model", m[1], "--layer", LAYER, "--corpus", data, "--width", 16, "--k", 2,
+             "--max-tokens", 100, "-o", tmp / "sae"]
+    synth = ["synthesize", "--targets", f["targets"], "--seed-data", data, "-o", tmp / "s.jsonl", "--dtype", "float32"]
+    return {
+        "discover --seed -1": (["discover", data, "-o", tmp / "c.json", *m, "--seed", -1], "--seed"),
+        "discover --threshold -1": (["discover", data, "-o", tmp / "c.json", *m, "--threshold", -1], "--threshold"),
+        "discover --target-fpr nan": (["discover", data, "-o", tmp / "c.json", *m, "--target-fpr", "nan"], "--target-fpr"),
+        "eval --fractions nan": (["eval", data, "-o", tmp / "r", *m, "--fractions", "nan"], "--fractions"),
+        "eval --seeds -1": (["eval", data, "-o", tmp / "r", *m, "--seeds", "-1"], "--seeds"),
+        "sae train --epochs nan": ([*train, "--epochs", "nan"], "--epochs"),
+        "sae train --lr nan": ([*train, "--lr", "nan"], "--lr"),
+        "sae train --lr -1": ([*train, "--lr", -1], "--lr"),
+        "sae train --max-tokens -5": ([*train[:-4], "--max-tokens", -5, "-o", tmp / "sae"], "--max-tokens"),
+        "sae train --auxk-alpha nan": ([*train, "--auxk-alpha", "nan"], "--auxk-alpha"),
+        "synth targets --min-delta nan": (["synth", "targets", data, "-o", tmp / "t.json", *m, "--min-delta", "nan"],
+                                          "--min-delta"),
+        "synth targets --examples -1": (["synth", "targets", data, "-o", tmp / "t.json", *m, "--examples", -1], "--examples"),
+        "synthesize --prompt-tokens 0": ([*synth, "--prompt-tokens", 0], "--prompt-tokens"),
+        "synthesize --temperature -1": ([*synth, "--temperature", -1], "--temperature"),
+        "synthesize --temperature nan": ([*synth, "--temperature", "nan"], "--temperature"),
+        "steer --temperature nan": (["steer", data, "--text-column", "prompt", "-o", o, "--feature", "3:1", *m,
+                                     "--temperature", "nan"], "--temperature"),
+        "steer --temperature -1": (["steer", data, "--text-column", "prompt", "-o", o, "--feature", "3:1", *m,
+                                    "--temperature", -1], "--temperature"),
+        "explain --limit -1": (["explain", f["clf"], "--input", data, "--limit", -1], "--limit"),
+        "explain --limit 0": (["explain", f["clf"], "--input", data, "--limit", 0], "--limit"),
+        "features --chunk-rows 1e12": (["features", data, "-o", o, *m, "--chunk-rows", 10**12], "--chunk-rows"),
+        "features --batch-size 0": (["features", data, "-o", o, *m, "--batch-size", 0], "--batch-size"),
+        "features --device meta": (["features", data, "-o", o, *m, "--device", "meta"], "meta"),
+        "features --device mps": (["features", data, "-o", o, *m, "--device", "mps"], "mps"),
+    }
+
+
+CASES = list(_cases({"data": "", "clf": "", "targets": "", "model": ["", "", "", "", "", ""], "dir": ""},
+                    __import__("pathlib").Path("/")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_option_value_is_one_line_naming_it(case, files, tmp_path):
+    args, word = _cases(files, tmp_path)[case]
+    if case.endswith("--device mps"):
+        import torch
+
+        if torch.backends.mps.is_available():
+            pytest.skip("this machine has MPS")
+    res = run_cli(args, ok=False)
+    assert_user_error(res, word)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def _edited(clf_path, tmp_path, edit) -> str:
+    d = json.loads(clf_path.read_text())
+    edit(d)
+    p = tmp_path / "edited.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+FILE_CASES = {
+    "extraction.max_length 'abc'": (lambda d: d["extraction"].update(max_length="abc"), "extraction.max_length"),
+    "extraction.skip_first_token 'false'": (lambda d: d["extraction"].update(skip_first_token="false"),
+                                            "skip_first_token"),
+    "discovery_data a string": (lambda d: d.update(discovery_data="lots of rows"), "discovery_data"),
+    "validation.languages 'en'": (lambda d: d.update(validation={"languages": "en"}), "validation.languages"),
+    "an OR-rule with no features": (lambda d: d["rule"].update(features=[], k=0), "no features"),
+    "sae.k 0": (lambda d: d["sae"].update(k=0), "sae.k"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_a_bad_classifier_field_is_one_line_naming_it(case, files, tmp_path):
+    edit, word = FILE_CASES[case]
+    path = _edited(files["clf"], tmp_path, edit)
+    res = run_cli(["classify", files["data"], "-o", tmp_path / "o.parquet", "-c", path, "--dtype", "float32"], ok=False)
+    assert_user_error(res, word)
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_sparse_linear_rule_with_no_features_is_refused(files, tmp_path):
+    """It would score every text with its intercept: flag all (intercept > 0) or none."""
+    from safetyscope.discovery.rules import SparseLinearClassifier, classifier_from_dict
+    from safetyscope.errors import SafetyScopeError
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(np.random.default_rng(0).random((40, 6)))
+    y = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    d = SparseLinearClassifier(C=1.0).fit(X, y).to_dict()
+    d.update(features=[], k=0, intercept=1.0)
+    with pytest.raises(SafetyScopeError, match="no features"):
+        classifier_from_dict(d)
