@@ -792,7 +792,9 @@ class LinearProbeClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator):
         """(weights, intercept) on the unscaled design D: the residual columns standardised inside the fit."""
         mu, sd = np.zeros(D.shape[1]), np.ones(D.shape[1])
         raw = slice(self.n_codes, None)
-        mu[raw], sd[raw] = D[:, raw].mean(0), D[:, raw].std(0) + 1e-6
+        w = np.ones(len(D)) if sw is None else sw  # weighted, so weight 2 is the same fit as a row given twice
+        mu[raw] = np.average(D[:, raw], axis=0, weights=w)
+        sd[raw] = np.sqrt(np.average((D[:, raw] - mu[raw]) ** 2, axis=0, weights=w)) + 1e-6
         lr = self._lr().fit((D - mu) / sd, y, sample_weight=sw)
         w = lr.coef_.ravel() / sd
         return w, float(lr.intercept_[0] - (w * mu).sum())
