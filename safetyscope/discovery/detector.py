@@ -27,7 +27,7 @@ FORMAT = "safetyscope-classifier"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Shipped classifiers by name (files in ASSETS): what `-c NAME`, `explain NAME` and Detector.load(NAME) accept.
 CLASSIFIERS = {
-    # linear rules on SAE codes + mean residual, one per language of en/es/it/fr (English: + implicit hate rows)
+    # linear rules on SAE codes + mean residual, one per language of the 14 pack languages (English: + implicit hate rows)
     "default": "toxicity-linear-smollm2-135m-instruct.json",
     "toxicity": "toxicity-linear-smollm2-135m-instruct.json",
     # the default before it: an English sparse linear rule over 82 SAE features (assets/README.md)
