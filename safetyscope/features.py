@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone, cache_dir
+from .backbone import Backbone, cache_dir, length_batches
 from .errors import SafetyScopeError
 from .sae import SAE, load_sae
 
@@ -204,37 +204,49 @@ def extract_shared(extractors: list[FeatureExtractor], texts: list[str], *,
     rows = [[None] * n for _ in extractors]  # per extractor, per text: (feature ids, acts)
     mean_acts = {la: np.zeros((n, d_model), dtype=np.float32) for la in layers}
     n_tokens = np.zeros(n, dtype=np.int64)  # the same at every layer
-    n_cached = [0] * len(extractors)
     for e, fx in enumerate(extractors):
         if fx._cache is not None:
             for i, (r, m, t) in fx._cache.get_many(keys).items():
                 rows[e][i], mean_acts[fx.layer][i], n_tokens[i] = r, m, t  # mean, n_tokens: the same for every SAE
-                n_cached[e] += 1
-    todo = [i for i in range(n) if any(r[i] is None for r in rows)]
-    ids, n_trunc = lead.tokenize([texts[i] for i in todo]) if todo else ([], 0)
-    bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress, desc="features")
-    for batch, input_ids, mask in lead.backbone.batches(ids, batch_size=lead.batch_size, batch_tokens=lead.batch_tokens):
+    todo = {i for i in range(n) if any(r[i] is None for r in rows)}
+    # In half precision a text's codes depend on its batch, so a run resumed after a kill (part of its chunk
+    # cached) must batch the rest as the uninterrupted run did to be bit-identical to it: batches are planned
+    # over every text of the call, whatever the cache holds, and a batch with any text to compute is run whole.
+    # In float32 the codes do not depend on the batch: only the texts to compute are batched and run.
+    whole = next(lead.backbone.model.parameters()).dtype != torch.float32
+    planned = sorted(range(n) if whole else todo) if todo else []
+    part_ids, n_trunc = lead.tokenize([texts[i] for i in planned]) if planned else ([], 0)
+    if whole and todo and len(todo) < n:  # truncation is counted over this run's texts, as tokens are
+        n_trunc = lead.tokenize([texts[i] for i in sorted(todo)])[1]
+    ids: dict[int, list[int]] = dict(zip(planned, part_ids))
+    plan = [[planned[j] for j in b] for b in length_batches([len(x) for x in part_ids], batch_size=lead.batch_size,
+                                                            batch_tokens=lead.batch_tokens)]
+    plan = [b for b in plan if any(i in todo for i in b)]
+    recomputed = {i for b in plan for i in b}
+    n_cached = [sum(1 for i in range(n) if i not in recomputed and r[i] is not None) for r in rows]
+    bar = tqdm(total=sum(len(ids[i]) for i in recomputed), unit="tok", unit_scale=True, disable=not progress,
+               desc="features")
+    for batch in plan:
+        input_ids, mask = lead.backbone.pad([ids[i] for i in batch])
         hidden_at = lead.backbone.capture(input_ids, mask, layers)  # stops after the deepest layer
         keep, means_keep = _token_masks(mask.to(lead.backbone.device), lead.skip_first_token, lead.pool)
         counts = means_keep.sum(1)
-        for b, j in enumerate(batch):
-            n_tokens[todo[j]] = int(counts[b])
+        for b, i in enumerate(batch):
+            n_tokens[i] = int(counts[b])
         for layer in layers:
             hidden = hidden_at[layer].float()
             means = ((hidden * means_keep[..., None]).sum(1) / counts.clamp(min=1)[:, None]).cpu().numpy()
-            mean_acts[layer][[todo[j] for j in batch]] = means
+            mean_acts[layer][batch] = means
             for e, fx in enumerate(extractors):
                 if fx.layer != layer:
                     continue
                 pooled, new = fx._pool(hidden, keep), {}
-                for b, j in enumerate(batch):
-                    i = todo[j]
-                    if rows[e][i] is None:
-                        rows[e][i] = pooled[b]
-                        new[keys[i]] = (rows[e][i], mean_acts[layer][i], n_tokens[i])
+                for b, i in enumerate(batch):  # every text of a run batch takes this batch's values
+                    rows[e][i] = pooled[b]
+                    new[keys[i]] = (rows[e][i], mean_acts[layer][i], n_tokens[i])
                 if fx._cache is not None:
                     fx._cache.put_many(new)
-        bar.update(sum(len(ids[j]) for j in batch))
+        bar.update(sum(len(ids[i]) for i in batch))
     bar.close()
     return [Extraction(_rows_to_csr(r, fx.sae.cfg.d_sae), mean_acts[fx.layer], n_tokens, n_trunc, c)
             for r, fx, c in zip(rows, extractors, n_cached)]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import D_SAE, SAE_LAYERS
+from conftest import CORPUS, D_SAE, SAE_LAYERS
 
 from safetyscope import FeatureConfig, FeatureExtractor, SafetyScopeError
 
@@ -240,3 +240,41 @@ def test_several_layers_in_one_forward_pass_equal_single_layer_runs(tiny_model_d
         layer_extractors(cfg, [1, 1], backbone=tiny_backbone)
     with pytest.raises(SafetyScopeError, match="no layer2.sae.pt"):
         layer_extractors(cfg, [1, 2], backbone=tiny_backbone)
+
+
+def test_a_bf16_run_killed_mid_chunk_resumes_bit_identical(tiny_model_dir, qwen_scope_sae_dir, tmp_path, monkeypatch):
+    """In bfloat16 a text's codes depend on the batch it is in. A run killed after two batches has cached their
+    texts; the rerun must batch the rest as the uninterrupted run did, or its values differ (they did: 157 of
+    2,000 rows of a real run). The precondition is checked too: batched differently, the codes do differ here."""
+    from safetyscope.features import FeatureConfig, FeatureExtractor
+
+    monkeypatch.setenv("SAFETYSCOPE_CACHE", str(tmp_path / "cache"))
+    texts = [f"{CORPUS[i % len(CORPUS)]} number {i} " + "word " * (i % 7) for i in range(40)]
+
+    def fx(cache: bool):
+        return FeatureExtractor.from_config(FeatureConfig(model=str(tiny_model_dir), sae=str(qwen_scope_sae_dir),
+                                                          layer=SAE_LAYERS[0], dtype="bfloat16", cache=cache,
+                                                          batch_size=8, batch_tokens=48))
+
+    plain = fx(False)  # 48 tokens a batch: each group of 8 texts is cut into batches of about 3
+    want = plain.extract(texts)
+    rest = plain.extract(texts[16:])  # what the old resume did: the uncached texts batched on their own
+    assert (want.codes[16:] != rest.codes).nnz > 0, "precondition: bf16 codes depend on the batch here"
+
+    cached = fx(True)
+    real_capture, calls = cached.backbone.capture, {"n": 0}
+
+    def dies_after_two_batches(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt  # kill -9 after two batches were computed and cached
+        return real_capture(*a, **k)
+
+    monkeypatch.setattr(cached.backbone, "capture", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        cached.extract(texts)
+    monkeypatch.setattr(cached.backbone, "capture", real_capture)
+    got = cached.extract(texts)
+    assert 0 < got.n_cached < 8  # the two finished batches (part of the first group of 8) came from the cache
+    assert (got.codes != want.codes).nnz == 0
+    np.testing.assert_array_equal(got.mean_acts, want.mean_acts)

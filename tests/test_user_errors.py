@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
-from conftest import CORPUS, SAE_LAYERS, run_cli
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
 
 from safetyscope.cli import main
 
@@ -41,7 +41,7 @@ def assert_user_error(res, *words):
 
 def _labelled(tmp_path, n_per_class: int, name="d.parquet"):
     texts = (CORPUS * 10)[: 2 * n_per_class]
-    df = pl.DataFrame({"text": texts, "label": [i % 2 for i in range(len(texts))],
+    df = pl.DataFrame({"text": texts, "label": [int(any(w in t for w in TOXIC_WORDS)) for t in texts],
                        "lang": ["en"] * len(texts), "split": (["discovery", "discovery", "test", "test"] * len(texts))[: len(texts)]})
     p = tmp_path / name
     df.write_parquet(p)

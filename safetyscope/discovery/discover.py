@@ -131,6 +131,10 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
+    for name, r in [("the rule", rule), *((f"the {la!r} rule", r) for la, r in rules_by_lang.items())]:
+        if len(r.features_) == 0:  # it would flag no text (or, with a positive intercept, every text)
+            raise SafetyScopeError(f"{name} found no SAE feature that tells toxic from clean rows on this data; check "
+                                   "the labels, add rows, or try --kind linear")
     return Detector(fx, rule, meta, rules_by_lang)
 
 
