@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--target-fpr", type=float, default=0.10)
     ap.add_argument("--C", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="the shipped kind only, no leave-one-source-out (for choosing)")
     ap.add_argument("--ship", default=None, metavar="PATH", help="also write the classifier fitted on all rows here")
     args = ap.parse_args()
 
@@ -108,7 +109,7 @@ def main() -> None:
         _, s, _ = old.predict(d["text"].to_list())
         results[("previous shipped (sparse linear, English benign only)", k)] = by_subset(d, s)
     src = fit_df["source"].to_numpy()
-    for vname, make in variants.items():
+    for vname, make in list(variants.items())[: 1 if args.quick else None]:
         X, nc = make(ex)
         full = fit(X, nc, np.ones(len(y), bool))
         results[(vname, "operating point")] = full.operating_point_
@@ -118,6 +119,8 @@ def main() -> None:
         no_c = fit(X, nc, src != "comments_clean")
         for k in ("comments test (clean)", "request checks HOLDOUT"):
             results[(vname + ", no comments in fit", k)] = by_subset(sets[k], no_c.decision_function(make(feats[k])[0]))
+        if args.quick:
+            continue
         # leave one harmful source out: fitted without its seed rows, scored on its pool rows
         Xp = make(feats["pool"])[0]
         pool_src = sets["pool"]["source"].to_numpy()
@@ -146,16 +149,16 @@ def ship(args, fit_df: pl.DataFrame, y, safe, fx, rule) -> None:
     langs = fit_df.group_by("lang").agg(pl.col("y").sum().alias("toxic"), (1 - pl.col("y")).sum().alias("clean")).sort("lang")
     data = {"files": ["safety/prompts.parquet (seed)", "toxicity/<lang>.parquet (discovery, clean rows)"],
             "rows": int(len(y)), "toxic": int(y.sum()), "clean": int(len(y) - y.sum()),
+            "split": "seed (prompts); discovery (comments)",
             "sha256": data_sha256(y, fit_df["text"]),
             "per_lang": {r["lang"]: {"toxic": r["toxic"], "clean": r["clean"]} for r in langs.iter_rows(named=True)},
             "sample": f"every English seed prompt; {args.other_per_lang} random seed prompts of each other language; "
                       f"{args.comments_per_lang} random clean discovery comments of each of 14 toxicity languages as "
                       f"benign (seed {args.seed})", "xstest_safe_rows": int(safe.sum())}
-    # validated: languages with both classes measured (harmful prompts and clean comments; benign *requests* exist
-    # in English only: the hand-written checks are the only non-English benign requests, README says so)
-    both = sorted(la for la, c in data["per_lang"].items() if c["toxic"] and c["clean"])
+    # validated: English only. Other languages have harmful prompts and clean comments but no benign *requests*
+    # (the hand-written checks hold the only ones, a handful): a non-English request's verdict is not validated
     meta = {"sae_id": "default", "discovery_data": data,
-            "validation": {"languages": both, "method": "python scripts/harmful_request_generalization.py "
+            "validation": {"languages": ["en"], "method": "python scripts/harmful_request_generalization.py "
                            "(pool split, clean comments test split, leave-one-source-out, request checks)"},
             "settings": {"kind": "linear", "C": args.C, "seed": args.seed, "xstest_safe_weight": args.xstest_weight,
                          "target_fpr": args.target_fpr, "fpr_rows": "XSTest safe seed rows"}}

@@ -111,11 +111,11 @@ def test_a_bad_classifier_field_is_one_line_naming_it(case, files, tmp_path):
 
 def test_a_sparse_linear_rule_with_no_features_is_refused(files, tmp_path):
     """It would score every text with its intercept: flag all (intercept > 0) or none."""
-    from safetyscope.discovery.rules import SparseLinearClassifier, classifier_from_dict
-    from safetyscope.errors import SafetyScopeError
-
     import numpy as np
     import scipy.sparse as sp
+
+    from safetyscope.discovery.rules import SparseLinearClassifier, classifier_from_dict
+    from safetyscope.errors import SafetyScopeError
 
     X = sp.csr_matrix(np.random.default_rng(0).random((40, 6)))
     y = np.r_[np.ones(20), np.zeros(20)].astype(int)

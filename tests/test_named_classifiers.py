@@ -69,7 +69,7 @@ def test_unknown_name_is_a_one_line_cli_error(tmp_path, cmd, monkeypatch):
 
 def test_shipped_harmful_request_file_holds_no_texts(shared_data):
     d = read_classifier("harmful-request")
-    assert d["discovery_data"]["split"] == "seed"
+    assert d["discovery_data"]["split"].startswith("seed")
     strings = list(_strings(d))
     assert max(len(s) for s in strings) <= 200
     prompts = set(pl.read_parquet(shared_data / "safety" / "prompts.parquet").get_column("prompt").to_list())
@@ -105,3 +105,16 @@ def test_classify_and_explain_by_name_with_the_embedded_model(tmp_path):
     assert r.exit_code == 0, r.output
     e = json.loads(r.stdout.strip().splitlines()[0])
     assert e["toxic"] == bool(flagged[0]) and sorted(f["id"] for f in e["features"] if f["fired"]) == sorted(fired[0])
+
+
+@pytest.mark.slow
+def test_shipped_harmful_request_spares_clean_comments_the_previous_one_flagged(shared_data):
+    """The rule before it learnt "English instruction = benign" and flags most text that is not one. Clean
+    comments of the CI sample (not requests; it mixes discovery and test rows, and some discovery rows were among
+    the fitting rows, so this checks the shortcut is gone, not a held-out rate: that is in the README)."""
+    df = pl.read_parquet(shared_data / "toxicity" / "ci_sample.parquet").filter(pl.col("label") == 0)
+    texts, langs = df.get_column("text").to_list(), df.get_column("lang").to_list()
+    now = Detector.load("harmful-request").predict(texts, langs=langs)[0].mean()
+    before = Detector.load("harmful-request-sparse").predict(texts, langs=langs)[0].mean()
+    assert before > 0.5  # the shortcut this test exists for
+    assert now <= 0.15

@@ -34,7 +34,10 @@ CLASSIFIERS = {
     "toxicity-sparse": "toxicity-smollm2-135m-instruct.json",
     # the Qwen-Scope-style OR-rule the default was before it (F1 operating point; assets/README.md)
     "toxicity-or-rule": "toxicity-or-rule-smollm2-135m-instruct.json",
+    # linear rule on SAE codes + mean residual; clean comments of 14 languages among its benign rows
     "harmful-request": "harmful-request-smollm2-135m-instruct.json",
+    # the harmful-request rule before it: English benign rows only, so it flags most non-instruction text
+    "harmful-request-sparse": "harmful-request-sparse-smollm2-135m-instruct.json",
     # one rule per language of the 14 toxicity languages, on Gemma 3 270M (extra `safetyscope[gemma]`)
     "multilingual": "toxicity-multilingual-gemma3-270m.json",
 }
