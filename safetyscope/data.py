@@ -32,6 +32,9 @@ def table_format(path: str | os.PathLike, *, for_writing: bool = False) -> str:
         return fmt
     if p.is_dir() or (for_writing and p.suffix == ""):
         return "hf"
+    if for_writing:
+        raise SafetyScopeError(f"{path}: unknown output format {p.suffix!r}; name a .parquet, .csv or .jsonl file, or a "
+                               "directory (Hugging Face datasets)")
     if not p.exists():
         raise SafetyScopeError(f"{path}: no such file or directory")
     raise SafetyScopeError(
@@ -61,9 +64,9 @@ def read_table(path: str | os.PathLike, *, columns: list[str] | None = None) -> 
         if fmt == "parquet":
             df = pl.read_parquet(p)
         elif fmt == "csv":
-            df = pl.read_csv(p, infer_schema_length=10000)
+            df = pl.read_csv(p, infer_schema_length=None)  # the whole file: a column may change type late
         elif fmt == "jsonl":
-            df = pl.read_ndjson(p)
+            df = pl.read_ndjson(_without_bom(p), infer_schema_length=None)
         else:
             df = _load_hf(p)
     except SafetyScopeError:
@@ -89,11 +92,42 @@ def count_rows(path: str | os.PathLike) -> int:
         raise SafetyScopeError(f"{path}: no such file or directory")
     if fmt == "hf":
         return read_table(p).height
-    scan = {"parquet": pl.scan_parquet, "csv": pl.scan_csv, "jsonl": pl.scan_ndjson}[fmt]
     try:
-        return scan(p).select(pl.len()).collect().item()
+        n = _scan(p, fmt).select(pl.len()).collect().item()
     except pl.exceptions.PolarsError as e:  # empty or malformed: the same one line as read_table's
         raise SafetyScopeError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    if n == 0 and fmt == "csv":
+        with open(p, "rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        if lines > 1:  # a quote opened and never closed swallows every row after the header
+            raise SafetyScopeError(f"{path}: cannot read as csv: {lines - 1} line(s) after the header but no row "
+                                   "parsed; look for a quote (\") that is opened and never closed")
+    return n
+
+
+def _has_bom(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(3) == b"\xef\xbb\xbf"
+
+
+def _without_bom(p: Path):
+    """JSON Lines with a UTF-8 byte-order mark (Windows editors write one): the bytes without it; else the path."""
+    if not _has_bom(p):
+        return p
+    import io
+
+    return io.BytesIO(p.read_bytes()[3:])
+
+
+def _scan(p: Path, fmt: str) -> pl.LazyFrame:
+    """A lazy reader; schemas inferred over the whole file, as read_table does."""
+    if fmt == "parquet":
+        return pl.scan_parquet(p)
+    if fmt == "csv":
+        return pl.scan_csv(p, infer_schema_length=None)
+    if _has_bom(p):  # scan_ndjson cannot skip it: read the file once, without the mark
+        return pl.read_ndjson(_without_bom(p), infer_schema_length=None).lazy()
+    return pl.scan_ndjson(p, infer_schema_length=None)
 
 
 def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0,
@@ -108,10 +142,9 @@ def iter_chunks(path: str | os.PathLike, chunk_rows: int, *, start: int = 0,
         for off in range(start, df.height, chunk_rows):
             yield df.slice(off, chunk_rows)
         return
-    scan = {"parquet": pl.scan_parquet, "csv": pl.scan_csv, "jsonl": pl.scan_ndjson}[fmt]
     try:
         total = count_rows(p)
-        lf = scan(p)
+        lf = _scan(p, fmt)
         if columns:
             require_columns(pl.DataFrame(schema=lf.collect_schema()), columns, path)
             lf = lf.select(columns)

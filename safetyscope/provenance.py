@@ -42,6 +42,12 @@ def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
     m_ok, m_fp = _same_weights(d["model"]["fingerprint"], fx.backbone)
     s_ok, s_fp = _same_weights(d["sae"]["fingerprint"], fx.sae)
     if not m_ok:
+        import torch
+
+        if next(fx.backbone.model.parameters()).dtype == torch.float16:  # float16 rounds the weights differently
+            raise SafetyScopeError(f"{path}: the model loaded in float16 (--dtype float16) does not match the one this "
+                                   "file was made with: float16 rounds its weights differently from float32/bfloat16; "
+                                   "use --dtype auto, float32 or bfloat16")
         raise SafetyScopeError(f"{path}: made with model {d['model']['id']} (fingerprint {d['model']['fingerprint']}) "
                                f"but {fx.backbone.model_id} (fingerprint {m_fp}) was loaded; its features mean nothing here")
     if not s_ok:

@@ -123,3 +123,35 @@ def test_a_sparse_linear_rule_with_no_features_is_refused(files, tmp_path):
     d.update(features=[], k=0, intercept=1.0)
     with pytest.raises(SafetyScopeError, match="no features"):
         classifier_from_dict(d)
+
+
+def test_tables_are_read_robustly(files, tmp_path):
+    """BOM-marked JSON Lines are read; an id column that turns to text after 100 rows keeps every row (the schema
+    is inferred over the whole file); an unbalanced quote is named as such; an unknown output format is named."""
+    clf = files["clf"]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "you are an idiot"}\n{"text": "nice day today"}\n')
+    run_cli(["classify", bom, "-o", tmp_path / "bom.parquet", "-c", clf, "--dtype", "float32"])
+    assert pl.read_parquet(tmp_path / "bom.parquet").height == 2
+    for suffix in ("jsonl", "csv"):
+        rows = pl.DataFrame({"id": [str(i) for i in range(110)] + ["x110"], "text": [f"text number {i}" for i in range(111)]})
+        p = tmp_path / f"ids.{suffix}"
+        rows.write_ndjson(p) if suffix == "jsonl" else rows.write_csv(p)
+        if suffix == "jsonl":  # numbers, then a string: what a hand-made file looks like
+            p.write_text("".join(f'{{"id": {i}, "text": "text number {i}"}}\n' for i in range(110))
+                         + '{"id": "x110", "text": "text number 110"}\n')
+        out = tmp_path / f"ids_{suffix}.parquet"
+        run_cli(["classify", p, "-o", out, "-c", clf, "--dtype", "float32", "--chunk-rows", 50])
+        got = pl.read_parquet(out)
+        assert got.height == 111 and got["id"].cast(pl.String).to_list()[-1] == "x110"
+    quote = tmp_path / "quote.csv"
+    quote.write_text('id,text\n1,"hello there\n2,a fine text\n3,another\n')
+    assert_user_error(run_cli(["classify", quote, "-o", tmp_path / "q.parquet", "-c", clf], ok=False), "quote")
+    assert_user_error(run_cli(["classify", bom, "-o", tmp_path / "out.txt", "-c", clf], ok=False),
+                      "unknown output format '.txt'")
+
+
+def test_float16_is_named_as_the_difference(files, tmp_path):
+    res = run_cli(["classify", files["data"], "-o", tmp_path / "o.parquet", "-c", files["clf"], "--dtype", "float16"],
+                  ok=False)
+    assert_user_error(res, "float16", "--dtype")
