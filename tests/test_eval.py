@@ -319,3 +319,41 @@ def test_eval_random_controls_and_skip(tmp_path, tiny_model_dir, qwen_scope_sae_
     assert "random-weight SAE's" not in md and "- en: the trained SAE" in md
     bad = run_cli(base + ["-o", tmp_path / "t", "--skip", "random"], ok=False)
     assert bad.exit_code == 2 and "error: --skip ['random']: unknown" in bad.output
+
+
+def test_eval_group_column_reports_per_source_and_leave_one_source_out(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    """Two sources whose toxic rows use different words: a rule fitted without one source has never seen its
+    words, so its recall there falls; the per-source table adds up to the language's numbers."""
+    rng = np.random.default_rng(0)
+    words = {"s1": ["stupid", "idiot", "moron"], "s2": ["garbage", "trash", "filth"]}
+    clean = ["the weather is nice", "we met for lunch", "the train was late", "a book about birds", "my garden grows"]
+    rows = []
+    for source, ws in words.items():
+        for i in range(120):
+            toxic = i % 2 == 0
+            lead = "you are a" if source == "s1" else "what a pile of"  # each source's own phrasing
+            text = f"{lead} {ws[i % 3]} {rng.integers(1000)}" if toxic else f"{clean[i % 5]} {rng.integers(1000)}"
+            rows.append({"text": text, "label": int(toxic), "lang": "en", "split": "test" if i % 4 == 1 or i % 4 == 2 else
+                         "discovery", "source": source})
+    data = tmp_path / "tox.parquet"
+    pl.DataFrame(rows).write_parquet(data)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(main, ["eval", str(data), "-o", str(out), "--model", str(tiny_model_dir), "--sae",
+                                    str(qwen_scope_sae_dir), "--layer", str(SAE_LAYERS[0]), "--skip",
+                                    "transfer,efficiency,random_sae", "--group-column", "source", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    r = json.loads((out / "results.json").read_text())
+    per, oos = r["by_group"]["per_group"], r["by_group"]["out_of_group"]
+    overall = {x["method"]: x for x in r["per_language"] if x["lang"] == "en"}
+    for method in ("or_rule", "probe_raw"):
+        parts = [x for x in per if x["method"] == method and not x["source"].startswith("worst")]
+        assert {x["source"] for x in parts} == {"s1", "s2"}
+        flagged = sum(x["recall"] * x["toxic"] for x in parts)
+        assert flagged / sum(x["toxic"] for x in parts) == pytest.approx(overall[method]["recall"])
+        worst = next(x for x in per if x["method"] == method and x["source"].startswith("worst"))
+        assert worst["recall"] == min(x["recall"] for x in parts)
+    assert {(x["method"], x["held_out"]) for x in oos} >= {("or_rule_fpr2", "s1"), ("or_rule_fpr2", "s2")}
+    assert min(x["recall_held_out"] for x in oos if x["method"] == "or_rule_fpr2") < \
+        min(x["recall_in_source"] for x in oos if x["method"] == "or_rule_fpr2")
+    md = (out / "report.md").read_text()
+    assert "## Per source" in md and "## Leave one source out" in md

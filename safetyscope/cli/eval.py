@@ -30,9 +30,12 @@ from .options import NumberList, feature_config, model_options, user_errors
 @click.option("--scan-layers", type=NumberList(int, low=-1), default=None,
               help="Comma-separated layers (an SAE source with one SAE per layer, e.g. a Qwen-Scope directory): "
                    "OR-rule F1 and best single-feature delta per language and layer.")
+@click.option("--group-column", default=None,
+              help="A column naming each row's group, e.g. `source`: results per group of each language's test rows "
+                   "and leave-one-group-out refits (generalization measured, not assumed).")
 @model_options
 @user_errors
-def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, **kw):
+def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, group_column, **kw):
     """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split;
     transfer across languages; F1 against the share of discovery data.
 
@@ -43,7 +46,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 
     rows, out, images = run_eval(data, output, feature_config(kw), langs=langs, seed=seed, seeds=seeds,
                                  fractions=fractions, classifier=classifier, only=only, skip=skip,
-                                 scan_layers=scan_layers)
+                                 scan_layers=scan_layers, group_column=group_column)
     click.echo(markdown_table(rows, MAIN_METHODS, "f1"))
     click.echo(f"wrote {out}/results.json, report.md, report.html and {len(images)} plot(s)", err=True)
 

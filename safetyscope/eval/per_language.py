@@ -99,6 +99,8 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
             rule = shipped(lang)
             score = rule.decision_function(rule_inputs(rule, ex.codes[t_idx], ex.mean_acts[t_idx]))
             rows.append({"lang": lang, "method": "shipped", **binary_metrics(y[t_idx], score > 0, score)})
+            if outputs is not None:
+                outputs[(lang, "shipped")] = (y[t_idx], score > 0, score)
     return rows
 
 

@@ -17,8 +17,8 @@ from ..outputs import check_report_dir
 from ..provenance import check_compatible
 from ..reports import html_table, markdown_grid, write_html, write_json, write_text
 from ..sae import SAE
+from . import by_source, report
 from . import controls as ctl
-from . import report
 from .config import PERCENTS, SEEDS
 from .per_language import evaluate_languages, layer_sweep, markdown_table, methods, split_indices
 from .transfer import efficiency_curves, transfer_matrix
@@ -34,7 +34,7 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
 
 def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed: int = 0, seeds=SEEDS,
              fractions=PERCENTS, classifier: str | None = None, only: str | None = None,
-             skip: str = "", scan_layers=None) -> tuple[list[dict], Path, list[Path]]:
+             skip: str = "", scan_layers=None, group_column: str | None = None) -> tuple[list[dict], Path, list[Path]]:
     """Evaluate ``data`` (text, label, lang, split) into the report directory ``output``; returns the
     per-language rows, the directory and the plots written. Arguments as the `eval` options."""
     out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
@@ -42,8 +42,11 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
     if skip - set(SKIPPABLE):
         raise SafetyScopeError(f"--skip {sorted(skip - set(SKIPPABLE))}: unknown; use any of {', '.join(SKIPPABLE)}")
     paths = [p for p in data if not Path(p).name.startswith("ci_sample")] or list(data)
-    df = pl.concat([require_text(read_table(p, columns=["text", "label", "lang", "split"]), "text", p)
-                    .select("text", "label", "lang", "split").with_columns(pl.col("label").cast(pl.String)) for p in paths])
+    cols = ["text", "label", "lang", "split"] + ([group_column] if group_column else [])
+    df = pl.concat([require_text(read_table(p, columns=cols), "text", p).select(cols)
+                    .with_columns(pl.col("label").cast(pl.String),
+                                  *([pl.col(group_column).cast(pl.String).fill_null("(none)")] if group_column else []))
+                    for p in paths])
     df = df.filter(pl.col("split").is_in(["discovery", "test"]) & pl.col("text").is_not_null()
                    & (pl.col("text").str.strip_chars() != ""))
     present = sorted(set(df.get_column("lang").to_list()))
@@ -84,6 +87,12 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
     rows = evaluate_languages(df, ex, langs=lang_list, seed=seed, shipped=shipped, only=only,
                               random_ex=random_ex[0] if random_ex else None, outputs=outputs)
     controls = ctl.compare_controls(outputs, lang_list, seed=seed)
+    grouped = None
+    if group_column:
+        groups = df.get_column(group_column).to_numpy()
+        shown = {k: v for k, v in outputs.items() if k[1] in by_source.PER_SOURCE_METHODS}
+        grouped = {"column": group_column, "per_group": by_source.per_source(df, groups, shown),
+                   "out_of_group": by_source.out_of_source(df, y, groups, ex, lang_list, seed=seed)}
     transfer = None if "transfer" in skip else transfer_matrix(df, y, ex.codes, lang_list, seed=seed)
     eff = None if "efficiency" in skip else efficiency_curves(
         df, y, ex.codes, lang_list, fractions=tuple(f / 100 for f in fractions), seeds=seeds)
@@ -102,7 +111,7 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
               "data_sha256": data_sha256(*df.get_columns()),
               "random_sae_fingerprint": extractors[1].sae.fingerprint() if random_ex else None}
     results = {"config": config, "feature_seconds": t_feat, "per_language": rows, "random_controls": controls,
-               "transfer": transfer, "efficiency": eff, "layer_sweep": sweep}
+               "transfer": transfer, "efficiency": eff, "layer_sweep": sweep, "by_group": grouped}
     write_json(out / "results.json", results)
 
     images = [out / "per_language_f1.png"]
@@ -138,6 +147,8 @@ def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed
         md += ctl.markdown(rows, controls)
         sections.append(("Random controls (is the SAE doing the work?)", ctl.html(
             rows, controls, lang_list, lambda r, m, metric, g: _html_from_rows(r, m, metric, g))))
+    if grouped:
+        md += by_source.markdown(grouped["per_group"], grouped["out_of_group"], group_column)
     if transfer:
         images.append(out / "transfer_f1.png")
         report.plot_heatmap(transfer["f1"], lang_list, lang_list, "F1: discover on row, test on column", images[-1],
