@@ -155,3 +155,15 @@ def test_float16_is_named_as_the_difference(files, tmp_path):
     res = run_cli(["classify", files["data"], "-o", tmp_path / "o.parquet", "-c", files["clf"], "--dtype", "float16"],
                   ok=False)
     assert_user_error(res, "float16", "--dtype")
+
+
+@pytest.mark.parametrize("bad", [-1, 99999, "nan", 1.5, None])
+def test_a_bad_target_id_is_one_line(files, tmp_path, bad):
+    d = json.loads(files["targets"].read_text())
+    d["targets"][0]["id"] = float("nan") if bad == "nan" else bad
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(d))
+    res = run_cli(["coverage", files["data"], "--targets", p, "--text-column", "prompt"], ok=False)
+    assert_user_error(res, "targets[0].id")
+    res = run_cli(["synthesize", "--targets", p, "--seed-data", files["data"], "-o", tmp_path / "s.jsonl"], ok=False)
+    assert_user_error(res, "targets[0].id")

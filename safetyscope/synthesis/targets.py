@@ -108,6 +108,16 @@ def targets_document(found: dict, fx: FeatureExtractor, sae_id: str | None) -> d
 
 def read_targets(path: str | Path) -> dict:
     d = read_document(path, FORMAT, "targets", " (make one with `safetyscope synth targets`)")
-    if not d["targets"]:
+    targets = d.get("targets")
+    if not isinstance(targets, list):
+        raise SafetyScopeError(f"{path}: key 'targets' must be a list; got {targets!r:.80}")
+    if not targets:
         raise SafetyScopeError(f"{path}: holds no targets (lower --min-delta?)")
+    d_sae = d.get("sae", {}).get("d_sae") if isinstance(d.get("sae"), dict) else None
+    for i, t in enumerate(targets):
+        fid = t.get("id") if isinstance(t, dict) else None
+        # a NaN, a negative id or one past the SAE's width would index the wrong feature or crash deep in the run
+        if not isinstance(fid, int) or isinstance(fid, bool) or fid < 0 or (isinstance(d_sae, int) and fid >= d_sae):
+            bound = f" and < d_sae {d_sae}" if isinstance(d_sae, int) else ""
+            raise SafetyScopeError(f"{path}: targets[{i}].id must be an integer >= 0{bound}; got {fid!r:.40}")
     return d
