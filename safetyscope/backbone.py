@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,14 @@ class Backbone:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
         except OSError as e:
             raise SafetyScopeError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        except (ValueError, KeyError, pickle.UnpicklingError) as e:
+            # an unknown model_type, a config transformers cannot map, or a pickled checkpoint that torch's safe
+            # loader refuses (its payload never runs): the user's model files, said in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+                first = ("its weights are a pickle that the safe loader refuses (weights_only); convert them to "
+                         "safetensors or load a trusted copy")
+            raise SafetyScopeError(f"cannot load model {name!r}: {first[:300]}") from None
         model.to(dev).eval()
         files = tuple(sorted(f for f in Path(path).iterdir() if f.is_file())) if Path(path).is_dir() else ()
         return cls(model, tok, model_id, dev, files)

@@ -167,3 +167,36 @@ def test_a_bad_target_id_is_one_line(files, tmp_path, bad):
     assert_user_error(res, "targets[0].id")
     res = run_cli(["synthesize", "--targets", p, "--seed-data", files["data"], "-o", tmp_path / "s.jsonl"], ok=False)
     assert_user_error(res, "targets[0].id")
+
+
+def test_broken_model_directories_are_one_line(files, tiny_model_dir, tmp_path):
+    """An unknown model_type, and a pickled checkpoint (its payload must never run: torch's safe loader refuses)."""
+    import shutil
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_model_dir, unknown)
+    cfg = json.loads((unknown / "config.json").read_text())
+    cfg["model_type"] = "no-such-architecture"
+    (unknown / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o.parquet"
+    res = run_cli(["features", files["data"], "-o", out, "--model", unknown, "--sae", files["model"][3],
+                   "--layer", LAYER, "--dtype", "float32"], ok=False)
+    assert_user_error(res, "cannot load model")
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    res = run_cli(["features", files["data"], "-o", out, "--model", pickled, "--sae", files["model"][3],
+                   "--layer", LAYER, "--dtype", "float32"], ok=False)
+    assert_user_error(res, "cannot load model")
+    assert not marker.exists() and not out.exists()
