@@ -82,7 +82,10 @@ def read_table(path: str | os.PathLike, *, columns: list[str] | None = None) -> 
 def require_columns(df: pl.DataFrame, columns: list[str], where: str | os.PathLike) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise SafetyScopeError(f"{where}: missing column(s) {missing}; columns present: {df.columns}")
+        hint = ""
+        if len(missing) == 1 and missing[0] in ("text", "prompt"):  # the default text column of some command
+            hint = "; name yours with --text-column"
+        raise SafetyScopeError(f"{where}: missing column(s) {missing}; columns present: {df.columns}{hint}")
 
 
 def count_rows(path: str | os.PathLike) -> int:

@@ -200,3 +200,11 @@ def test_broken_model_directories_are_one_line(files, tiny_model_dir, tmp_path):
                    "--layer", LAYER, "--dtype", "float32"], ok=False)
     assert_user_error(res, "cannot load model")
     assert not marker.exists() and not out.exists()
+
+
+def test_a_missing_text_column_suggests_text_column(files, tmp_path):
+    p = tmp_path / "comments.csv"
+    pl.DataFrame({"comment": ["hello there", "you idiot"]}).write_csv(p)
+    res = run_cli(["classify", p, "-o", tmp_path / "o.parquet", "-c", files["clf"]], ok=False)
+    assert_user_error(res, "missing column(s) ['text']", "--text-column")
+    assert "%|" not in res.output  # no progress bar before the error

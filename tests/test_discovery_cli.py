@@ -301,6 +301,10 @@ def test_classify_marks_and_counts_rows_outside_the_validated_languages(classifi
     assert df["status"].to_list() == ["ok", "unvalidated language", "unvalidated language", "ok"]
     assert df["toxic"].null_count() == 0 and df["toxic"][0] == df["toxic"][1]  # same text, same verdict
     assert "2 of 4 rows are outside the classifier's validated languages (en, xx)" in res.output
+    only_en = tmp_path / "en.csv"
+    pl.DataFrame({"text": ["you are a stupid idiot", "have a nice day"], "language": ["en", "xx"]}).write_csv(only_en)
+    res = run_cli(["classify", only_en, "-o", tmp_path / "en.parquet", "-c", classifier, "--lang-column", "language"])
+    assert "outside the classifier's validated languages" not in res.output  # no "0 of 2 rows are outside"
     bad = run_cli(["classify", inp, "-o", tmp_path / "x.parquet", "-c", classifier, "--lang-column", "nope"], ok=False)
     assert bad.exit_code == 2 and "--lang-column 'nope'" in bad.output and "Traceback" not in bad.output
 

@@ -145,7 +145,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
                           lang_column=lang_column)
     click.echo(f"wrote {s['rows']} rows to {output}: {s['toxic']} toxic, {s['skipped']} without text"
                + (f" (resumed after {s['resumed_chunks']} chunk(s))" if s["resumed_chunks"] else ""), err=True)
-    if "unvalidated" in s:
+    if s.get("unvalidated"):  # nothing to say when every row is in a validated language
         if engine == "ray":
             det = _detector(classifier, kw)
         langs = ", ".join(det.validated_languages()) or "none recorded"
