@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -52,7 +53,13 @@ def fsync_write(path: Path, write) -> None:
 
 
 def fsync_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    fsync_write(path, df.write_parquet)
+    try:
+        fsync_write(path, df.write_parquet)
+    except pl.exceptions.PolarsError as e:  # polars reports a full disk as ComputeError "... (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        raise OSError(int(m.group(1)), os.strerror(int(m.group(1)))) from None
 
 
 def content_hash(path: Path) -> str:

@@ -208,3 +208,19 @@ def test_a_missing_text_column_suggests_text_column(files, tmp_path):
     res = run_cli(["classify", p, "-o", tmp_path / "o.parquet", "-c", files["clf"]], ok=False)
     assert_user_error(res, "missing column(s) ['text']", "--text-column")
     assert "%|" not in res.output  # no progress bar before the error
+
+
+def test_polars_full_disk_error_becomes_the_full_disk_line(tmp_path, monkeypatch):
+    """polars reports ENOSPC as a ComputeError; the part writer turns it back into the OSError the one-line
+    full-disk message (and the resume hint) is made from."""
+    import errno
+
+    from safetyscope import streaming
+
+    def full(path):
+        raise pl.exceptions.ComputeError("failed to write: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", lambda self, p, *a, **k: full(p))
+    with pytest.raises(OSError) as e:
+        streaming.fsync_write_parquet(pl.DataFrame({"a": [1]}), tmp_path / "part.parquet")
+    assert e.value.errno == errno.ENOSPC
