@@ -5,6 +5,7 @@ classifier files, rules that can never or always fire, devices this build cannot
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -64,8 +65,8 @@ def _cases(f, tmp):
     }
 
 
-CASES = list(_cases({"data": "", "clf": "", "targets": "", "model": ["", "", "", "", "", ""], "dir": ""},
-                    __import__("pathlib").Path("/")))
+# the case names, for parametrize (the arguments need the fixture's files, so they are built in the test)
+CASES = list(_cases({"data": "", "clf": "", "targets": "", "model": [""] * 6}, Path("/")))
 
 
 @pytest.mark.parametrize("case", CASES)
