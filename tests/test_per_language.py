@@ -318,3 +318,9 @@ def test_linear_kind_per_language_discovers_classifies_and_explains_alike(plante
     _, s, fired = lin.predict([text], langs=["aa"])
     assert e["score"] == pytest.approx(float(s[0]), abs=1e-4)
     assert sorted(f["id"] for f in e["features"] if f["fired"]) == sorted(fired[0])
+    # the score can be checked by hand: its parts add up to it, and the shown features are part of the SAE share
+    p = e["score_parts"]
+    assert p["intercept"] + p["sae_features"] + p["mean_residual"] == pytest.approx(e["score"], abs=1e-4)
+    assert p["intercept"] == pytest.approx(lin.rule_for("aa").intercept_)
+    plain = run_cli(["explain", out, text, "--lang", "aa", "--dtype", "float32"]).stdout
+    assert f"= intercept {p['intercept']:+.3f} + SAE features {p['sae_features']:+.3f}" in plain

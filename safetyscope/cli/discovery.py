@@ -192,9 +192,17 @@ def format_explanation(e: dict) -> str:
     where = "".join(f" {k}={e[k]}" for k in ("lang", "rule") if k in e)
     status = "" if e["status"] == "ok" else f" {e['status']}"
     lines = [f"[{'TOXIC' if e['toxic'] else 'clean'} score={e['score']:+.3f}{where}{status}] {e['text']}"]
+    if "score_parts" in e:  # toxic when the score is > 0; its parts add up to it
+        p = e["score_parts"]
+        shown = sum(f.get("contribution", 0.0) for f in e["features"])
+        lines.append(f"  score {e['score']:+.3f} = intercept {p['intercept']:+.3f} + SAE features {p['sae_features']:+.3f} "
+                     f"(the {len(e['features'])} below: {shown:+.3f})"
+                     + (f" + mean residual {p['mean_residual']:+.3f}" if "mean_residual" in p else "")
+                     + "; toxic when > 0")
     for f in e["features"]:
         toks = ", ".join(f"{t['token']!r}@{t['position']}={t['act']:.2f}" for t in f["tokens"][:8])
-        extra = f" weight={f['weight']:+.3f}" if "weight" in f else f" threshold={f['threshold']:.2f}"
+        extra = (f" weight={f['weight']:+.3f} contribution={f['contribution']:+.3f}" if "weight" in f
+                 else f" threshold={f['threshold']:.2f}")
         lines.append(f"  feature {f['id']}{extra} max={f['max_act']:.2f}{' FIRED' if f['fired'] else ''}: {toks}")
     if not e["features"]:
         lines.append("  no selected feature is active")

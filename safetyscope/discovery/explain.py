@@ -56,4 +56,22 @@ def explain_text(det: Detector, text: str | None, lang: str | None = None) -> di
         out["lang"] = lang
     if det.rules_by_lang:  # which rule gave the verdict: the language's own or the fallback
         out["rule"] = lang if lang in det.rules_by_lang else "fallback"
+    parts = score_parts(rule, X)
+    if parts:
+        out["score_parts"] = parts
     return out
+
+
+def score_parts(rule, X) -> dict:
+    """Where a weighted rule's score comes from, so it can be checked by hand: ``intercept`` (with the operating
+    point's threshold folded in) + ``sae_features`` (every active feature's weight x log1p(activation)) +
+    ``mean_residual`` (linear rules: the residual columns' share) = ``score``. Empty for OR-rules."""
+    if not hasattr(rule, "intercept_"):
+        return {}
+    if hasattr(rule, "_design"):  # LinearProbeClassifier: one weight per input column
+        D = rule._design(X)[0]
+        n = rule.n_codes
+        return {"intercept": float(rule.intercept_), "sae_features": float(D[:n] @ rule.weights_[:n]),
+                "mean_residual": float(D[n:] @ rule.weights_[n:])}
+    sub = np.log1p(np.maximum(X[:, rule.features_].toarray()[0], 0))
+    return {"intercept": float(rule.intercept_), "sae_features": float(sub @ rule.weights_)}
