@@ -399,10 +399,11 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
                      cache: bool = FeatureConfig.cache, text_column: str = "text", chunk_rows: int = CHUNK_ROWS,
                      overwrite: bool = False, address: str | None = RayConfig.address, workers: int = RayConfig.workers,
                      cpus_per_worker: float = RayConfig.cpus_per_worker, gpus_per_worker: float = RayConfig.gpus_per_worker,
-                     batch_rows: int | None = RayConfig.batch_rows) -> dict:
-    """`classify` on Ray: the same OUTPUT and stats as `classify_file` (no resume: Ray retries instead)."""
+                     batch_rows: int | None = RayConfig.batch_rows, lang_column: str | None = None) -> dict:
+    """`classify` on Ray: the same OUTPUT and stats as `classify_file` (no resume: Ray retries instead);
+    ``lang_column`` as in classify_chunk, so both engines give each row the same status."""
     from .data import table_format
-    from .discovery.detector import read_classifier
+    from .discovery.detector import UNVALIDATED, read_classifier
     from .outputs import check_output, output_lock
     from .streaming import assemble as _assemble
 
@@ -416,13 +417,16 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     rows = batch_rows or chunk_rows
     rows = -(-rows // chunk_rows) * chunk_rows  # whole --chunk-rows chunks per Ray batch
     ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier,
-            "text_column": text_column, "chunk_rows": chunk_rows,
+            "text_column": text_column, "chunk_rows": chunk_rows, "lang_column": lang_column,
             "load": {"model": model, "sae": sae, "device": device, "dtype": dtype, "batch_size": batch_size, "batch_tokens": batch_tokens,
                      "cache": cache}}
 
     def go(ray):
         t0 = time.perf_counter()
         ds = _read(ray, input_path, text_column)
+        if lang_column and lang_column not in ds.schema().names:
+            raise SafetyScopeError(f"--lang-column {lang_column!r} is not a column of the input (columns: "
+                                   f"{ds.schema().names})")
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".ray-shards-", dir=out.resolve().parent) as tmp:
             files, n = _run(ray, ds, _ClassifyActor, ctor, batch_rows=rows, workers=workers,
@@ -432,8 +436,8 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
             def count(df):
                 status = df.get_column("status")
                 counts[0] += int(df.get_column("toxic").sum() or 0)
-                counts[1] += int((~status.is_in(["ok", "unvalidated language"])).sum())
-                counts[2] += int((status == "unvalidated language").sum())
+                counts[1] += int((~status.is_in(["ok", UNVALIDATED])).sum())
+                counts[2] += int((status == UNVALIDATED).sum())
 
             # streamed, one shard in memory at a time, through the local engine's own writer (same bytes per format)
             _assemble(_parts(files, count), out, fmt)
@@ -512,9 +516,9 @@ class _FeatureActor:
 
 class _ClassifyActor:
     def __init__(self, classifier_json: str | None, classifier_name: str | None, text_column: str, chunk_rows: int,
-                 load: dict):
+                 load: dict, lang_column: str | None = None):
         self.clf, self.name, self.load, self.det = classifier_json, classifier_name, load, None
-        self.text_column, self.chunk_rows = text_column, chunk_rows
+        self.text_column, self.chunk_rows, self.lang_column = text_column, chunk_rows, lang_column
 
     def _load(self):
         import json
@@ -542,5 +546,5 @@ class _ClassifyActor:
         _maybe_crash()
         if self.det is None:
             self.det = self._load()
-        outs = [classify_chunk(self.det, df, self.text_column) for df in _chunks(table, self.chunk_rows)]
+        outs = [classify_chunk(self.det, df, self.text_column, self.lang_column) for df in _chunks(table, self.chunk_rows)]
         return pl.concat(outs).to_arrow() if outs else table

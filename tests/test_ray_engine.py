@@ -71,6 +71,21 @@ def test_classify_ray_matches_local_and_survives_a_dead_actor(ray_local, one_thr
     assert a.equals(b) and a.schema == b.schema
 
 
+def test_classify_ray_reads_the_lang_column_as_local_does(ray_local, one_thread, classifier, tmp_path):
+    """The two engines give a row the same status: Ray used to drop --lang-column (and identified languages)."""
+    inp = tmp_path / "langs.parquet"
+    pl.DataFrame({"text": ["you are a stupid idiot", "have a nice day", "du bist dumm", "hello there"],
+                  "language": ["en", "xx", "de", "en"]}).write_parquet(inp)
+    common = ["-c", classifier, "--no-cache", "--dtype", "float32", "--lang-column", "language"]
+    run_cli(["classify", inp, "-o", tmp_path / "local.parquet", *common])
+    res = run_cli(["classify", inp, "-o", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 1])
+    a, b = pl.read_parquet(tmp_path / "local.parquet"), pl.read_parquet(tmp_path / "ray.parquet")
+    assert a.equals(b) and "unvalidated language" in b["status"].to_list()
+    assert "rows are outside the classifier's validated languages" in res.output
+    bad = run_cli(["classify", inp, "-o", tmp_path / "x.parquet", *common[:-1], "nope", "--engine", "ray"], ok=False)
+    assert bad.exit_code == 2 and "--lang-column 'nope'" in bad.output and "Traceback" not in bad.output
+
+
 def test_features_ray_matches_local_and_resumes_its_parts(ray_local, one_thread, tiny_model_dir, qwen_scope_sae_dir,
                                                           tmp_path, monkeypatch):
     inp = _generated(tmp_path / "in.parquet", with_gaps=False)

@@ -138,6 +138,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
 
         s = run_classify_ray(input_path, output, classifier=classifier, **recorded_kwargs(kw), text_column=text_column,
                              chunk_rows=chunk_rows, overwrite=overwrite, address=address, workers=workers,
+                             lang_column=lang_column,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, batch_rows=ray_batch_size)
     else:
         det = _detector(classifier, kw)
