@@ -12,6 +12,7 @@ import os
 import sqlite3
 import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
@@ -107,6 +108,11 @@ class FeatureExtractor:
             raise SafetyScopeError("the SAE does not record its layer: pass --layer")
         if cfg.sae in (None, "", "default") and cfg.model not in (None, "", "default") and sae.cfg.model != backbone.model_id:
             raise SafetyScopeError(f"the embedded SAE belongs to {sae.cfg.model}; pass --sae for {backbone.model_id}")
+        if sae.cfg.model and _model_name(sae.cfg.model) != _model_name(backbone.model_id):
+            # a local directory may carry any name, so this is said, not refused: same width, another model's
+            # residual stream would give codes that mean nothing
+            print(f"warning: the SAE {cfg.sae} was trained on {sae.cfg.model}, but the model loaded is "
+                  f"{backbone.model_id}; its features mean nothing on another model", file=sys.stderr)
         return cls(backbone, sae, layer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                    skip_first_token=cfg.skip_first_token, pool=cfg.pool, cache=cfg.cache, batch_tokens=cfg.batch_tokens)
 
@@ -168,6 +174,11 @@ class FeatureExtractor:
             codes[0] = 0
         tokens = [self.backbone.tokenizer.decode([t]) for t in ids]
         return tokens, codes
+
+
+def _model_name(model_id: str) -> str:
+    """A model's name without its hub owner or directory: "Qwen/Qwen3-1.7B" and "/models/qwen3-1.7b" match."""
+    return Path(str(model_id).rstrip("/")).name.lower().removesuffix(".gguf")
 
 
 def _token_masks(mask: torch.Tensor, skip_first_token: bool, pool: str) -> tuple[torch.Tensor, torch.Tensor]:

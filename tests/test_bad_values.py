@@ -225,3 +225,18 @@ def test_polars_full_disk_error_becomes_the_full_disk_line(tmp_path, monkeypatch
     with pytest.raises(OSError) as e:
         streaming.fsync_write_parquet(pl.DataFrame({"a": [1]}), tmp_path / "part.parquet")
     assert e.value.errno == errno.ENOSPC
+
+
+def test_an_sae_of_another_model_is_said(files, tiny_model_dir, tmp_path):
+    """Same width, another model's residual stream: the codes would mean nothing. A local directory may carry any
+    name, so it is a warning on stderr, not a refusal; the same model under a hub owner or a path is not warned."""
+    from safetyscope.sae import load_sae
+
+    sae = load_sae(files["model"][3], layer=LAYER)
+    for model, warned in (("Qwen/Qwen3-8B", True), (f"someone/{tiny_model_dir.name}", False)):
+        sae.cfg.model = model
+        d = tmp_path / f"sae-{warned}"
+        sae.save_pretrained(d)
+        res = run_cli(["features", files["data"], "-o", tmp_path / f"f{warned}.parquet", "--model", tiny_model_dir,
+                       "--sae", d, "--dtype", "float32", "--no-cache"])
+        assert ("trained on Qwen/Qwen3-8B" in res.stderr) is warned, res.stderr
