@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from safetyscope.discovery.detector import Detector
 from safetyscope.discovery.rules import LinearProbeClassifier, rule_inputs
+from safetyscope.eval.metrics import precision_at_prevalence
 from safetyscope.features import FeatureExtractor, extract_shared
 from safetyscope.sae import SAE
 
@@ -34,7 +35,7 @@ def rates(y, score) -> dict:
     tp, fp, fn = int(fired[y == 1].sum()), int(fired[y == 0].sum()), int((~fired[y == 1]).sum())
     out = {"recall": tpr, "fpr": fpr, "f1": 2 * tp / max(2 * tp + fp + fn, 1), "roc_auc": float(roc_auc_score(y, score))}
     for p in PREVALENCES:
-        out[f"precision_at_{p:g}"] = p * tpr / (p * tpr + (1 - p) * fpr) if tpr + fpr > 0 else None
+        out[f"precision_at_{p:g}"] = precision_at_prevalence(tpr, fpr, p) if tpr + fpr > 0 else None
     return out
 
 

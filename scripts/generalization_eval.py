@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from safetyscope.discovery.detector import Detector
 from safetyscope.discovery.rules import LinearProbeClassifier, rule_inputs
+from safetyscope.eval.metrics import precision_at_prevalence
 
 DATA = Path("../shared/data")
 FUNCTIONAL = Path("tests/fixtures/functional_checks.csv")
@@ -53,7 +54,7 @@ def rates(y, score) -> dict:
     out["f1"] = 2 * tp / max(2 * tp + fp + (out["toxic"] - tp), 1)
     for p in PREVALENCES:  # what a user sees on traffic with that share of toxic texts
         tpr, fpr = out["recall"], out["fpr"]
-        out[f"precision_at_{p:g}"] = p * tpr / (p * tpr + (1 - p) * fpr) if tpr + fpr > 0 else None
+        out[f"precision_at_{p:g}"] = precision_at_prevalence(tpr, fpr, p) if tpr + fpr > 0 else None
     return out
 
 

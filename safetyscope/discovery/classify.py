@@ -90,13 +90,12 @@ def _run_chunks(det, inp, out, parts, out_fmt, text_column, chunk_rows, progress
         raise SafetyScopeError(f"{inp} has no rows")
     done = streaming.check_parts(parts, total, chunk_rows)
     stats = {"rows": total, "resumed_chunks": done, "toxic": 0, "skipped": 0, "unvalidated": 0}
-    # a missing or non-text column is named before the progress bar starts, not under it
+    # a missing or non-text column is named (with the file) before the progress bar starts, not under it;
+    # classify_chunk checks every chunk too
     require_text(next(iter_chunks(inp, min(total, 1000))), text_column, inp)
 
     def results():
         for i, chunk in enumerate(iter_chunks(inp, chunk_rows, start=done * chunk_rows), start=done):
-            if i == done == 0:
-                require_text(chunk, text_column, inp)  # names the file; classify_chunk checks every chunk too
             yield i, classify_chunk(det, chunk, text_column, lang_column), None
 
     ran = streaming.write_chunks(parts, results(), total=total, done_rows=done * chunk_rows, desc="classify",

@@ -235,6 +235,21 @@ def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *,
     return threshold, fired, record
 
 
+def _shift_to_operating_point(rule, score_fold, y: np.ndarray, sw, fpr_rows, groups) -> None:
+    """Set ``rule.operating_point_`` by ``out_of_fold_operating_point`` at ``rule.target_fpr`` and fold its threshold
+    into ``rule.intercept_``, so predict stays score > 0. The one place the weighted rules (sparse linear, linear)
+    record which rows the FPR was measured on and whether sample weights took part."""
+    # with fpr_rows, every fold holds its share of them: a fold without any would leave no score to set on
+    threshold, fired, rule.operating_point_ = out_of_fold_operating_point(
+        score_fold, y, rule.target_fpr, cv=rule.cv, seed=rule.random_state, groups=groups,
+        strata=None if fpr_rows is None else y + 2 * fpr_rows, measured=fpr_rows, weights=sw)
+    rule.intercept_ -= threshold
+    if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
+        rule.operating_point_.update({"fpr_rows": int(fpr_rows.sum()), "oof_fpr_all_clean": float(fired[y == 0].mean())})
+    if sw is not None:
+        rule.operating_point_["sample_weight"] = True
+
+
 def _check_fpr_rows(fpr_rows, y: np.ndarray, target_fpr, cv: int) -> np.ndarray | None:
     """fpr_rows as a boolean row mask of clean rows, or None; named errors for anything else."""
     if fpr_rows is None:
@@ -696,16 +711,7 @@ class SparseLinearClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator)
         def score_fold(tr, te):
             return self._lr(C).fit(Xc[tr], y[tr], sample_weight=_rows(sw, tr)).decision_function(Xc[te])
 
-        # with fpr_rows, every fold holds its share of them: a fold without any would leave no score to set on
-        threshold, fired, self.operating_point_ = out_of_fold_operating_point(
-            score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups,
-            strata=None if fpr_rows is None else y + 2 * fpr_rows, measured=fpr_rows, weights=sw)
-        self.intercept_ -= threshold
-        if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
-            self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
-                                          "oof_fpr_all_clean": float(fired[y == 0].mean())})
-        if sw is not None:
-            self.operating_point_["sample_weight"] = True
+        _shift_to_operating_point(self, score_fold, y, sw, fpr_rows, groups)
 
     def decision_function(self, X) -> np.ndarray:
         X = _validate_predict(self, X)
@@ -815,15 +821,7 @@ class LinearProbeClassifier(_LogisticScoreRule, ClassifierMixin, BaseEstimator):
                 w, b = self._fit_scaled(D[tr], y[tr], _rows(sw, tr))
                 return D[te] @ w + b
 
-            threshold, fired, self.operating_point_ = out_of_fold_operating_point(
-                score_fold, y, self.target_fpr, cv=self.cv, seed=self.random_state, groups=groups,
-                strata=None if fpr_rows is None else y + 2 * fpr_rows, measured=fpr_rows, weights=sw)
-            self.intercept_ -= threshold
-            if fpr_rows is not None:  # which FPR oof_fpr is, and the one on all clean rows beside it
-                self.operating_point_.update({"fpr_rows": int(fpr_rows.sum()),
-                                              "oof_fpr_all_clean": float(fired[y == 0].mean())})
-            if sw is not None:
-                self.operating_point_["sample_weight"] = True
+            _shift_to_operating_point(self, score_fold, y, sw, fpr_rows, groups)
         # the features worth naming: SAE features with a positive weight (the residual columns have no name)
         self.features_ = np.flatnonzero(self.weights_[: self.n_codes] > 0).astype(np.int64)
         return self
