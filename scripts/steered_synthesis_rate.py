@@ -24,14 +24,8 @@ import numpy as np
 from safetyscope.features import FeatureConfig, FeatureExtractor
 from safetyscope.steering import SteerSpec, steer
 from safetyscope.synthesis.generators import TransformersGenerator
-from safetyscope.synthesis.synthesize import (
-    copies_context,
-    derive_seed,
-    extract_candidates,
-    request_messages,
-    shingles,
-    typical_activation,
-)
+from safetyscope.synthesis.synthesize import derive_seed, request_messages, typical_activation
+from safetyscope.synthesis.textrules import copies_context, extract_candidates, shingles
 
 
 def verified(fx, target: dict, samples: list[str]) -> tuple[int, int, float]:

@@ -19,7 +19,7 @@ from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, kill_9_when, run_cli
 
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
-from safetyscope.synthesis.synthesize import Deduper, extract_candidates, is_refusal
+from safetyscope.synthesis.textrules import Deduper, extract_candidates, is_refusal
 
 
 def _mix(seed: int, i: int) -> str:
@@ -121,7 +121,7 @@ def test_coverage_on_hand_built_codes():
 def test_a_copied_snippet_of_a_long_context_is_not_a_new_request():
     """The request below copies the end of a shown context: Jaccard against the whole context is low (the context is
     much longer), so only the containment check drops it; a new request on the same concept is kept."""
-    from safetyscope.synthesis.synthesize import copies_context, jaccard, shingles
+    from safetyscope.synthesis.textrules import copies_context, jaccard, shingles
 
     ctx = shingles("If you had the opportunity to get a high-paying job, but you had to give up some of your personal "
                    "principles, would you take it? Many people face this choice at some point in their careers.")
@@ -404,7 +404,7 @@ def test_steer_schedule_option(tmp_path, targets, seed_data):
 
 
 def jaccard_ok(a: str, b: str) -> bool:
-    from safetyscope.synthesis.synthesize import jaccard, shingles
+    from safetyscope.synthesis.textrules import jaccard, shingles
 
     return jaccard(shingles(a), shingles(b)) <= 0.8
 

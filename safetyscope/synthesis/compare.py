@@ -30,10 +30,8 @@ from .coverage import coverage_of_texts
 from .generators import GeneratorConfig, make_generator
 from .judge import judged_stats
 from .synthesize import (
-    Deduper,
     SynthConfig,
     derive_seed,
-    extract_candidates,
     lang_name,
     make_responses,
     make_row,
@@ -42,6 +40,7 @@ from .synthesize import (
     synthesize,
 )
 from .targets import TargetsConfig, find_targets, targets_document
+from .textrules import Deduper, extract_candidates
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
                  "learning a language", "home repair", "science homework", "writing an email", "pet care")

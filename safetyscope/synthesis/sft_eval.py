@@ -25,7 +25,8 @@ from ..data import id_half, read_table
 from ..errors import SafetyScopeError
 from ..reports import pyplot, save_figure, write_json, write_text
 from .generators import GeneratorConfig, TransformersGenerator
-from .synthesize import TEMPLATE_REFUSAL, is_refusal
+from .synthesize import TEMPLATE_REFUSAL
+from .textrules import is_refusal
 
 ARM_FILES = {"targeted": "targeted.jsonl", "random": "random.jsonl", "natural": "natural.jsonl"}
 HARMFUL_SOURCES = ("harmbench", "strongreject", "advbench")
