@@ -8,8 +8,10 @@ servers may ignore ``seed``).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -163,31 +165,65 @@ def _cuda() -> bool:
 
 
 class OpenAIGenerator:
-    """POST {endpoint}/chat/completions with the standard library; several requests in flight."""
+    """POST {endpoint}/chat/completions with the standard library; several requests in flight.
 
-    def __init__(self, cfg: GeneratorConfig):
+    Transient failures (HTTP 5xx and 429, a timeout, a connection reset or dropped mid-answer) are retried up to
+    ``retries`` more times, waiting ``backoff`` x 2^try seconds (or the server's Retry-After, at most 60 s): a served
+    model under load answers 503/429 for a while and a long judging run should not die on one of them. Other 4xx
+    (bad model name, bad request) and a refused connection are the user's to fix: one-line error, no retry."""
+
+    retries = 4
+    backoff = 0.5
+
+    def __init__(self, cfg: GeneratorConfig, *, retries: int | None = None, backoff: float | None = None):
         if not cfg.endpoint or not cfg.endpoint.startswith(("http://", "https://")):
             raise SafetyScopeError("the openai backend needs --endpoint http://host:port/v1")
         self.url = cfg.endpoint.rstrip("/") + "/chat/completions"
         self.name = cfg.model or "default"
         self.key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
         self.timeout, self.workers = cfg.timeout, max(1, cfg.workers)
+        if retries is not None:
+            self.retries = max(0, int(retries))
+        if backoff is not None:
+            self.backoff = max(0.0, float(backoff))
 
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read().decode())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            raise SafetyScopeError(f"{self.url}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise SafetyScopeError(f"{self.url}: cannot reach the server ({e})") from None
-        except json.JSONDecodeError:
-            raise SafetyScopeError(f"{self.url}: the server did not answer with JSON") from None
+        data = json.dumps(body).encode()
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            tries = f" (after {attempt + 1} tries)" if attempt else ""
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read().decode())
+            except urllib.error.HTTPError as e:
+                detail = " ".join(e.read().decode(errors="replace").split())[:300]
+                if (e.code >= 500 or e.code == 429) and not last:
+                    self._wait(attempt, e.headers.get("Retry-After") if e.headers else None)
+                    continue
+                raise SafetyScopeError(f"{self.url}: HTTP {e.code}{tries}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                transient = isinstance(reason, (TimeoutError, ConnectionResetError, ConnectionAbortedError,
+                                                http.client.IncompleteRead, http.client.RemoteDisconnected))
+                if transient and not last:
+                    self._wait(attempt, None)
+                    continue
+                raise SafetyScopeError(f"{self.url}: cannot reach the server{tries} ({reason})") from None
+            except json.JSONDecodeError:
+                raise SafetyScopeError(f"{self.url}: the server did not answer with JSON") from None
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _wait(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * 2 ** attempt
+        try:  # Retry-After in seconds (the HTTP-date form is rare from model servers: the backoff then)
+            delay = max(delay, min(float(retry_after), 60.0)) if retry_after else delay
+        except ValueError:
+            pass
+        time.sleep(delay)
 
     def _one(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
         got: list[str] = []
