@@ -15,6 +15,7 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -128,7 +129,14 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+Purpose = Literal["extract", "generate"]
+# generation (steer, the transformers generator) decodes one token per step: many small matmuls on a tiny
+# batch, where bf16 gains nothing from its faster large GEMMs (benchmarks/generation_dtype.py, benchmarks/README.md)
+GENERATE_CPU_DTYPE = torch.float32
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str, purpose: Purpose = "extract") -> torch.dtype:
+    """``auto``: the dtype measured fastest for ``purpose`` on ``device``; a named dtype as named."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -137,6 +145,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         # toxicity eval ~5x slower than fp32 (benchmarks/README.md).
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if purpose == "generate":
+            return GENERATE_CPU_DTYPE
         return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -219,14 +229,15 @@ class Backbone:
 
     @classmethod
     def from_pretrained(cls, name: str | None = None, *, device: str | None = None,
-                        dtype: str | torch.dtype | None = "auto") -> "Backbone":
+                        dtype: str | torch.dtype | None = "auto", purpose: Purpose = "extract") -> "Backbone":
+        """``purpose``: what ``dtype="auto"`` picks for (``generate``: steer's model, see ``pick_dtype``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_id, path = resolve_model(name)
         dev = pick_device(device)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev, purpose))
         except OSError as e:
             raise SafetyScopeError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
         except (ValueError, KeyError, pickle.UnpicklingError) as e:

@@ -183,9 +183,12 @@ def classifier_features(path, fx) -> list[int]:
 
 def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str = "all", chat: bool = True,
               max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
-              plain: bool = False, progress: bool = False) -> tuple[list[dict], dict]:
+              plain: bool = False, progress: bool = False,
+              strengths: list[float] | None = None) -> tuple[list[dict], dict]:
     """Steered (and with ``plain`` also unsteered) completions of ``prompts`` by ``fx``'s model; per row the
-    target features' max activation in the completion, re-encoded without steering. Returns (rows, stats)."""
+    target features' max activation in the completion, re-encoded without steering, and each spec's strength:
+    ``strength_abs`` (alpha, or the clamp value) and ``strength`` (``strengths``: the same in the feature's own
+    units, see steer_dose.py; None where not given). Returns (rows, stats)."""
     from tqdm.auto import tqdm
 
     from .synthesis.generators import TransformersGenerator
@@ -206,8 +209,11 @@ def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str 
     bar.close()
     feats = [s.feature for s in specs]
     spec_text = describe(specs, positions)
-    rows = [{"prompt": p, "completion": c, "steering": spec_text, "target_features": feats,
-             "target_acts": a} for p, c, a in zip(prompts, steered, target_acts(fx, steered, feats))]
+    absolute = [float(s.alpha if s.clamp is None else s.clamp) for s in specs]  # type: ignore[arg-type]
+    relative = list(strengths) if strengths is not None else [None] * len(specs)
+    rows = [{"prompt": p, "completion": c, "steering": spec_text, "target_features": feats, "strength": relative,
+             "strength_abs": absolute, "target_acts": a}
+            for p, c, a in zip(prompts, steered, target_acts(fx, steered, feats))]
     if plain:
         for r, c, a in zip(rows, unsteered, target_acts(fx, unsteered, feats)):
             r["plain_completion"], r["plain_acts"] = c, a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -40,6 +41,16 @@ def _firing_feature(bb, sae, text=TEXT):
 
 def _gain(sae, f):
     return float(sae.W_enc[f] @ (sae.W_dec[:, f] / sae.W_dec[:, f].norm()))
+
+
+def _typical(bb, sae, f):
+    """Feature f's mean max-activation over the shipped reference texts on which it fires."""
+    from safetyscope.features import FeatureExtractor
+    from safetyscope.steer_dose import reference_texts
+
+    col = FeatureExtractor(bb, sae, LAYER, cache=False).transform(reference_texts())[:, f].toarray().ravel()
+    assert (col > 0).any(), f"feature {f} fires on no reference text"
+    return float(col[col > 0].mean())
 
 
 def test_add_moves_the_stream_by_alpha_times_the_unit_direction(tiny_backbone, tiny_sae):
@@ -149,13 +160,16 @@ def test_steer_command_rows_and_reencoded_activations(tmp_path, tiny_backbone, t
     f, _ = _firing_feature(tiny_backbone, tiny_sae)
     g = next(x for x in range(tiny_sae.cfg.d_sae) if x != f and _gain(tiny_sae, x) > 0.05)
     out = tmp_path / "out.jsonl"
-    res = run_cli(["steer", prompts, "-o", out, "--feature", f"{f}:6", "--clamp", f"{g}:0", "--plain",
+    res = run_cli(["steer", prompts, "-o", out, "--feature", f"{f}:6", "--clamp", f"{g}:0", "--plain", "--abs",
                    "--max-new-tokens", 5, "--no-cache", *model_args])
     df = pl.read_ndjson(out)
-    assert df.columns == ["prompt", "completion", "steering", "target_features", "target_acts", "plain_completion",
-                          "plain_acts"]
+    assert df.columns == ["prompt", "completion", "steering", "target_features", "strength", "strength_abs",
+                          "target_acts", "plain_completion", "plain_acts"]
     assert df.height == 3 and set(df["steering"]) == {f"{f}:+6,{g}=0"} and "edited" in res.output
     assert df["target_features"].to_list() == [[f, g]] * 3
+    assert df["strength_abs"].to_list() == [[6.0, 0.0]] * 3  # --abs: the numbers typed
+    scale = _typical(tiny_backbone, tiny_sae, f) * float(tiny_sae.W_dec[:, f].norm())
+    assert df["strength"][0].to_list() == pytest.approx([6.0 / scale, 0.0], rel=1e-4)
     fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=False)
     for col, acts in (("completion", "target_acts"), ("plain_completion", "plain_acts")):
         texts = df[col].to_list()
@@ -166,7 +180,7 @@ def test_steer_command_rows_and_reencoded_activations(tmp_path, tiny_backbone, t
     assert df["completion"].to_list() != df["plain_completion"].to_list()
     # alpha 0 through the command: the completions are the plain ones
     run_cli(["steer", prompts, "-o", tmp_path / "zero.jsonl", "--feature", f"{f}:0", "--plain", "--max-new-tokens", 5,
-             *model_args])
+             "--abs", *model_args])
     z = pl.read_ndjson(tmp_path / "zero.jsonl")
     assert z["completion"].to_list() == z["plain_completion"].to_list() == df["plain_completion"].to_list()
 
@@ -198,7 +212,9 @@ def test_user_errors_are_one_line(tmp_path, model_args, prompts, tiny_model_dir)
     out = tmp_path / "o.jsonl"
     cases = [
         (["--feature", "99999:1"], "unknown feature id"),
-        (["--feature", "3:1e39"], "non-finite"),
+        (["--feature", "3:1e39", "--abs"], "non-finite"),
+        (["--feature", "3:2", "--strengths", "1,2"], "--calibrate schedule"),
+        (["--calibrate", "--feature", "3", "--clamp", "4:0"], "drop --clamp"),
         (["--feature", "3"], "bad steering spec"),
         (["--feature", "3:1", "--backend", "vllm"], "cannot steer"),
         (["--suppress"], "go together"),
@@ -231,3 +247,115 @@ def test_suppress_takes_a_sparse_rules_positive_weight_features_only(tmp_path, m
     assert any(w > 0 for w in weights.values()) and any(w < 0 for w in weights.values())  # both signs planted
     got = classifier_features(clf, Detector.load(clf, dtype="float32").extractor)
     assert got == [f for f, w in weights.items() if w > 0]
+
+
+def test_relative_strength_is_a_multiple_of_the_typical_activation_and_cached(tiny_backbone, tiny_sae, monkeypatch):
+    from safetyscope.features import FeatureExtractor
+    from safetyscope.steer_dose import Dose, feature_scales, resolve
+
+    f, _ = _firing_feature(tiny_backbone, tiny_sae)
+    fx = FeatureExtractor(tiny_backbone, tiny_sae, LAYER, cache=True)
+    scales = feature_scales(fx)
+    a, norm = _typical(tiny_backbone, tiny_sae, f), float(tiny_sae.W_dec[:, f].norm())
+    assert scales[f].typical == pytest.approx(a, rel=1e-5) and scales[f].source == "reference"
+    add, clamp, raw = resolve([Dose(f, 2.0), Dose(f, 0.5, "clamp"), Dose(f, 3.0, absolute=True)], scales)
+    assert add.spec == SteerSpec(f, alpha=pytest.approx(2.0 * a * norm, rel=1e-5))
+    assert (add.strength, add.strength_abs) == (2.0, add.spec.alpha)
+    assert clamp.spec.clamp == pytest.approx(0.5 * a, rel=1e-5) and clamp.strength == 0.5
+    assert raw.spec.alpha == 3.0 and raw.strength == pytest.approx(3.0 / (a * norm), rel=1e-5)
+    # computed once: the second call reads the disk cache, no extraction
+    monkeypatch.setattr(fx, "transform", lambda *_a, **_k: pytest.fail("recomputed instead of read from the cache"))
+    again = feature_scales(fx)
+    assert np.array_equal(again.typical, scales.typical) and np.array_equal(again.fired, scales.fired)
+    # a feature that never fires on the reference texts: the SAE's median typical activation, said on stderr
+    silent = np.flatnonzero(scales.fired == 0)
+    if silent.size:
+        s = scales[int(silent[0])]
+        assert s.source == "sae_median" and s.typical == pytest.approx(np.median(scales.typical[scales.fired > 0]))
+    with pytest.raises(SafetyScopeError, match="unknown feature"):
+        resolve([Dose(10**6, 1.0)], scales)
+
+
+def test_one_prompt_prints_plain_and_steered_side_by_side(tmp_path, tiny_backbone, tiny_sae, model_args):
+    f, _ = _firing_feature(tiny_backbone, tiny_sae)
+    prompt = "tell me about the cat"
+    res = run_cli(["steer", prompt, "--feature", f"{f}:40", "--abs", "--max-new-tokens", 5, *model_args])
+    p = tmp_path / "one.jsonl"
+    pl.DataFrame({"prompt": [prompt]}).write_ndjson(p)
+    run_cli(["steer", p, "-o", tmp_path / "o.jsonl", "--feature", f"{f}:40", "--abs", "--plain", "--max-new-tokens", 5,
+             *model_args])
+    df = pl.read_ndjson(tmp_path / "o.jsonl")
+    head = next(line for line in res.output.splitlines() if line.startswith("plain"))
+    col = head.index(" | ")
+    body = [line for line in res.output.splitlines() if " | " in line and not line.startswith(("plain", "activation"))]
+    left = " ".join(line[:col].strip() for line in body).split()
+    right = " ".join(line[col + 3:].strip() for line in body).split()
+    assert left == df["plain_completion"][0].split() and right == df["completion"][0].split()
+    assert left != right and f"steered {f}:+40" in head
+    res = run_cli(["steer", "missing.jsonl", "--feature", f"{f}:1", *model_args], ok=False)
+    assert res.exit_code == 2 and "missing.jsonl: no such file" in res.output
+    res = run_cli(["steer", p, "--feature", f"{f}:1", *model_args], ok=False)
+    assert res.exit_code == 2 and "-o OUTPUT is needed" in res.output
+
+
+def test_calibrate_sweeps_strengths_and_marks_the_largest_fluent_raising_one(tmp_path, tiny_backbone, tiny_sae,
+                                                                            full_model, model_args, prompts):
+    from safetyscope.synthesis.generators import TransformersGenerator
+
+    f, _ = _firing_feature(tiny_backbone, tiny_sae)
+    out = tmp_path / "cal"
+    res = run_cli(["steer", prompts, "--calibrate", "--feature", f"{f}:3", "--strengths", "0.5,60", "--max-new-tokens", 6,
+                   "-o", out, *model_args])
+    doc = json.loads((out / "calibration.json").read_text())
+    (feat,) = doc["features"]
+    rows = feat["rows"]
+    assert [r["strength"] for r in rows] == [0.0, 0.5, 3.0, 60.0]  # plain, the schedule and the typed strength
+    unit = _typical(tiny_backbone, tiny_sae, f) * float(tiny_sae.W_dec[:, f].norm())
+    assert feat["unit_abs"] == pytest.approx(unit, rel=1e-5)
+    assert [r["strength_abs"] for r in rows] == pytest.approx([s * unit for s in (0, 0.5, 3, 60)], rel=1e-6)
+    comps = pl.read_ndjson(out / "completions.jsonl")
+    plain = rows[0]
+    for r in rows:
+        sel = comps.filter(pl.col("strength") == r["strength"])
+        assert r["mean_activation"] == pytest.approx(sum(a[0] for a in sel["acts"].to_list()) / 3)
+        assert r["raises"] == (r["mean_activation"] > plain["mean_activation"])
+        assert r["fluent"] == (r["perplexity_ratio"] <= 2 and r["degenerate"] <= plain["degenerate"])
+    ok = [r["strength"] for r in rows[1:] if r["fluent"] and r["raises"]]
+    assert feat["calibrated_strength"] == (max(ok) if ok else None)
+    texts = {s: comps.filter(pl.col("strength") == s)["completion"].to_list() for s in (0.0, 60.0)}
+    assert texts[60.0] != texts[0.0]  # each strength really generated, steered
+    # the perplexity is the unsteered model's, of the completion tokens given the rendered prompt
+    gen = TransformersGenerator.from_backbone(tiny_backbone)
+    row = next(r for r in comps.iter_rows(named=True) if r["completion"].strip() and r["strength"] == 60)
+    tok = tiny_backbone.tokenizer
+    ctx = tok(gen._render([{"role": "user", "content": row["prompt"]}]))["input_ids"]
+    comp = tok(row["completion"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(full_model(torch.tensor([ctx + comp])).logits[0], -1)
+    nll = -torch.stack([logp[len(ctx) - 1 + i, t] for i, t in enumerate(comp)]).mean()
+    assert row["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    assert (out / "calibration.png").stat().st_size > 1000 and "calibrated strength" in (out / "calibration.md").read_text()
+    assert f"feature {f}: calibrated strength" in res.output
+
+
+def test_degeneration_measures():
+    from safetyscope.steer_calibrate import degeneration, is_degenerate
+
+    assert degeneration(list(range(10))) == (1.0, 0.0)
+    distinct, rep = degeneration([1, 2, 3] * 3)  # 3-grams: 7, of which 4 repeat an earlier one
+    assert (distinct, rep) == (pytest.approx(1 / 3), pytest.approx(4 / 7)) and is_degenerate(distinct, rep, 9)
+    assert is_degenerate(*degeneration([]), 0) and not is_degenerate(1.0, 0.0, 10)
+
+
+def test_auto_dtype_generates_in_float32_on_cpu(tmp_path, tiny_model_dir, qwen_scope_sae_dir, prompts):
+    from safetyscope.backbone import cpu_has_native_bf16, pick_dtype
+
+    assert pick_dtype("auto", "cpu", "generate") == torch.float32
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert pick_dtype("bfloat16", "cpu", "generate") == torch.bfloat16  # a named dtype is kept
+    # the command: --dtype auto generates exactly as --dtype float32 (bf16 greedy text differs on this model)
+    base = ["steer", prompts, "--feature", "3:20", "--abs", "--plain", "--max-new-tokens", 5, "--model", tiny_model_dir,
+            "--sae", qwen_scope_sae_dir, "--layer", LAYER]
+    run_cli([*base, "-o", tmp_path / "auto.jsonl", "--dtype", "auto"])
+    run_cli([*base, "-o", tmp_path / "fp32.jsonl", "--dtype", "float32"])
+    assert pl.read_ndjson(tmp_path / "auto.jsonl").equals(pl.read_ndjson(tmp_path / "fp32.jsonl"))
