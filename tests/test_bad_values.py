@@ -26,7 +26,8 @@ def files(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir):
     clf = d / "clf.json"
     run_cli(["discover", data, "-o", clf, *m, "--max-features", 3])
     targets = d / "targets.json"
-    run_cli(["synth", "targets", data, "-o", targets, "--min-delta", "0.05", *m])
+    run_cli(["synth", "targets", data, "-o", targets, "--min-delta", "0.05", "--min-precision", "0", "--fdr", "1",
+             "--judge-classifier", "none", *m])
     return {"data": data, "clf": clf, "targets": targets, "model": m, "dir": d}
 
 

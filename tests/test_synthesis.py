@@ -90,7 +90,9 @@ def labelled(tmp_path):
 @pytest.fixture
 def targets(tmp_path, labelled, model_args):
     out = tmp_path / "targets.json"
-    run_cli(["synth", "targets", labelled, "-o", out, "--min-delta", "0.1", "--max-targets", "24", *model_args])
+    # any contrast feature (no precision, significance or judge bar): 45 rows of a random model have no significant one
+    run_cli(["synth", "targets", labelled, "-o", out, "--min-delta", "0.1", "--max-targets", "24", "--min-precision", "0",
+             "--fdr", "1", "--judge-classifier", "none", *model_args])
     return out
 
 
@@ -562,7 +564,8 @@ def test_end_to_end_with_the_embedded_default(tmp_path, tiny_model_dir):
     seed = tmp_path / "seed.jsonl"
     pl.DataFrame({"prompt": ["What is the capital of France?"]}).write_ndjson(seed)
     t = tmp_path / "t.json"
-    run_cli(["synth", "targets", ref, "-o", t, "--min-delta", "0.3", "--max-targets", "4", "--min-fires", "2"])
+    run_cli(["synth", "targets", ref, "-o", t, "--min-delta", "0.3", "--max-targets", "4", "--min-fires", "2",
+             "--min-precision", "0", "--fdr", "1", "--judge-classifier", "none"])
     out = tmp_path / "syn.jsonl"
     run_cli(["synthesize", "--targets", t, "--seed-data", seed, "-o", out, "--budget", 2, "--samples", 2,
           "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none",

@@ -12,7 +12,7 @@ from ..synthesis.compare import CompareConfig
 from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.sft_eval import SFTEvalConfig
 from ..synthesis.synthesize import SynthConfig
-from ..synthesis.targets import TargetsConfig
+from ..synthesis.targets import FDR, MIN_PRECISION, TargetsConfig
 from .options import feature_config, field_default, model_options, overwrite_option, recorded_kwargs, recorded_model_options, user_errors
 
 
@@ -134,38 +134,57 @@ def synth_group():
               help="A target fires on at least this many rows.")
 @click.option("--max-fire-rate", type=float, default=TargetsConfig.max_fire_rate, show_default=True,
               help="A target fires on at most this share of rows.")
+@click.option("--min-precision", type=float, default=MIN_PRECISION, show_default=True,
+              help="A target's label holds at least this share of the rows it fires on (P(harmful | fires) for a "
+                   "harmful target).")
+@click.option("--fdr", type=float, default=FDR, show_default=True,
+              help="False discovery rate of the one-sided Fisher tests (Benjamini-Hochberg over every feature that "
+                   "passes --min-fires/--max-fire-rate).")
+@click.option("--judge-classifier", default="harmful-request", show_default=True,
+              help="Request judge of each target's top contexts (most must be judged as its label): a classifier "
+                   "JSON or shipped name (flagged = harmful), llm:MODEL / qwen3guard:MODEL / llamaguard:MODEL "
+                   "(an LLM judge), or none.")
+@click.option("--judge-endpoint", default=None, help="OpenAI-compatible server of an LLM --judge-classifier, "
+                                                     "e.g. http://127.0.0.1:8000/v1.")
+@click.option("--judge-window", type=int, default=TargetsConfig.judge_window, show_default=True,
+              help="Tokens either side of the firing token in the context the judge reads.")
 @click.option("--examples", type=int, default=TargetsConfig.n_examples, show_default=True, help="Top-activating contexts kept per target.")
 @overwrite_option
 @model_options
 @user_errors
 def targets_cmd(data, output, text_column, label_column, split, langs, min_delta, max_targets, harmful_only, min_fires,
-                max_fire_rate, examples, overwrite, **kw):
+                max_fire_rate, min_precision, fdr, judge_classifier, judge_endpoint, judge_window, examples, overwrite,
+                **kw):
     """Find the target set T on a labelled reference set (never the data whose coverage you measure)."""
     from ..discovery.config import DiscoverConfig
     from ..discovery.discover import load_labelled
     from ..features import FeatureExtractor
     from ..outputs import check_output
     from ..provenance import write_document
-    from ..synthesis.targets import find_targets, targets_document
+    from ..synthesis.targets import find_targets, load_request_judge, targets_document
 
     check_output(output, inputs=data, overwrite=overwrite, kind="targets file", file_only=True)  # before the work
-    fcfg = feature_config(kw)
-    df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
-                                                  langs=list(langs) or None))
     cfg = TargetsConfig(text_column=text_column, label_column=label_column, min_delta=min_delta,
                         max_targets=max_targets, benign=not harmful_only, min_fires=min_fires, max_fire_rate=max_fire_rate,
-                        n_examples=examples)
+                        n_examples=examples, min_precision=min_precision, fdr=fdr, judge_window=judge_window)
+    df = load_labelled(list(data), DiscoverConfig(text_column=text_column, label_column=label_column, split=split,
+                                                  langs=list(langs) or None))
+    # the judge is loaded before the features are: a bad classifier name fails before the long part
+    judge = load_request_judge(judge_classifier, endpoint=judge_endpoint, device=kw.get("device"), dtype=kw.get("dtype"),
+                               classifier_kwargs=_classifier_kwargs(kw))
+    fcfg = feature_config(kw)
     fx = FeatureExtractor.from_config(fcfg)
-    found = find_targets(df, cfg, fx, progress=True, source=", ".join(data))
+    found = find_targets(df, cfg, fx, progress=True, source=", ".join(data), judge=judge)
     doc = targets_document(found, fx, fcfg.sae)
     write_document(doc, output)
-    t = doc["targets"]
+    t, sel = doc["targets"], doc["selection"]
     click.echo(f"{len(t)} target(s) from {found['reference_data']['rows']} rows "
                f"({sum(x['label'] == 'harmful' for x in t)} harmful-specific, "
-               f"{sum(x['label'] == 'benign' for x in t)} benign-specific)", err=True)
+               f"{sum(x['label'] == 'benign' for x in t)} benign-specific); {sel['examined']} of {sel['candidates']} "
+               f"candidates examined, {sel['rejected']} rejected {sel['rejected_by_reason']}", err=True)
     for x in t[:10]:
-        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} lang={x['lang']}: "
-                   f"{x['examples'][0]['snippet'][:100]}", err=True)
+        click.echo(f"  feature {x['id']} {x['label']} delta={x['delta']:+.3f} precision={x['precision']:.2f} "
+                   f"q={x['q_value']:.1g} lang={x['lang']}: {x['examples'][0]['snippet'][:100]}", err=True)
     click.echo(f"wrote {output}", err=True)
 
 
