@@ -489,7 +489,7 @@ def _synth_cmd(targets, seed_data, out, endpoint, judge_classifier):
     return [sys.executable, "-m", "safetyscope", "synthesize", "--targets", str(targets), "--seed-data", str(seed_data),
             "-o", str(out), "--backend", "openai", "--endpoint", endpoint, "--budget", "20", "--group-size", "1",
             "--samples", "2", "--classifier", "none", "--dtype", "float32", "--no-cache",
-            "--judge-classifier", str(judge_classifier)]
+            "--judge-classifier", str(judge_classifier), "--no-audit"]  # resume mechanics; the audit: test_audit.py
 
 
 def test_synthesize_resumes_after_kill(tmp_path, targets, seed_data, classifier):
@@ -570,8 +570,10 @@ def test_end_to_end_with_the_embedded_default(tmp_path, tiny_model_dir):
     run_cli(["synthesize", "--targets", t, "--seed-data", seed, "-o", out, "--budget", 2, "--samples", 2,
           "--max-attempts", 2, "--prompt-tokens", 24, "--response-tokens", 24, "--classifier", "none",
           "--judge", "llm"])
-    df = pl.read_ndjson(out)
+    df = pl.read_ndjson(out) if out.stat().st_size else pl.DataFrame(schema={"target_activation": pl.Float64})
     assert df.height <= 2 and (df["target_activation"] > 0).all()
+    s = json.loads((tmp_path / "syn.jsonl.summary.json").read_text())
+    assert s["audit"]["response"] == "refusal" and s["rows"] == df.height  # the audit ran on what was written
 
 
 @pytest.fixture

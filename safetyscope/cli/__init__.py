@@ -50,7 +50,7 @@ def main():
 
 def _register_subcommands() -> None:
     """Every job's commands; the job code itself is imported lazily inside each command."""
-    from . import discovery, eval, features, steer, synthesis, train
+    from . import audit, discovery, eval, features, steer, synthesis, train
 
     main.add_command(features.features)
     main.add_command(steer.steer)
@@ -58,6 +58,7 @@ def _register_subcommands() -> None:
     for cmd in (discovery.discover, discovery.classify, discovery.explain):
         main.add_command(cmd)
     main.add_command(eval.eval_command)
+    synthesis.synth_group.add_command(audit.audit)
     for cmd in (synthesis.synth_group, synthesis.coverage, synthesis.synthesize):
         main.add_command(cmd)
     main.add_command(eval.overlap_command)

@@ -224,11 +224,14 @@ def coverage(data, targets_path, output, text_column, overwrite, **kw):
 @click.option("--seed-data", required=True, help="The existing supervision: its coverage decides what is missing.")
 @click.option("-o", "--output", required=True, help="Output: .jsonl, .parquet or a datasets directory.")
 @click.option("--text-column", default="prompt", show_default=True, help="Prompt column of --seed-data.")
+@click.option("--audit/--no-audit", "audit", default=SynthConfig.audit, show_default=True,
+              help="Keep a pair only if `synth audit` keeps it (request judge = --judge-classifier, response judge = "
+                   "the shipped refusal classifier); drop reasons are counted as audit_<reason>.")
 @click.option("--overwrite", is_flag=True)
 @generator_options
 @recorded_model_options("targets file")
 @user_errors
-def synthesize(targets_path, seed_data, output, text_column, overwrite, classifier, **kw):
+def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
     from ..data import read_table, text_list
     from ..provenance import extractor_from_record
@@ -244,11 +247,18 @@ def synthesize(targets_path, seed_data, output, text_column, overwrite, classifi
     from ..synthesis.judge import format_judged_stats
 
     cfg, gcfg = synth_config(kw), generator_config(kw)
+    cfg.audit = audit
+    audit_judges = None
+    if audit:  # loaded before any generation, like the judge: a bad classifier fails first
+        from ..synthesis.audit import AuditConfig, load_judges
+
+        name = kw["judge_classifier"] if kw["judge_kind"] == "detector" else AuditConfig.request_judge
+        audit_judges = load_judges(AuditConfig(request_judge=name, near_dup=cfg.near_dup), **_classifier_kwargs(kw))
     make_judge = judge_factory(kw)
     fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
     det = load_detector(classifier, kw)
     gen = make_generator(gcfg)
-    s = run(doc, seed_texts, cfg, fx, gen, det, output, judge=make_judge(gen), overwrite=overwrite)
+    s = run(doc, seed_texts, cfg, fx, gen, det, output, judge=make_judge(gen), audit=audit_judges, overwrite=overwrite)
     click.echo(f"seed data covers {s['seed_coverage']['n_covered']}/{s['targets']} targets; "
                f"{s['kept_targets']}/{s['uncovered_targets']} uncovered targets now have a verified pair "
                f"({s['attempted']} attempted), {s['output_coverage']['n_covered']}/{s['uncovered_targets']} fire on "

@@ -38,6 +38,9 @@ CLASSIFIERS = {
     "harmful-request": "harmful-request-smollm2-135m-instruct.json",
     # the harmful-request rule before it: English benign rows only, so it flags most non-instruction text
     "harmful-request-sparse": "harmful-request-sparse-smollm2-135m-instruct.json",
+    # the audit's judges (synth audit): flagged = the response refuses; flagged = the prompt is not a user request
+    "refusal": "refusal-smollm2-135m-instruct.json",
+    "not-request": "not-request-smollm2-135m-instruct.json",
     # one rule per language of the 14 toxicity languages, on Gemma 3 270M (extra `safetyscope[gemma]`)
     "multilingual": "toxicity-multilingual-gemma3-270m.json",
 }

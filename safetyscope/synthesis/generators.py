@@ -70,7 +70,7 @@ class TransformersGenerator:
         device = pick_device(cfg.device)
         try:
             tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, device))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, device, "generate"))
         except OSError as e:
             raise SafetyScopeError(f"cannot load generator {cfg.model!r}: {str(e).splitlines()[0]}") from None
         self._setup(name, model.to(device).eval(), tok, device, cfg.batch_size)

@@ -19,9 +19,9 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import polars as pl
 from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ class SynthConfig:
     # and reached none that 2x or 8x missed, while 16x alone reached three targets no other multiplier did
     steer: bool = True
     steer_schedule: tuple[float, ...] = (2.0, 8.0, 16.0)
+    audit: bool = True  # with audit judges given: a pair is kept only if `synth audit` keeps it; reasons counted
 
     def __post_init__(self):
         from ..errors import check_number
@@ -267,16 +268,18 @@ def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
 
 
 def synthesize(doc: dict, seed_texts: list[str], cfg: SynthConfig, fx, gen, detector, output: str | Path, *,
-               judge, overwrite: bool = False, progress: bool = True) -> dict:
+               judge, audit=None, audit_config=None, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the synthesis; returns a summary (also written to OUT.summary.json). ``doc`` = a targets
-    file's content; ``judge`` labels each written request (see judge.py); ``detector`` screens responses."""
+    file's content; ``judge`` labels each written request (see judge.py); ``detector`` screens responses; ``audit``
+    (audit.Judges, with cfg.audit) screens each finished pair as `synth audit` does with ``audit_config``
+    (default: AuditConfig with the run's near_dup) and drops what it drops."""
     if cfg.budget < 1 or cfg.max_attempts < 1 or cfg.samples < 1 or cfg.group_size < 1:
         raise SafetyScopeError("--budget, --max-attempts, --samples and --group-size must be >= 1")
     if cfg.response_retries < 0:
         raise SafetyScopeError("--response-retries must be >= 0")
     out = check_output(output, overwrite)
     with outputs.output_lock(out):
-        return _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out, progress)
+        return _synthesize_locked(doc, seed_texts, cfg, _Run(cfg, fx, gen, detector, judge, audit, audit_config), out, progress)
 
 
 def steering_status(cfg: SynthConfig, gen, fx) -> str | None:
@@ -300,7 +303,22 @@ def typical_activation(target: dict) -> tuple[float, str]:
     return (sum(acts) / len(acts), "examples_mean") if acts else (1.0, "none")
 
 
-def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path, progress: bool) -> dict:
+@dataclass
+class _Run:
+    """What every group of a run uses: settings, models, the request judge, the response screen and the audit."""
+    cfg: SynthConfig
+    fx: Any
+    gen: Any
+    detector: Any  # toxicity screen of responses, or None
+    judge: Any  # labels each written request
+    audit: Any  # audit.Judges, or None (no audit)
+    audit_config: Any = None  # audit.AuditConfig; None = its defaults with the run's near_dup
+    dedup: Deduper = field(default_factory=Deduper)
+    stats: dict = field(default_factory=dict)
+
+
+def _synthesize_locked(doc, seed_texts, cfg, run: _Run, out: Path, progress: bool) -> dict:
+    fx, gen, judge = run.fx, run.gen, run.judge
     t0 = time.perf_counter()
     ids = [t["id"] for t in doc["targets"]]
     seed_cov = coverage_of_texts(fx, seed_texts, ids, progress=progress)
@@ -312,19 +330,19 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path
     partial = PartialFile(out.with_name(out.name + ".partial.jsonl"), {"key": key, "generator": gen.name,
                                                                       "config": asdict(cfg)})
     resumed = len(partial.done)
-    dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
+    run.dedup = dedup = Deduper(cfg.near_dup, exact_only=seed_texts)
     for r in partial.rows:
         dedup.add(r["prompt"])
     bar = tqdm(total=min(cfg.budget, len(todo_targets)), initial=len(partial.rows), disable=not progress,
                desc="synthesize", unit="pair")
-    stats = {"candidates": 0, "fired": 0, "generations": 0, "steered_generations": 0}
+    run.stats = stats = {"candidates": 0, "fired": 0, "generations": 0, "steered_generations": 0}
     why_not_steered = steering_status(cfg, gen, fx)
     while len(partial.rows) < cfg.budget:
         group = [t for t in todo_targets if t["id"] not in partial.done][: min(cfg.group_size, cfg.budget - len(partial.rows))]
         if not group:
             break
         g0 = time.perf_counter()
-        rows, done, fired = _run_group(group, cfg, fx, gen, detector, judge, dedup, stats, why_not_steered is None)
+        rows, done, fired = _run_group(group, run, why_not_steered is None)
         dt = time.perf_counter() - g0
         for d in done:
             d["seconds"] = dt / len(done)
@@ -358,6 +376,7 @@ def _synthesize_locked(doc, seed_texts, cfg, fx, gen, detector, judge, out: Path
             "resumed_targets": resumed, "seconds": time.perf_counter() - t0, "generation_seconds": gen_seconds,
             "seconds_per_pair": gen_seconds / len(rows) if rows else None,
             "judge": judge.name, **judged_stats(rows, rejected), **stats,
+            "audit": (run.audit.names if cfg.audit and run.audit is not None else "off"),
             "steering": {"on": why_not_steered is None, "why_not": why_not_steered, "schedule": list(cfg.steer_schedule),
                          "alpha": "multiplier x the target's mean activation where it fires x its decoder column's "
                                   "norm (that activation's size in the residual stream), along its unit decoder "
@@ -375,12 +394,14 @@ def rows_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{c: r.get(c) for c in ROW_COLUMNS} for r in rows], schema=schema)
 
 
-def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, dedup: Deduper, stats: dict,
-               steer_on: bool = False):
+def _run_group(group: list[dict], run: _Run, steer_on: bool = False):
     """All attempts for one group of targets: (rows, done records, features fired by the kept prompts). A request
     that fires its target is judged; its response follows the judged label, not the target's. Targets still not
     fired after the plain attempts get steered attempts (``steer_on``); their requests are verified unsteered."""
-    rows, done, fired = [], [], set()
+    cfg, fx, gen, stats = run.cfg, run.fx, run.gen, run.stats
+    rows: list[dict] = []
+    done: list[dict] = []
+    fired: set[int] = set()
     rejected = {t["id"]: {} for t in group}  # per target: reason -> count (stored in its done record)
     left = list(group)
     gid = tuple(t["id"] for t in group)
@@ -391,8 +412,8 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, de
         outs = gen.generate([request_messages(t) for t in left], n=cfg.samples, temperature=cfg.temperature,
                             max_new_tokens=cfg.prompt_tokens, seed=seed)
         stats["generations"] += len(left) * cfg.samples
-        kept = _keep_verified(left, outs, [None] * len(left), attempt, seed, derive_seed(cfg.seed, gid, attempt, "response"),
-                              cfg, fx, gen, detector, judge, dedup, stats, rows, done, fired, rejected)
+        kept = _keep_verified(run, left, outs, [None] * len(left), attempt, seed,
+                              derive_seed(cfg.seed, gid, attempt, "response"), rows, done, fired, rejected)
         left = [t for i, t in enumerate(left) if i not in kept]
     from ..steering import SteerSpec, steer
 
@@ -408,18 +429,19 @@ def _run_group(group: list[dict], cfg: SynthConfig, fx, gen, detector, judge, de
                                      max_new_tokens=cfg.prompt_tokens, seed=seed)
             alphas.append(alpha)
         stats["steered_generations"] += len(left) * cfg.samples
-        kept = _keep_verified(left, outs, alphas, attempt, seed, derive_seed(cfg.seed, gid, "steer", k, "response"),
-                              cfg, fx, gen, detector, judge, dedup, stats, rows, done, fired, rejected)
+        kept = _keep_verified(run, left, outs, alphas, attempt, seed, derive_seed(cfg.seed, gid, "steer", k, "response"),
+                              rows, done, fired, rejected)
         left = [t for i, t in enumerate(left) if i not in kept]
     done += [{"target": t["id"], "status": "failed", "attempts": cfg.max_attempts + (len(cfg.steer_schedule) if steer_on else 0),
               "rejected": rejected[t["id"]]} for t in left]
     return rows, done, fired
 
 
-def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, detector, judge, dedup, stats, rows, done,
-                   fired, rejected) -> set[int]:
+def _keep_verified(run: _Run, left, outs, alphas, attempt, seed, resp_seed, rows, done, fired, rejected) -> set[int]:
     """One round's candidates for the targets ``left``: keep per target the best request that fires it when encoded
-    (unsteered), judge it, add its response; appends rows/done/fired and returns the indices of the kept targets."""
+    (unsteered), judge it, add its response, audit the pair; appends rows/done/fired and returns the indices of the
+    kept targets."""
+    cfg, fx, gen, detector, judge, dedup, stats = run.cfg, run.fx, run.gen, run.detector, run.judge, run.dedup, run.stats
     cands: list[tuple[int, str]] = []  # (index in left, text)
     for i, (t, samples) in enumerate(zip(left, outs)):
         # copying the shown contexts is not new data; containment >= Jaccard, so this also drops near copies
@@ -460,10 +482,16 @@ def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, d
             rej["regenerated"] = rej.get("regenerated", 0) + resp.regenerated
         if resp.text is None:
             rej[resp.problem] = rej.get(resp.problem, 0) + 1
+    audit_drop = _audit(run, [(c, v.label, left[i], resp) for ((i, _, c, _), v), resp in zip(judged, responses)])
     kept = set()
-    for ((i, a, c, j), v), resp in zip(judged, responses):
+    for ((i, a, c, j), v), resp, why in zip(judged, responses, audit_drop):
         t = left[i]
         if resp.text is None:
+            continue
+        if why:
+            rej = rejected[t["id"]]
+            for reason in why:
+                rej["audit_" + reason] = rej.get("audit_" + reason, 0) + 1
             continue
         rows.append(make_row(c, resp.text, v.label, t["id"], a, gen.name, attempt, seed, t.get("lang"), resp.source,
                              target_label=t["label"], judge=judge.name, judge_score=v.score, alpha=alphas[i]))
@@ -472,3 +500,21 @@ def _keep_verified(left, outs, alphas, attempt, seed, resp_seed, cfg, fx, gen, d
         lo, hi = acts.indptr[j], acts.indptr[j + 1]
         fired.update(int(f) for f, v in zip(acts.indices[lo:hi], acts.data[lo:hi]) if v > 0)
     return kept
+
+
+def _audit(run: _Run, items: list[tuple]) -> list[list[str]]:
+    """Per (request, judged label, target, Response): the audit's drop reasons ([] = kept, or no audit, or no
+    response to audit). The target's shown contexts are the contexts a request must not copy."""
+    out: list[list[str]] = [[] for _ in items]
+    todo = [k for k, it in enumerate(items) if it[3].text is not None]
+    if not run.cfg.audit or run.audit is None or not todo:
+        return out
+    from .audit import AuditConfig, audit_pairs
+
+    contexts = list({e["text"]: None for k in todo for e in items[k][2].get("examples", [])})
+    frame, _ = audit_pairs([items[k][0] for k in todo], [items[k][3].text for k in todo], [items[k][1] for k in todo],
+                           [items[k][2].get("lang") for k in todo], run.audit,
+                           run.audit_config or AuditConfig(near_dup=run.cfg.near_dup), contexts=contexts)
+    for k, reasons in zip(todo, frame["audit_reasons"].to_list()):
+        out[k] = list(reasons)
+    return out
