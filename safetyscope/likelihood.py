@@ -18,15 +18,18 @@ from .backbone import Backbone
 
 @torch.inference_mode()
 def mean_logprob(backbone: Backbone, prefixes: list[str], texts: list[str], *, batch_size: int = 16,
-                 max_text_tokens: int = 256, max_prefix_tokens: int = 512) -> np.ndarray:
+                 max_text_tokens: int = 256, max_prefix_tokens: int = 512,
+                 prefix_special_tokens: bool = False) -> np.ndarray:
     """Per pair, the mean log-probability of ``text``'s tokens after ``prefix`` (already rendered: chat template
     and special tokens included; "" = the tokenizer's BOS alone, if it has one). NaN for an empty text. The text is
-    cut to ``max_text_tokens``, the prefix keeps its last ``max_prefix_tokens``."""
+    cut to ``max_text_tokens``, the prefix keeps its last ``max_prefix_tokens``. ``prefix_special_tokens``: the
+    tokenizer adds its special tokens to the prefix (a raw text rather than a rendered chat template)."""
     if len(prefixes) != len(texts):
         raise ValueError(f"{len(prefixes)} prefixes but {len(texts)} texts")
     tok: Any = backbone.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    pre_ids = [(tok(p, add_special_tokens=False)["input_ids"] if p else bos)[-max_prefix_tokens:] for p in prefixes]
+    pre_ids = [(tok(p, add_special_tokens=prefix_special_tokens)["input_ids"] if p else bos)[-max_prefix_tokens:]
+               for p in prefixes]
     txt_ids = [tok(t, add_special_tokens=False)["input_ids"][:max_text_tokens] if t else [] for t in texts]
     out = np.full(len(texts), np.nan)
     todo = [i for i in range(len(texts)) if txt_ids[i]]

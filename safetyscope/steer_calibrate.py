@@ -20,8 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
+from .likelihood import mean_logprob
 from .steering import SteerSpec, steer, target_acts
 
 DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
@@ -59,37 +58,13 @@ def is_degenerate(distinct: float, repeated: float, n_tokens: int) -> bool:
     return n_tokens == 0 or distinct < MIN_DISTINCT or repeated > MAX_REPEATED
 
 
-@torch.inference_mode()
-def completion_nll(model, tok, contexts: list[str], completions: list[str], *, special: bool,
-                   batch_size: int = 16) -> list[tuple[float, list[int]]]:
-    """(mean negative log-likelihood per token, token ids) of each completion after its context, under ``model``
-    as it is (call it outside any steering block); NaN for an empty completion."""
-    dev = next(model.parameters()).device
-    ctx_ids = tok(contexts, add_special_tokens=special)["input_ids"]
-    comp_ids = tok(completions, add_special_tokens=False)["input_ids"]
-    out: list[tuple[float, list[int]]] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for s in range(0, len(contexts), batch_size):
-        seqs = [c + x for c, x in zip(ctx_ids[s : s + batch_size], comp_ids[s : s + batch_size])]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, q in enumerate(seqs):
-            ids[b, : len(q)], mask[b, : len(q)] = torch.tensor(q), 1
-        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
-        tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None].to(dev))[..., 0].cpu()  # log p(token t | < t)
-        for b, (c, x) in enumerate(zip(ctx_ids[s : s + batch_size], comp_ids[s : s + batch_size])):
-            lp = tok_lp[b, len(c) - 1 : len(c) - 1 + len(x)]
-            out.append((float(-lp.mean()) if len(x) else float("nan"), list(x)))
-    return out
-
-
 def _measure(fx, gen, texts, prompts, special, feats, cfg, completions) -> list[dict]:
     acts = target_acts(fx, completions, feats)
-    nll = completion_nll(fx.backbone.model, fx.backbone.tokenizer, texts, completions, special=special,
-                         batch_size=cfg.batch_size)
+    # perplexity under the model as it is: called outside any steering block
+    lp = mean_logprob(fx.backbone, texts, completions, batch_size=cfg.batch_size, prefix_special_tokens=special)
+    ids_of = fx.backbone.tokenizer(completions, add_special_tokens=False)["input_ids"]
     rows = []
-    for p, c, a, (n, ids) in zip(prompts, completions, acts, nll):
+    for p, c, a, n, ids in zip(prompts, completions, acts, -lp, ids_of):
         distinct, repeated = degeneration(ids)
         rows.append({"prompt": p, "completion": c, "acts": a, "perplexity": math.exp(n) if n == n else None,
                      "distinct": distinct, "repeated_3grams": repeated,
