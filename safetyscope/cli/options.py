@@ -93,7 +93,8 @@ def model_options(fn):
                      help="Leave out position 0 (attention sink) when pooling [default: as the SAE was trained]."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
         click.option("--dtype", default=FeatureConfig.dtype, show_default=True,
-                     help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), float32, bfloat16, float16."),
+                     help="auto (bf16 on GPUs; on CPUs bf16 with native bf16 for features, float32 for generation), "
+                          "float32, bfloat16, float16."),
         click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text results."),
     ]
     for opt in reversed(opts):
