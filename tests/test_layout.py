@@ -121,7 +121,7 @@ def test_option_defaults_come_from_the_config_dataclasses():
         assert train[option] == getattr(TrainConfig, field), option
     compare = _option_defaults(main.commands["synth"].commands["compare"])
     for option in ("seed_langs", "seed_sources", "ref_langs", "max_seed_rows", "max_ref_rows", "min_delta",
-                   "max_targets", "max_fire_rate", "sample_seed"):
+                   "max_targets", "max_fire_rate", "sample_seed", "min_precision", "fdr", "judge_targets", "audit"):
         assert (list(compare[option]) if isinstance(compare[option], tuple) else compare[option]) == \
             field_default(CompareConfig, option), option
     from safetyscope.cli.synthesis import parse_schedule

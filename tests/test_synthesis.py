@@ -608,7 +608,9 @@ def test_synth_compare_four_arms_on_the_tiny_model(tmp_path, safety_table, model
     res = run_cli(["synth", "compare", safety_table, "-o", out, "--seed-source", "seed_src", "--min-delta", "0.1",
                 "--max-targets", 16, "--budget", budget, "--samples", 1, "--max-attempts", 1, "--group-size", 3,
                 "--prompt-tokens", 16, "--response-tokens", 6, "--generator", tiny_model_dir, "--classifier", "none",
-                "--judge-classifier", classifier, *model_args])
+                "--judge-classifier", classifier, *model_args,
+                # 45 rows of a random model: no significant target, no harm concept; the audit: test_audit.py
+                "--min-precision", 0, "--fdr", 1, "--no-judge-targets", "--no-audit"])
     r = json.loads((out / "compare.json").read_text())
     for f in ("compare.md", "compare.png", "targets.json", "targeted.jsonl", "targeted_steered.jsonl", "random.jsonl",
               "natural.jsonl"):

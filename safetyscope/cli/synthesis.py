@@ -100,6 +100,15 @@ def load_detector(classifier: str | None, kw: dict):
     return Detector.load(classifier, **_classifier_kwargs(kw))
 
 
+def _audit_judges(kw: dict, near_dup: float):
+    """The audit's judges for synthesize / compare, loaded before any generation (a bad classifier fails first): the
+    request judge is --judge-classifier (a detector judge) or the shipped harmful-request (an LLM judge)."""
+    from ..synthesis.audit import AuditConfig, load_judges
+
+    name = kw["judge_classifier"] if kw["judge_kind"] == "detector" else AuditConfig.request_judge
+    return load_judges(AuditConfig(request_judge=name, near_dup=near_dup), **_classifier_kwargs(kw))
+
+
 def judge_factory(kw: dict):
     """gen -> the judge of --judge / --judge-classifier (a detector judge is loaded before any generation)."""
     from ..synthesis.judge import DetectorJudge, LLMJudge
@@ -248,12 +257,7 @@ def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, c
 
     cfg, gcfg = synth_config(kw), generator_config(kw)
     cfg.audit = audit
-    audit_judges = None
-    if audit:  # loaded before any generation, like the judge: a bad classifier fails first
-        from ..synthesis.audit import AuditConfig, load_judges
-
-        name = kw["judge_classifier"] if kw["judge_kind"] == "detector" else AuditConfig.request_judge
-        audit_judges = load_judges(AuditConfig(request_judge=name, near_dup=cfg.near_dup), **_classifier_kwargs(kw))
+    audit_judges = _audit_judges(kw, cfg.near_dup) if audit else None
     make_judge = judge_factory(kw)
     fx = extractor_from_record(doc, targets_path, **recorded_kwargs(kw))
     det = load_detector(classifier, kw)
@@ -286,10 +290,18 @@ def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, c
               help="A target fires on at most this share of reference rows.")
 @click.option("--sample-seed", type=int, default=CompareConfig.sample_seed, show_default=True,
               help="Seed of the row subsampling and natural draw.")
+@click.option("--min-precision", type=float, default=CompareConfig.min_precision, show_default=True,
+              help="A target's P(its label | fires) on the reference rows at least this (as `synth targets`).")
+@click.option("--fdr", type=float, default=CompareConfig.fdr, show_default=True,
+              help="Benjamini-Hochberg false discovery rate of the targets' Fisher tests (1 = no test).")
+@click.option("--judge-targets/--no-judge-targets", default=CompareConfig.judge_targets, show_default=True,
+              help="A target's top contexts must be judged its label by --judge / --judge-classifier.")
+@click.option("--audit/--no-audit", "audit", default=CompareConfig.audit, show_default=True,
+              help="Every arm keeps only the rows `synth audit` keeps; coverage is counted over kept rows.")
 @generator_options
 @model_options
 @user_errors
-def compare_cmd(data, output_dir, classifier, **kw):
+def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets, audit, **kw):
     """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
@@ -299,12 +311,14 @@ def compare_cmd(data, output_dir, classifier, **kw):
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
                        max_seed_rows=kw.pop("max_seed_rows"), max_ref_rows=kw.pop("max_ref_rows"),
                        min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"),
-                       max_fire_rate=kw.pop("max_fire_rate"), sample_seed=kw.pop("sample_seed"))
+                       max_fire_rate=kw.pop("max_fire_rate"), sample_seed=kw.pop("sample_seed"),
+                       min_precision=min_precision, fdr=fdr, judge_targets=judge_targets, audit=audit)
     cfg, gcfg = synth_config(kw), generator_config(kw)
+    audit_judges = _audit_judges(kw, cfg.near_dup) if audit else None
     make_judge = judge_factory(kw)
     det = load_detector(classifier, kw)
     fcfg = feature_config(kw)
-    res = run_compare(cc, cfg, gcfg, det, fcfg, make_judge)
+    res = run_compare(cc, cfg, gcfg, det, fcfg, make_judge, audit=audit_judges)
     click.echo(res["markdown"])
     click.echo(f"wrote {output_dir}/compare.json, compare.md, compare.png", err=True)
 

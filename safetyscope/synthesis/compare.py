@@ -39,7 +39,7 @@ from .synthesize import (
     steering_status,
     synthesize,
 )
-from .targets import TargetsConfig, find_targets, targets_document
+from .targets import FDR, MIN_PRECISION, TargetsConfig, find_targets, targets_document
 from .textrules import Deduper, extract_candidates
 
 BENIGN_TOPICS = ("cooking", "travel planning", "personal finance", "gardening", "history", "programming", "fitness",
@@ -59,6 +59,10 @@ class CompareConfig:
     max_targets: int = 32
     max_fire_rate: float = 1.0
     sample_seed: int = 0
+    min_precision: float = MIN_PRECISION  # the target checks of `synth targets` (targets.py)
+    fdr: float = FDR
+    judge_targets: bool = True  # a target's top contexts must be judged its label by the arms' judge
+    audit: bool = True  # every arm's rows go through `synth audit` (with audit judges given); coverage over kept rows
 
 
 def _stratified(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
@@ -140,16 +144,23 @@ def random_synthesis(n: int, labels: list[str], categories: list[str], gen, cfg:
 
 
 def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det, fcfg: FeatureConfig,
-                make_judge) -> dict:
-    """``make_judge(gen)`` -> the judge of every arm's requests (it may use the generator: --judge llm)."""
+                make_judge, audit=None) -> dict:
+    """``make_judge(gen)`` -> the judge of every arm's requests (it may use the generator: --judge llm) and, with
+    ``cc.judge_targets``, of the targets' contexts. ``audit`` (audit.Judges; with ``cc.audit``): every arm keeps only
+    the rows `synth audit` keeps (the natural arm's prompts are audited on their request side), reasons counted."""
     out = check_report_dir(cc.output_dir, inputs=[cc.data])
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
     seed_df, ref_df, nat_df = split_rows(df, cc)
     fx = FeatureExtractor.from_config(fcfg)
+    gen = make_generator(gcfg)
+    judge = make_judge(gen)
+    audit = audit if cc.audit else None
     found = find_targets(ref_df, TargetsConfig(min_delta=cc.min_delta, max_targets=cc.max_targets,
-                                                      max_fire_rate=cc.max_fire_rate), fx,
-                         progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})")
+                                               max_fire_rate=cc.max_fire_rate, min_precision=cc.min_precision,
+                                               fdr=cc.fdr), fx,
+                         progress=True, source=f"{cc.data} pool half 0 ({','.join(cc.ref_langs)})",
+                         judge=judge if cc.judge_targets else None)
     doc = targets_document(found, fx, fcfg.sae)
     write_document(doc, out / "targets.json")
     ids = [t["id"] for t in doc["targets"]]
@@ -157,8 +168,6 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     write_table(seed_df, out / "seed.jsonl")  # the existing supervision: `synthesize --seed-data` reruns an arm on it
     seed_cov = coverage_of_texts(fx, seed_texts, ids)
     miss = seed_cov["uncovered"]
-    gen = make_generator(gcfg)
-    judge = make_judge(gen)
 
     arms: dict[str, list[str]] = {}
     timing: dict[str, dict] = {}
@@ -166,7 +175,8 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     steer_arm = cfg.steer and steering_status(cfg, gen, fx) is None
     for name, file, arm_cfg in [("targeted synthesis", "targeted.jsonl", replace(cfg, steer=False))] + (
             [("targeted + steering", "targeted_steered.jsonl", cfg)] if steer_arm else []):
-        s = synthesize(doc, seed_texts, arm_cfg, fx, gen, det, out / file, judge=judge, overwrite=True, progress=True)
+        s = synthesize(doc, seed_texts, arm_cfg, fx, gen, det, out / file, judge=judge, audit=audit, overwrite=True,
+                       progress=True)
         judged[name] = {k: s[k] for k in ("kept_per_label", "judged_labels", "agreement", "response_source",
                                           "template_refusals", "rejected")}
         tgt = pl.read_ndjson(out / file) if s["rows"] else rows_frame([])
@@ -178,18 +188,33 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     miss_labels = [t["label"] for t in doc["targets"] if t["id"] in set(miss)] or ["harmful"]
     cats = sorted({c for c in ref_df.filter(pl.col("label") == "harmful")["category"].to_list() if c}) or ["harmful activities"]
     rnd_rows, rstats = random_synthesis(cfg.budget, miss_labels, cats, gen, cfg, det, seed_texts, judge)
+    if audit is not None:
+        from .audit import AuditConfig
+
+        rnd_rows = _audited(rnd_rows, audit, rstats["rejected"], AuditConfig(near_dup=cfg.near_dup))
     judged["random synthesis"] = judged_stats(rnd_rows, rstats.pop("rejected"))
     write_table(rows_frame(rnd_rows), out / "random.jsonl")
     arms["random synthesis"] = [r["prompt"] for r in rnd_rows]
     timing["random synthesis"] = {**rstats, "seconds_per_pair": rstats["seconds"] / len(rnd_rows) if rnd_rows else None,
                                   "template_refusals": sum(r["response_source"] == "template" for r in rnd_rows)}
     nat = nat_df.sample(min(cfg.budget, nat_df.height), seed=cc.sample_seed)
+    nat_rejected: dict[str, int] = {}
+    if audit is not None:  # natural rows are prompts: audited on their request side, with their human label
+        from .audit import AuditConfig, audit_pairs
+
+        frame, _ = audit_pairs(nat["prompt"].to_list(), [""] * nat.height, nat["label"].to_list(), nat["lang"].to_list(),
+                               audit, AuditConfig(require_response=False, near_dup=cfg.near_dup))
+        for reasons in frame["audit_reasons"].to_list():
+            for r in reasons:
+                nat_rejected["audit_" + r] = nat_rejected.get("audit_" + r, 0) + 1
+        nat = nat.filter(frame["audit_verdict"] == "keep")
     v = judge.judge(nat["prompt"].to_list())  # the judge against the human label, for comparability
     nat = nat.with_columns(pl.Series("judged_label", [x.label for x in v], dtype=pl.String),
                            pl.Series("judge_score", [x.score for x in v], dtype=pl.Float64), pl.lit(judge.name).alias("judge"))
     write_table(nat, out / "natural.jsonl")
     judged["natural sampling"] = judged_stats(
-        [{"label": x.label or "unparseable", "target_label": h, "judge": judge.name} for x, h in zip(v, nat["label"])])
+        [{"label": x.label or "unparseable", "target_label": h, "judge": judge.name} for x, h in zip(v, nat["label"])],
+        nat_rejected)
     arms["natural sampling"] = nat["prompt"].to_list()
 
     table = []
@@ -209,12 +234,31 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
            "targets": {"T": len(ids), "harmful": sum(t["label"] == "harmful" for t in doc["targets"]),
                        "benign": sum(t["label"] == "benign" for t in doc["targets"]), "T_miss": len(miss),
                        "seed_T_coverage": seed_cov["coverage"], "T_miss_ids": miss},
-           "arms": table, "timing": timing, "judge": judge.name, "judged": judged, "seconds": time.perf_counter() - t_start}
+           "arms": table, "timing": timing, "judge": judge.name, "judged": judged,
+           "audit": audit.names if audit is not None else "off", "seconds": time.perf_counter() - t_start}
     res["markdown"] = markdown(res)
     write_json(out / "compare.json", res)
     write_text(out / "compare.md", res["markdown"])
     plot(table, out / "compare.png", len(miss), len(ids))
     return res
+
+
+def _audited(rows: list[dict], audit, rejected: dict, config) -> list[dict]:
+    """The rows `synth audit` keeps (``config``: an AuditConfig); the others' reasons are added to ``rejected`` as
+    audit_<reason>."""
+    if not rows:
+        return rows
+    from .audit import audit_pairs
+
+    frame, _ = audit_pairs([r["prompt"] for r in rows], [r["completion"] for r in rows], [r["label"] for r in rows],
+                           [r.get("lang") for r in rows], audit, config)
+    kept = []
+    for r, reasons in zip(rows, frame["audit_reasons"].to_list()):
+        for x in reasons:
+            rejected["audit_" + x] = rejected.get("audit_" + x, 0) + 1
+        if not reasons:
+            kept.append(r)
+    return kept
 
 
 def markdown(res: dict) -> str:
