@@ -37,7 +37,7 @@ def run(args) -> None:
     from safetyscope import Backbone
     from safetyscope.backbone import cpu_has_native_bf16
     from safetyscope.cli.options import quiet_libraries
-    from safetyscope.synthesis.generators import TransformersGenerator
+    from safetyscope.generators import TransformersGenerator
 
     quiet_libraries()  # no loading bars between the timing lines
 

@@ -88,7 +88,7 @@ def calibrate(fx, prompts: list[str], features: list[int], scales, cfg: Calibrat
     (``features[i].rows`` per strength, ``calibrated_strength``) and every completion under ``completions``."""
     from tqdm.auto import tqdm
 
-    from .synthesis.generators import TransformersGenerator
+    from .generators import TransformersGenerator
 
     gen = TransformersGenerator.from_backbone(fx.backbone, cfg.batch_size)
     texts = [gen._render([{"role": "user", "content": p}]) if cfg.chat else p for p in prompts]

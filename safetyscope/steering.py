@@ -191,7 +191,7 @@ def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str 
     units, see steer_dose.py; None where not given). Returns (rows, stats)."""
     from tqdm.auto import tqdm
 
-    from .synthesis.generators import TransformersGenerator
+    from .generators import TransformersGenerator
 
     check_specs(specs, fx.sae)
     gen = TransformersGenerator.from_backbone(fx.backbone, batch_size)

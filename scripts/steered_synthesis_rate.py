@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from safetyscope.features import FeatureConfig, FeatureExtractor
+from safetyscope.generators import TransformersGenerator
 from safetyscope.steering import SteerSpec, steer
-from safetyscope.synthesis.generators import TransformersGenerator
 from safetyscope.synthesis.synthesize import derive_seed, request_messages, typical_activation
 from safetyscope.synthesis.textrules import copies_context, extract_candidates, shingles
 

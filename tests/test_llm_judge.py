@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from safetyscope.errors import SafetyScopeError
+from safetyscope.generators import GeneratorConfig, OpenAIGenerator
 from safetyscope.synthesis import llm_judge as lj
-from safetyscope.synthesis.generators import GeneratorConfig, OpenAIGenerator
 from safetyscope.synthesis.llm_judge import LLMPairJudge, PairVerdict, make_pair_judge
 
 

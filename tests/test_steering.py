@@ -300,7 +300,7 @@ def test_one_prompt_prints_plain_and_steered_side_by_side(tmp_path, tiny_backbon
 
 def test_calibrate_sweeps_strengths_and_marks_the_largest_fluent_raising_one(tmp_path, tiny_backbone, tiny_sae,
                                                                             full_model, model_args, prompts):
-    from safetyscope.synthesis.generators import TransformersGenerator
+    from safetyscope.generators import TransformersGenerator
 
     f, _ = _firing_feature(tiny_backbone, tiny_sae)
     out = tmp_path / "cal"

@@ -349,7 +349,7 @@ def test_judging_relabels_a_benign_request_written_for_a_harmful_target(tmp_path
 
 def test_steered_attempts_keep_only_requests_that_fire_unsteered(tmp_path, targets, classifier):
     from safetyscope.backbone import decoder_layers
-    from safetyscope.synthesis.generators import TransformersGenerator
+    from safetyscope.generators import TransformersGenerator
     from safetyscope.synthesis.synthesize import SynthConfig, synthesize, typical_activation
 
     doc, fx = _fx(targets)
@@ -429,7 +429,7 @@ def test_template_refusals_are_marked_and_no_template_drops_them(tmp_path, targe
 
 
 def test_openai_backend_against_a_local_server(tmp_path, targets, seed_data, classifier):
-    from safetyscope.synthesis.generators import GeneratorConfig, make_generator
+    from safetyscope.generators import GeneratorConfig, make_generator
 
     with FakeChatServer() as srv:
         g = make_generator(GeneratorConfig(backend="openai", endpoint=srv.endpoint, model="m", api_key="k"))
@@ -475,7 +475,7 @@ def classifier(tmp_path, model_args):
 
 
 def test_transformers_backend_on_the_tiny_model(tiny_model_dir):
-    from safetyscope.synthesis.generators import GeneratorConfig, make_generator
+    from safetyscope.generators import GeneratorConfig, make_generator
 
     g = make_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
     convs = [[{"role": "user", "content": "tell me about the cat"}], [{"role": "user", "content": "how do i bake a cake"}]]
@@ -539,7 +539,7 @@ def test_user_errors_are_one_line(tmp_path, targets, seed_data):
 
 def test_vllm_backend(tmp_path):
     pytest.importorskip("vllm")
-    from safetyscope.synthesis.generators import GeneratorConfig, make_generator
+    from safetyscope.generators import GeneratorConfig, make_generator
 
     g = make_generator(GeneratorConfig(backend="vllm", model=None, device="cpu"))
     out = g.generate([[{"role": "user", "content": "Name a fruit."}]], n=2, max_new_tokens=8, seed=0)

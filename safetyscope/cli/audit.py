@@ -56,10 +56,10 @@ def audit(data, output, kept_path, prompt_column, completion_column, messages_co
           max_perplexity, min_gain, min_user_role, no_language_check, overwrite, **kw):
     """Screen an SFT table (ours or yours): keep/drop per pair, the reasons, the scores, a summary per reason."""
     from ..data import read_table, write_table
+    from ..generators import GeneratorConfig
     from ..outputs import check_output
     from ..provenance import write_document
     from ..synthesis.audit import audit_pairs, format_summary, load_judges, pairs_from_frame
-    from ..synthesis.generators import GeneratorConfig
 
     cfg = AuditConfig(prompt_column=prompt_column, completion_column=completion_column, messages_column=messages_column,
                       label_column=_none(label_column), lang_column=_none(lang_column), request_judge=request_judge,

@@ -15,8 +15,8 @@ from typing import get_args
 import click
 
 from ..errors import SafetyScopeError
+from ..generators import Backend, GeneratorConfig
 from ..steering import Positions
-from ..synthesis.generators import Backend, GeneratorConfig
 from .options import NumberList, feature_config, finite, model_options, overwrite_option, user_errors
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")

@@ -8,8 +8,8 @@ from typing import get_args
 import click
 
 from ..errors import SafetyScopeError
+from ..generators import Backend, GeneratorConfig
 from ..synthesis.compare import CompareConfig
-from ..synthesis.generators import Backend, GeneratorConfig
 from ..synthesis.sft_eval import SFTEvalConfig
 from ..synthesis.synthesize import SynthConfig
 from ..synthesis.targets import FDR, MIN_PRECISION, TargetsConfig
@@ -243,8 +243,8 @@ def coverage(data, targets_path, output, text_column, overwrite, **kw):
 def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, classifier, **kw):
     """Write verified (prompt, response) pairs for the targets the seed data does not fire; resumable."""
     from ..data import read_table, text_list
+    from ..generators import make_generator
     from ..provenance import extractor_from_record
-    from ..synthesis.generators import make_generator
     from ..synthesis.synthesize import check_output
     from ..synthesis.synthesize import synthesize as run
     from ..synthesis.targets import read_targets

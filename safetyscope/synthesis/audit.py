@@ -283,7 +283,7 @@ def load_judges(cfg: AuditConfig, *, judge_gen=None, **load_kw) -> Judges:
     form = Detector.load(cfg.request_form, **load_kw) if cfg.request_form else None
     names = {"response": cfg.response_judge, "request_form": cfg.request_form or "echo test only"}
     if ":" in cfg.request_judge and not cfg.request_judge.endswith((".json", ".JSON")):
-        from .generators import GeneratorConfig
+        from ..generators import GeneratorConfig
         from .llm_judge import make_pair_judge, parse_judge_spec
 
         fmt, _ = parse_judge_spec(cfg.request_judge)

@@ -23,11 +23,11 @@ import polars as pl
 from ..data import id_half, read_table, write_table
 from ..errors import SafetyScopeError
 from ..features import FeatureConfig, FeatureExtractor
+from ..generators import GeneratorConfig, make_generator
 from ..outputs import check_report_dir
 from ..provenance import write_document
 from ..reports import pyplot, save_figure, write_json, write_text
 from .coverage import coverage_of_texts
-from .generators import GeneratorConfig, make_generator
 from .judge import judged_stats
 from .synthesize import (
     SynthConfig,

@@ -56,7 +56,7 @@ from collections import Counter
 from typing import Literal, NamedTuple, get_args
 
 from ..errors import SafetyScopeError
-from .generators import Generator, GeneratorConfig, Messages, make_generator
+from ..generators import Generator, GeneratorConfig, Messages, make_generator
 from .judge import Verdict
 
 Format = Literal["rubric", "qwen3guard", "llamaguard"]

@@ -23,8 +23,8 @@ import polars as pl
 
 from ..data import id_half, read_table
 from ..errors import SafetyScopeError
+from ..generators import GeneratorConfig, TransformersGenerator
 from ..reports import pyplot, save_figure, write_json, write_text
-from .generators import GeneratorConfig, TransformersGenerator
 from .synthesize import TEMPLATE_REFUSAL
 from .textrules import is_refusal
 

@@ -326,7 +326,7 @@ def load_request_judge(spec: str, *, endpoint: str | None = None, device: str | 
 
     prefix, sep, _ = spec.partition(":")
     if sep and prefix.casefold() in SPEC_PREFIXES:
-        from .generators import GeneratorConfig
+        from ..generators import GeneratorConfig
 
         try:
             parse_judge_spec(spec)

