@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -215,3 +219,70 @@ def kill_9_when(proc, ready, timeout: float = 120, poll: float = 0.005) -> None:
         time.sleep(poll)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
+
+# -- a local OpenAI-compatible server for the generator and judge backends -------------------------------------
+def send_json(handler, code: int, data: bytes) -> None:
+    """One HTTP answer from a BaseHTTPRequestHandler (a client that gave up on a slow answer is not an error)."""
+    try:
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+class LocalChatServer:
+    """A real HTTP server on 127.0.0.1 (a free port) serving ``handler`` (a BaseHTTPRequestHandler subclass, its log
+    silenced) in a thread for the ``with`` block; ``endpoint`` is its /v1 URL."""
+
+    def __init__(self, handler):
+        handler.log_message = lambda *a: None
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FixedAnswerServer(LocalChatServer):
+    """POST /v1/chat/completions -> ``answer(messages)`` (one string, or a list cycled over the n choices).
+
+    ``failures[marker]``: what the first requests whose conversation holds ``marker`` get instead, in order: an HTTP
+    status, "reset" (the connection is closed without an answer) or "slow" (answers after the client's timeout)."""
+
+    def __init__(self, answer, failures: dict[str, list] | None = None):
+        self.answer, self.failures, self.requests = answer, {k: list(v) for k, v in (failures or {}).items()}, []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = json.dumps(body["messages"])
+                with outer.lock:
+                    outer.requests.append(body)
+                    fail = next((q.pop(0) for m, q in outer.failures.items() if m in text and q), None)
+                if fail == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fail == "slow":
+                    time.sleep(0.6)
+                elif fail is not None:
+                    return send_json(self, fail, b"upstream says no\nsecond line of detail")
+                got = outer.answer(body["messages"])
+                texts = [got] if isinstance(got, str) else got
+                n = body.get("n", 1)
+                out = {"choices": [{"index": i, "message": {"role": "assistant", "content": texts[i % len(texts)]}}
+                                   for i in range(n)]}
+                send_json(self, 200, json.dumps(out).encode())
+
+        super().__init__(Handler)

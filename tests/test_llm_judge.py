@@ -5,77 +5,13 @@ checked is the request each judge format sends, how each answer format is read, 
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from conftest import FixedAnswerServer
 
 from safetyscope.errors import SafetyScopeError
 from safetyscope.generators import GeneratorConfig, OpenAIGenerator
 from safetyscope.synthesis import llm_judge as lj
 from safetyscope.synthesis.llm_judge import LLMPairJudge, PairVerdict, make_pair_judge
-
-
-class FixedAnswerServer:
-    """POST /v1/chat/completions -> ``answer(messages)`` (one string, or a list cycled over the n choices).
-
-    ``failures[marker]``: what the first requests whose conversation holds ``marker`` get instead, in order: an HTTP
-    status, "reset" (the connection is closed without an answer) or "slow" (answers after the client's timeout)."""
-
-    def __init__(self, answer, failures: dict[str, list] | None = None):
-        self.answer, self.failures, self.requests = answer, {k: list(v) for k, v in (failures or {}).items()}, []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = json.dumps(body["messages"])
-                with outer.lock:
-                    outer.requests.append(body)
-                    fail = next((q.pop(0) for m, q in outer.failures.items() if m in text and q), None)
-                if fail == "reset":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if fail == "slow":
-                    time.sleep(0.6)
-                elif fail is not None:
-                    return self._send(fail, b"upstream says no\nsecond line of detail")
-                got = outer.answer(body["messages"])
-                texts = [got] if isinstance(got, str) else got
-                n = body.get("n", 1)
-                out = {"choices": [{"index": i, "message": {"role": "assistant", "content": texts[i % len(texts)]}}
-                                   for i in range(n)]}
-                self._send(200, json.dumps(out).encode())
-
-            def _send(self, code, data):
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
-                    pass
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(autouse=True)

@@ -7,15 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, kill_9_when, run_cli
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, LocalChatServer, kill_9_when, run_cli, send_json
 
 from safetyscope.synthesis.coverage import coverage_from_codes
 from safetyscope.synthesis.judge import DetectorJudge, LLMJudge, parse_verdict
@@ -29,7 +28,7 @@ def _mix(seed: int, i: int) -> str:
     return " ".join(a[: len(a) // 2] + b[len(b) // 2 :] + [CORPUS[h[2] % len(CORPUS)].split()[0]])
 
 
-class FakeChatServer:
+class FakeChatServer(LocalChatServer):
     """A real HTTP server on 127.0.0.1 answering /v1/chat/completions with canned, seed-determined text."""
 
     def __init__(self, delay: float = 0.0, toxic_responses: bool = False):
@@ -54,27 +53,9 @@ class FakeChatServer:
                 else:
                     texts = [f"1. {_mix(key, i)}\n2. {_mix(key, i + 100)}" for i in range(body.get("n", 1))]
                 out = {"choices": [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)]}
-                data = json.dumps(out).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, json.dumps(out).encode())
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -5,14 +5,12 @@ label; every rejected candidate is listed with its reasons (tiny model)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, run_cli
+from conftest import CORPUS, SAE_LAYERS, TOXIC_WORDS, FixedAnswerServer, run_cli
 from scipy.stats import fisher_exact
 from test_user_errors import assert_user_error
 
@@ -195,45 +193,9 @@ def test_a_file_with_every_candidate_rejected_says_where_to_look(tmp_path, label
     assert_user_error(res, "no targets", "rejected")
 
 
-class AnswerServer:
-    """POST /v1/chat/completions -> a fixed answer for every request."""
-
-    def __init__(self, answer: str):
-        self.requests: list = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                out = {"choices": [{"index": i, "message": {"role": "assistant", "content": answer}}
-                                   for i in range(body.get("n", 1))]}
-                data = json.dumps(out).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_an_llm_judge_over_a_served_model(tmp_path, labelled, model_args):
     out = tmp_path / "t.json"
-    with AnswerServer("Request: BENIGN") as srv:
+    with FixedAnswerServer(lambda messages: "Request: BENIGN") as srv:
         run_cli(["synth", "targets", labelled, "-o", out, "--min-delta", "0.05", "--judge-classifier", "llm:judge-model",
                  "--judge-endpoint", srv.endpoint, *model_args])
     d = json.loads(out.read_text())
