@@ -96,16 +96,17 @@ def check_header(d: dict, path) -> None:
 def extractor_from_record(d: dict, path, *, model: str | None = None, sae: str | None = None,
                           device: str | None = None, dtype: str | None = FeatureConfig.dtype,
                           batch_size: int = FeatureConfig.batch_size, cache: bool = FeatureConfig.cache,
-                          batch_tokens: int | None = FeatureConfig.batch_tokens) -> FeatureExtractor:
+                          batch_tokens: int | None = FeatureConfig.batch_tokens, backbone=None) -> FeatureExtractor:
     """The extractor a document was made with. ``model``/``sae`` override where the recorded ones are found
-    (e.g. a moved directory), but their weights must match the recorded fingerprints."""
+    (e.g. a moved directory), but their weights must match the recorded fingerprints. ``backbone``: that model,
+    already loaded (several documents of one model share it); checked against the record like a loaded one."""
     check_header(d, path)
     ex = d.get("extraction", {})
     fx = FeatureExtractor.from_config(FeatureConfig(
         model=model if model is not None else d["model"]["id"], sae=sae if sae is not None else d["sae"]["id"],
         layer=d["layer"], k=d["sae"].get("k"), batch_size=batch_size, batch_tokens=batch_tokens,
         max_length=ex.get("max_length", FeatureConfig.max_length),
-        skip_first_token=ex.get("skip_first_token", False), device=device, dtype=dtype, cache=cache))
+        skip_first_token=ex.get("skip_first_token", False), device=device, dtype=dtype, cache=cache), backbone)
     check_compatible(d, fx, path)
     return fx
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import polars as pl
@@ -71,7 +72,7 @@ def main() -> None:
     cfg = AuditConfig(request_form=None if args.request_form == "none" else args.request_form,
                       min_gain=args.min_gain, max_perplexity=args.max_perplexity)
     judges = load_judges(cfg)
-    res: dict = {"split": args.split, "config": {k: v for k, v in vars(cfg).items()}, "sets": {}}
+    res: dict = {"split": args.split, "config": asdict(cfg), "sets": {}}
     frames = {}
     for name, path in SETS.items():
         if not path.exists():

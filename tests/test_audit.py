@@ -214,7 +214,6 @@ def test_shipped_judges_on_obvious_cases():
 
 def test_audit_keeps_none_of_the_unusable_kinds_it_targets():
     """Every failure kind of the hand-labelled dev pairs is dropped more often than the usable pairs are."""
-    pytest.importorskip("polars")
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "data" / "audit" / "pairs.csv"
@@ -226,7 +225,10 @@ def test_audit_keeps_none_of_the_unusable_kinds_it_targets():
     from safetyscope.synthesis.audit import load_judges
 
     p, r, lab, lang = pairs_from_frame(df, cfg, str(path))
-    frame, _ = audit_pairs(p, r, lab, lang, load_judges(cfg), cfg)
+    judges = load_judges(cfg)
+    # the three shipped judges read one model: it is loaded once and shared
+    assert judges.pair.req.extractor.backbone is judges.fx.backbone is judges.form.extractor.backbone
+    frame, _ = audit_pairs(p, r, lab, lang, judges, cfg)
     d = df.hstack(frame)
     keep = {k: float((g["audit_verdict"] == "keep").mean()) for (k,), g in d.group_by("kind")}
     good = min(keep["good_harmful_refusal"], keep["good_benign_answer"])
@@ -282,7 +284,7 @@ def test_synthesize_keeps_only_audited_pairs(tmp_path, targets):  # noqa: F811
 
 def test_compare_arms_keep_only_audited_rows(tiny_backbone):
     """synth compare's random arm goes through the audit as synthesize's rows do: kept rows only, reasons counted."""
-    from safetyscope.synthesis.compare import _audited
+    from safetyscope.synthesis.compare import _audit_keep
 
     class FX:
         backbone = tiny_backbone
@@ -292,5 +294,5 @@ def test_compare_arms_keep_only_audited_rows(tiny_backbone):
     rejected: dict = {}
     judges = Judges(RuleJudge(), None, FX(), {"request": "rule"})
     loose = AuditConfig(min_gain=-1e9, min_user_role=-1e9, max_perplexity=1e12)  # random model: likelihoods off
-    kept = _audited(rows, judges, rejected, loose)
-    assert kept == rows[:1] and rejected == {"audit_harmful_complied": 1}
+    keep = _audit_keep(rows, judges, rejected, loose)
+    assert keep == [True, False] and rejected == {"audit_harmful_complied": 1}

@@ -154,14 +154,14 @@ class Detector:
     def load(cls, name_or_path: str | Path | None = None, *, model: str | None = None, sae: str | None = None,
              device: str | None = None, dtype: str | None = FeatureConfig.dtype,
              batch_size: int = FeatureConfig.batch_size, cache: bool = FeatureConfig.cache,
-             batch_tokens: int | None = FeatureConfig.batch_tokens) -> "Detector":
+             batch_tokens: int | None = FeatureConfig.batch_tokens, backbone=None) -> "Detector":
         """Load a shipped classifier by name (CLASSIFIERS; None = "default") or a classifier file; ``model``/``sae``
         override where the recorded ones are found (e.g. a moved directory), but their weights must match the
-        recorded fingerprints."""
+        recorded fingerprints. ``backbone``: the recorded model, already loaded (checked like a loaded one)."""
         path = classifier_path(name_or_path)
         d = read_classifier(path)
         fx = extractor_from_record(d, path, model=model, sae=sae, device=device, dtype=dtype,
-                                   batch_size=batch_size, cache=cache, batch_tokens=batch_tokens)
+                                   batch_size=batch_size, cache=cache, batch_tokens=batch_tokens, backbone=backbone)
         meta = {k: v for k, v in d.items() if k not in ("format", "package_version", "model", "sae", "layer",
                                                          "extraction", "rule", "rules_by_lang")}
         meta["sae_id"] = d["sae"]["id"]

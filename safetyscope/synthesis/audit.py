@@ -248,9 +248,10 @@ class ClassifierPairJudge:
         if idx:
             f, s, _ = self.resp.predict([responses[i] for i in idx])
             ref[idx], rs[idx] = f, s
+        has = set(idx)
         return [PairVerdict("harmful" if h else "benign", float(a),
-                            ("refusal" if ref[i] else "compliance") if i in set(idx) else None,
-                            float(rs[i]) if i in set(idx) else None, "" if i in set(idx) else "no response")
+                            ("refusal" if ref[i] else "compliance") if i in has else None,
+                            float(rs[i]) if i in has else None, "" if i in has else "no response")
                 for i, (h, a) in enumerate(zip(harm, hs))]
 
 
@@ -277,10 +278,18 @@ def load_judges(cfg: AuditConfig, *, judge_gen=None, **load_kw) -> Judges:
     """The judges of ``cfg``: classifier files (or shipped names) loaded with ``load_kw`` (Detector.load's), and,
     for an ``llm:``/``qwen3guard:``/``llamaguard:`` request judge, the LLM pair judge over ``judge_gen`` (a
     GeneratorConfig). The backbone whose likelihoods the audit reads is the response classifier's model."""
-    from ..discovery.detector import Detector
+    from ..discovery.detector import Detector, read_classifier
 
-    resp = Detector.load(cfg.response_judge, **load_kw)
-    form = Detector.load(cfg.request_form, **load_kw) if cfg.request_form else None
+    loaded: dict[str, Any] = {}  # model -> its backbone: the shipped judges share one model, loaded once
+
+    def load(name: str):
+        model = load_kw.get("model") or read_classifier(name)["model"]["id"]
+        det = Detector.load(name, backbone=loaded.get(model), **load_kw)
+        loaded.setdefault(model, det.extractor.backbone)
+        return det
+
+    resp = load(cfg.response_judge)
+    form = load(cfg.request_form) if cfg.request_form else None
     names = {"response": cfg.response_judge, "request_form": cfg.request_form or "echo test only"}
     if ":" in cfg.request_judge and not cfg.request_judge.endswith((".json", ".JSON")):
         from ..generators import GeneratorConfig
@@ -292,7 +301,7 @@ def load_judges(cfg: AuditConfig, *, judge_gen=None, **load_kw) -> Judges:
         names.update(request=cfg.request_judge, response=cfg.request_judge + (
             f" (safe responses: {cfg.response_judge})" if fmt == "llamaguard" else ""))
     else:
-        req = Detector.load(cfg.request_judge, **load_kw)
+        req = load(cfg.request_judge)
         pair = ClassifierPairJudge(req, resp, (cfg.request_judge, cfg.response_judge))
         names["request"] = cfg.request_judge
     return Judges(pair, form, resp.extractor, names)
@@ -375,6 +384,12 @@ def audit_pairs(prompts: list[str], responses: list[str], labels: list[str | Non
                "reason_meanings": REASONS, "judges": judges.names, "config": asdict(cfg),
                "kept_per_label": _per_label(rows, labels, verdicts)}
     return frame, summary
+
+
+def count_drops(rejected: dict, reasons) -> None:
+    """Add a dropped row's audit reasons to a rejection count, as ``audit_<reason>`` (synthesize and compare)."""
+    for r in reasons:
+        rejected["audit_" + r] = rejected.get("audit_" + r, 0) + 1
 
 
 def _render(tok, messages, user_prefix: bool = False) -> str:

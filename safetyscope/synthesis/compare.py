@@ -191,7 +191,8 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     if audit is not None:
         from .audit import AuditConfig
 
-        rnd_rows = _audited(rnd_rows, audit, rstats["rejected"], AuditConfig(near_dup=cfg.near_dup))
+        keep = _audit_keep(rnd_rows, audit, rstats["rejected"], AuditConfig(near_dup=cfg.near_dup))
+        rnd_rows = [r for r, k in zip(rnd_rows, keep) if k]
     judged["random synthesis"] = judged_stats(rnd_rows, rstats.pop("rejected"))
     write_table(rows_frame(rnd_rows), out / "random.jsonl")
     arms["random synthesis"] = [r["prompt"] for r in rnd_rows]
@@ -200,14 +201,10 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     nat = nat_df.sample(min(cfg.budget, nat_df.height), seed=cc.sample_seed)
     nat_rejected: dict[str, int] = {}
     if audit is not None:  # natural rows are prompts: audited on their request side, with their human label
-        from .audit import AuditConfig, audit_pairs
+        from .audit import AuditConfig
 
-        frame, _ = audit_pairs(nat["prompt"].to_list(), [""] * nat.height, nat["label"].to_list(), nat["lang"].to_list(),
-                               audit, AuditConfig(require_response=False, near_dup=cfg.near_dup))
-        for reasons in frame["audit_reasons"].to_list():
-            for r in reasons:
-                nat_rejected["audit_" + r] = nat_rejected.get("audit_" + r, 0) + 1
-        nat = nat.filter(frame["audit_verdict"] == "keep")
+        keep = _audit_keep(nat.to_dicts(), audit, nat_rejected, AuditConfig(require_response=False, near_dup=cfg.near_dup))
+        nat = nat.filter(pl.Series(keep, dtype=pl.Boolean))
     v = judge.judge(nat["prompt"].to_list())  # the judge against the human label, for comparability
     nat = nat.with_columns(pl.Series("judged_label", [x.label for x in v], dtype=pl.String),
                            pl.Series("judge_score", [x.score for x in v], dtype=pl.Float64), pl.lit(judge.name).alias("judge"))
@@ -243,22 +240,19 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     return res
 
 
-def _audited(rows: list[dict], audit, rejected: dict, config) -> list[dict]:
-    """The rows `synth audit` keeps (``config``: an AuditConfig); the others' reasons are added to ``rejected`` as
-    audit_<reason>."""
+def _audit_keep(rows: list[dict], audit, rejected: dict, config) -> list[bool]:
+    """Per row (prompt, completion (none: ""), label, lang), whether `synth audit` keeps it (``config``: an
+    AuditConfig); the dropped rows' reasons are added to ``rejected`` as audit_<reason>."""
     if not rows:
-        return rows
-    from .audit import audit_pairs
+        return []
+    from .audit import audit_pairs, count_drops
 
-    frame, _ = audit_pairs([r["prompt"] for r in rows], [r["completion"] for r in rows], [r["label"] for r in rows],
-                           [r.get("lang") for r in rows], audit, config)
-    kept = []
-    for r, reasons in zip(rows, frame["audit_reasons"].to_list()):
-        for x in reasons:
-            rejected["audit_" + x] = rejected.get("audit_" + x, 0) + 1
-        if not reasons:
-            kept.append(r)
-    return kept
+    frame, _ = audit_pairs([r["prompt"] for r in rows], [r.get("completion") or "" for r in rows],
+                           [r["label"] for r in rows], [r.get("lang") for r in rows], audit, config)
+    reasons = frame["audit_reasons"].to_list()
+    for rs in reasons:
+        count_drops(rejected, rs)
+    return [not rs for rs in reasons]
 
 
 def markdown(res: dict) -> str:

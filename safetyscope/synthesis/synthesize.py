@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import outputs
 from ..data import table_format, write_table
 from ..errors import SafetyScopeError
+from .audit import count_drops
 from .coverage import coverage_of_texts
 from .judge import judged_stats
 from .textrules import Deduper, copies_context, echoes_instructions, extract_candidates, is_refusal, normalise, shingles
@@ -489,9 +490,7 @@ def _keep_verified(run: _Run, left, outs, alphas, attempt, seed, resp_seed, rows
         if resp.text is None:
             continue
         if why:
-            rej = rejected[t["id"]]
-            for reason in why:
-                rej["audit_" + reason] = rej.get("audit_" + reason, 0) + 1
+            count_drops(rejected[t["id"]], why)
             continue
         rows.append(make_row(c, resp.text, v.label, t["id"], a, gen.name, attempt, seed, t.get("lang"), resp.source,
                              target_label=t["label"], judge=judge.name, judge_score=v.score, alpha=alphas[i]))
