@@ -311,22 +311,34 @@ def audit_pairs(prompts: list[str], responses: list[str], labels: list[str | Non
                 judges: Judges, cfg: AuditConfig, *, contexts: list[str] | tuple[str, ...] = (), progress: bool = False
                 ) -> tuple[pl.DataFrame, dict]:
     """The audit columns (AUDIT_COLUMNS) per pair, and a summary (counts per reason and verdict)."""
+    from tqdm.auto import tqdm
+
     from ..langid import UNDETERMINED, identify
     from ..likelihood import mean_logprob
 
     n = len(prompts)
+    # the stages over the whole table (judges, request form, four likelihood passes, languages): one step each
+    bar = tqdm(total=7, disable=not progress or not n, desc="audit", unit="stage")
     verdicts = judges.pair.judge_pairs(prompts, responses) if n else []
+    bar.update()
     form = (judges.form.predict(prompts)[1] if judges.form is not None and n else np.full(n, np.nan))
+    bar.update()
     # likelihoods under the backbone: each side as a chat turn, the response also after an empty user turn
     fx = judges.fx
     tok = fx.backbone.tokenizer
     user = [_render(tok, [{"role": "user", "content": p}]) for p in prompts]
-    lp_prompt = mean_logprob(fx.backbone, [_render(tok, [], user_prefix=True)] * n, prompts)
-    lp_as_answer = mean_logprob(fx.backbone, [_render(tok, [{"role": "user", "content": ""}])] * n, prompts)
-    role = lp_prompt - lp_as_answer
-    lp_resp = mean_logprob(fx.backbone, user, responses)
-    lp_free = mean_logprob(fx.backbone, [_render(tok, [{"role": "user", "content": ""}])] * n, responses)
+    after_empty_user = [_render(tok, [{"role": "user", "content": ""}])] * n
+    lp = {}
+    for key, prefixes, texts in (("prompt", [_render(tok, [], user_prefix=True)] * n, prompts),
+                                 ("prompt_as_answer", after_empty_user, prompts), ("response", user, responses),
+                                 ("response_free", after_empty_user, responses)):
+        lp[key] = mean_logprob(fx.backbone, prefixes, texts)
+        bar.update()
+    lp_prompt, lp_resp, lp_free = lp["prompt"], lp["response"], lp["response_free"]
+    role = lp_prompt - lp["prompt_as_answer"]
     p_lang, r_lang = identify(prompts), identify(responses)
+    bar.update()
+    bar.close()
     copies = NearCopies(cfg.near_dup)
     ctx_sh = [shingles(c) for c in contexts]
     rows, counts = [], {k: 0 for k in REASONS}
