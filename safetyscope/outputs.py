@@ -133,15 +133,22 @@ def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
     return out
 
 
-def check_report_dir(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """A report directory (eval, overlap, synth compare): same place rules as ``check_output``, but an
-    existing directory is reused, since the command only (over)writes its own named files and deletes nothing."""
+def check_report_dir(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                     overwrite: bool = False) -> Path:
+    """A report directory (eval, overlap, synth compare): same place rules as ``check_output``. The command only
+    (over)writes its own named files and deletes nothing, so a directory it made earlier (marked) or an empty one
+    is reused; a user's directory holding anything (it may hold a file of a report file's name) only with
+    ``overwrite``, and even then nothing but the report's own files is replaced."""
     raw = os.fspath(output)
     out = Path(raw)
     target = _check_place(raw, inputs, "report directory")
     if out.exists() and not out.is_dir():
         raise SafetyScopeError(f"{raw} exists and is not a directory; name a report directory")
     existed = out.exists()
+    if existed and not overwrite and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise SafetyScopeError(f"{raw} is a directory safetyscope did not write (no {MARKER} file in it); pass "
+                               "--overwrite to write the report into it (only files of the report's names are "
+                               "replaced, nothing is deleted) or name a new directory")
     _probe_dir(target, raw)
     if not existed:  # only a directory we made is ours: marking a user's would let --overwrite delete it later
         mark(out)

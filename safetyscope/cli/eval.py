@@ -9,7 +9,7 @@ import click
 
 from ..eval.config import PERCENTS, SEEDS
 from ..features import FeatureConfig, Pool
-from .options import NumberList, feature_config, model_options, user_errors
+from .options import NumberList, feature_config, model_options, report_overwrite_option, user_errors
 
 
 @click.command("eval")
@@ -33,9 +33,11 @@ from .options import NumberList, feature_config, model_options, user_errors
 @click.option("--group-column", default=None,
               help="A column naming each row's group, e.g. `source`: results per group of each language's test rows "
                    "and leave-one-group-out refits (generalization measured, not assumed).")
+@report_overwrite_option
 @model_options
 @user_errors
-def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, group_column, **kw):
+def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, skip, scan_layers, group_column,
+                 overwrite, **kw):
     """Discover per language on `discovery` rows, test on `test` rows, beside baselines on the same split;
     transfer across languages; F1 against the share of discovery data.
 
@@ -46,7 +48,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 
     rows, out, images = run_eval(data, output, feature_config(kw), langs=langs, seed=seed, seeds=seeds,
                                  fractions=fractions, classifier=classifier, only=only, skip=skip,
-                                 scan_layers=scan_layers, group_column=group_column)
+                                 scan_layers=scan_layers, group_column=group_column, overwrite=overwrite)
     click.echo(markdown_table(rows, MAIN_METHODS, "f1"))
     click.echo(f"wrote {out}/results.json, report.md, report.html and {len(images)} plot(s)", err=True)
 
@@ -59,13 +61,15 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 @click.option("--pool", type=click.Choice(get_args(Pool)), default=FeatureConfig.pool, show_default=True,
               help="max: a feature fires anywhere in the text; last: at the last token only.")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Texts a feature must fire on to count.")
+@report_overwrite_option
 @model_options
 @user_errors
-def overlap_command(data, output, text_column, names, pool, min_count, **kw):
+def overlap_command(data, output, text_column, names, pool, min_count, overwrite, **kw):
     """Footprints (features that fire) of datasets and their pairwise overlap and redundancy."""
     from ..eval.overlap import run_overlap
 
     cfg = feature_config(kw)
     cfg.pool = pool
-    _, md = run_overlap(data, output, cfg, names=names, text_column=text_column, min_count=min_count)
+    _, md = run_overlap(data, output, cfg, names=names, text_column=text_column, min_count=min_count,
+                        overwrite=overwrite)
     click.echo(md)

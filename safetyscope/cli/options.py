@@ -71,6 +71,14 @@ def finite(low: float | None = None, high: float | None = None, *, low_open: boo
     return check
 
 
+def report_overwrite_option(fn):
+    """``--overwrite`` of a report directory (eval, overlap, synth compare): write into a directory this tool did
+    not make; only the report's own files are replaced there, nothing is deleted."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Write into an existing OUTPUT directory safetyscope did not make (only files of the "
+                             "report's names are replaced; nothing is deleted).")(fn)
+
+
 def overwrite_option(fn):
     """``--overwrite``: the one way to replace an existing output the user did not ask this tool to rewrite."""
     return click.option("--overwrite", is_flag=True,

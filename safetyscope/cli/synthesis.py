@@ -13,7 +13,16 @@ from ..synthesis.compare import CompareConfig
 from ..synthesis.sft_eval import SFTEvalConfig
 from ..synthesis.synthesize import SynthConfig
 from ..synthesis.targets import FDR, MIN_PRECISION, TargetsConfig
-from .options import feature_config, field_default, model_options, overwrite_option, recorded_kwargs, recorded_model_options, user_errors
+from .options import (
+    feature_config,
+    field_default,
+    model_options,
+    overwrite_option,
+    recorded_kwargs,
+    recorded_model_options,
+    report_overwrite_option,
+    user_errors,
+)
 
 
 def generator_options(fn):
@@ -298,21 +307,25 @@ def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, c
               help="A target's top contexts must be judged its label by --judge / --judge-classifier.")
 @click.option("--audit/--no-audit", "audit", default=CompareConfig.audit, show_default=True,
               help="Every arm keeps only the rows `synth audit` keeps; coverage is counted over kept rows.")
+@report_overwrite_option
 @generator_options
 @model_options
 @user_errors
-def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets, audit, **kw):
+def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets, audit, overwrite, **kw):
     """Targeted synthesis (plain, and with steering) vs random safety synthesis vs natural sampling, at a matched budget.
 
     DATA is the safety prompts table (id, prompt, label, lang, source, category, split seed/pool)."""
+    from ..outputs import check_report_dir
     from ..synthesis.compare import run_compare
 
+    check_report_dir(output_dir, inputs=[data], overwrite=overwrite)  # before the judges and models load
     cc = CompareConfig(data=data, output_dir=output_dir, seed_langs=list(kw.pop("seed_langs")),
                        seed_sources=list(kw.pop("seed_sources")), ref_langs=list(kw.pop("ref_langs")),
                        max_seed_rows=kw.pop("max_seed_rows"), max_ref_rows=kw.pop("max_ref_rows"),
                        min_delta=kw.pop("min_delta"), max_targets=kw.pop("max_targets"),
                        max_fire_rate=kw.pop("max_fire_rate"), sample_seed=kw.pop("sample_seed"),
-                       min_precision=min_precision, fdr=fdr, judge_targets=judge_targets, audit=audit)
+                       min_precision=min_precision, fdr=fdr, judge_targets=judge_targets, audit=audit,
+                       overwrite=overwrite)
     cfg, gcfg = synth_config(kw), generator_config(kw)
     audit_judges = _audit_judges(kw, cfg.near_dup) if audit else None
     make_judge = judge_factory(kw)
@@ -349,6 +362,7 @@ def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets,
 @click.option("--bootstrap", type=int, default=SFTEvalConfig.bootstrap, show_default=True, help="Bootstrap resamples of each share.")
 @click.option("--save-adapters", is_flag=True, default=SFTEvalConfig.save_adapters,
               help="Also write each arm's LoRA adapter under OUTPUT_DIR/adapters/.")
+@report_overwrite_option
 @user_errors
 def sft_eval_cmd(arms_dir, data, output_dir, model, arms, train_batch_size, **kw):
     """LoRA-fine-tune the model on base rows + each arm (and base rows only), then measure refusals on held-out prompts."""

@@ -61,7 +61,7 @@ def overlap_matrices(footprints: dict[str, set[int]]) -> dict:
 
 
 def run_overlap(data: list[str | os.PathLike], output: str | os.PathLike, cfg, *, names=(), text_column: str = "text",
-                min_count: int = 1) -> tuple[dict, str]:
+                min_count: int = 1, overwrite: bool = False) -> tuple[dict, str]:
     """`safetyscope overlap`: the footprint of each dataset in ``data`` under the features of ``cfg``
     (a FeatureConfig), their pairwise overlap and redundancy, written to the report directory ``output`` as
     overlap.json, overlap.md and overlap.png. Returns (the record, the markdown)."""
@@ -74,7 +74,7 @@ def run_overlap(data: list[str | os.PathLike], output: str | os.PathLike, cfg, *
     if names and len(names) != len(data):
         raise SafetyScopeError(f"{len(names)} --name for {len(data)} dataset(s)")
     names = list(names) or [Path(p).stem if Path(p).suffix else Path(p).name for p in data]
-    out = check_report_dir(output, inputs=data)
+    out = check_report_dir(output, inputs=data, overwrite=overwrite)
     fx = FeatureExtractor.from_config(cfg)
     prints, red = {}, {}
     for name, path in zip(names, data):

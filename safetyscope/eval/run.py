@@ -34,10 +34,11 @@ LEAD_METRICS = ("recall_at_1pct_fpr", "recall_at_5pct_fpr", "fpr", "precision_at
 
 def run_eval(data, output, cfg: FeatureConfig, *, langs: str | None = None, seed: int = 0, seeds=SEEDS,
              fractions=PERCENTS, classifier: str | None = None, only: str | None = None,
-             skip: str = "", scan_layers=None, group_column: str | None = None) -> tuple[list[dict], Path, list[Path]]:
+             skip: str = "", scan_layers=None, group_column: str | None = None,
+             overwrite: bool = False) -> tuple[list[dict], Path, list[Path]]:
     """Evaluate ``data`` (text, label, lang, split) into the report directory ``output``; returns the
     per-language rows, the directory and the plots written. Arguments as the `eval` options."""
-    out = check_report_dir(output, inputs=data)  # before any work: a bad -o must not cost the whole run
+    out = check_report_dir(output, inputs=data, overwrite=overwrite)  # before any work: a bad -o must not cost the whole run
     skip = {s.strip() for s in skip.split(",") if s.strip()}
     if skip - set(SKIPPABLE):
         raise SafetyScopeError(f"--skip {sorted(skip - set(SKIPPABLE))}: unknown; use any of {', '.join(SKIPPABLE)}")

@@ -63,6 +63,7 @@ class CompareConfig:
     fdr: float = FDR
     judge_targets: bool = True  # a target's top contexts must be judged its label by the arms' judge
     audit: bool = True  # every arm's rows go through `synth audit` (with audit judges given); coverage over kept rows
+    overwrite: bool = False  # write into an existing directory safetyscope did not make (outputs.check_report_dir)
 
 
 def _stratified(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
@@ -148,7 +149,7 @@ def run_compare(cc: CompareConfig, cfg: SynthConfig, gcfg: GeneratorConfig, det,
     """``make_judge(gen)`` -> the judge of every arm's requests (it may use the generator: --judge llm) and, with
     ``cc.judge_targets``, of the targets' contexts. ``audit`` (audit.Judges; with ``cc.audit``): every arm keeps only
     the rows `synth audit` keeps (the natural arm's prompts are audited on their request side), reasons counted."""
-    out = check_report_dir(cc.output_dir, inputs=[cc.data])
+    out = check_report_dir(cc.output_dir, inputs=[cc.data], overwrite=cc.overwrite)
     t_start = time.perf_counter()
     df = read_table(cc.data, columns=["id", "prompt", "label", "lang", "source", "category", "split"])
     seed_df, ref_df, nat_df = split_rows(df, cc)

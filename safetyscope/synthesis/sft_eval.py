@@ -56,6 +56,7 @@ class SFTEvalConfig:
     gen_batch_size: int = 16
     bootstrap: int = 1000
     save_adapters: bool = False
+    overwrite: bool = False  # write into an existing directory safetyscope did not make (outputs.check_report_dir)
 
 
 def refused(prompt: str, response: str, harmful_detector=None) -> bool:
@@ -171,11 +172,12 @@ def train_arm(name: str, rows: list[dict], gen: TransformersGenerator, model_pat
 
 
 def run_sft_eval(cfg: SFTEvalConfig, harmful_detector=None, progress=print) -> dict:
+    from ..outputs import check_report_dir
+
+    out = check_report_dir(cfg.output_dir, inputs=[cfg.data, cfg.arms_dir], overwrite=cfg.overwrite)
     _need_sft()
     from ..backbone import resolve_model
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     t0 = t_start = time.perf_counter()
 
