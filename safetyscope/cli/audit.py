@@ -18,8 +18,10 @@ def _none(value):
               help="DATA with the audit columns added (audit_verdict, audit_reasons, scores): .jsonl, .parquet, "
                    ".csv or a directory.")
 @click.option("--kept", "kept_path", default=None, help="Also write the kept rows only (DATA's columns) here.")
-@click.option("--prompt-column", default=AuditConfig.prompt_column, show_default=True)
-@click.option("--completion-column", default=AuditConfig.completion_column, show_default=True)
+@click.option("--prompt-column", default=AuditConfig.prompt_column, show_default=True,
+              help="Column with the request (user turn); not used when the table has a messages column.")
+@click.option("--completion-column", default=AuditConfig.completion_column, show_default=True,
+              help="Column with the response (assistant turn); not used when the table has a messages column.")
 @click.option("--messages-column", default=AuditConfig.messages_column, show_default=True,
               help="Chat turns, read when the prompt/completion columns are absent (last user turn, last answer).")
 @click.option("--label-column", default=AuditConfig.label_column, show_default=True,

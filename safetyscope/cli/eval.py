@@ -56,7 +56,7 @@ def eval_command(data, output, langs, seed, seeds, fractions, classifier, only, 
 @click.command("overlap")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Report directory (overlap.json, overlap.md, overlap.png).")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
 @click.option("--name", "names", multiple=True, help="Display name per DATA, in order [default: file stems].")
 @click.option("--pool", type=click.Choice(get_args(Pool)), default=FeatureConfig.pool, show_default=True,
               help="max: a feature fires anywhere in the text; last: at the last token only.")

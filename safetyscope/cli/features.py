@@ -11,7 +11,7 @@ from .options import NumberList, feature_config, model_options, overwrite_option
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
 @click.option("--layers", type=NumberList(int, low=-1), default=None,
               help="Several layers in one forward pass, one SAE each (--sae: a directory or hub repo with layer{n}.sae.pt, "
                    "or one SAE per layer: --sae A,B,C); columns feature_ids_l<n> and feature_acts_l<n> (not streamed).")

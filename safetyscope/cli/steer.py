@@ -48,9 +48,10 @@ UNIT_HELP = ("1.0 = the feature's own typical size: its decoder vector at its me
 @click.option("--positions", type=click.Choice(get_args(Positions)), default="all", show_default=True,
               help="Edit every position, or only those of generated tokens.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the chat template, or continue the raw text.")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per prompt.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, callback=finite(low=0), help="0 = greedy.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Random seed of sampling (with --temperature > 0).")
 @click.option("--plain", is_flag=True, help="Also write the unsteered completion and its activations.")
 @click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
               show_default=True, help="Only transformers can steer (see README).")

@@ -39,13 +39,15 @@ def generator_options(fn):
         click.option("--budget", type=int, default=SynthConfig.budget, show_default=True, help="At most this many pairs."),
         click.option("--max-attempts", type=int, default=SynthConfig.max_attempts, show_default=True, help="Generation rounds per target."),
         click.option("--samples", type=int, default=SynthConfig.samples, show_default=True, help="Generations per target per round."),
-        click.option("--temperature", type=float, default=SynthConfig.temperature, show_default=True),
+        click.option("--temperature", type=float, default=SynthConfig.temperature, show_default=True,
+                     help="Sampling temperature of the generator (0 = greedy)."),
         click.option("--prompt-tokens", type=int, default=SynthConfig.prompt_tokens, show_default=True, help="Max new tokens per request."),
         click.option("--response-tokens", type=int, default=SynthConfig.response_tokens, show_default=True,
                      help="Max new tokens per response."),
         click.option("--group-size", type=int, default=SynthConfig.group_size, show_default=True,
                      help="Targets per batch (unit of durable output)."),
-        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SynthConfig.seed, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SynthConfig.seed, show_default=True,
+                     help="Random seed of sampling and of the random arm."),
         click.option("--skip-covered/--no-skip-covered", default=SynthConfig.skip_covered, show_default=True,
                      help="Do not generate for a target that an earlier kept pair already fires."),
         click.option("--judge", "judge_kind", type=click.Choice(["detector", "llm"]), default="detector",
@@ -140,13 +142,14 @@ def synth_group():
 @synth_group.command("targets")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Targets JSON file to write.")
-@click.option("--text-column", default=TargetsConfig.text_column, show_default=True)
+@click.option("--text-column", default=TargetsConfig.text_column, show_default=True, help="Column holding the texts.")
 @click.option("--label-column", default=TargetsConfig.label_column, show_default=True, help="harmful/benign (or 1/0, toxic/clean).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
 @click.option("--min-delta", type=float, default=TargetsConfig.min_delta, show_default=True,
               help="|P(fire|harmful) - P(fire|benign)| at least this.")
-@click.option("--max-targets", type=int, default=TargetsConfig.max_targets, show_default=True)
+@click.option("--max-targets", type=int, default=TargetsConfig.max_targets, show_default=True,
+              help="Keep at most this many targets, highest delta first.")
 @click.option("--harmful-only", is_flag=True, help="Only harmful-specific features (no benign-specific ones).")
 @click.option("--min-fires", type=int, default=TargetsConfig.min_fires, show_default=True,
               help="A target fires on at least this many rows.")
@@ -210,7 +213,7 @@ def targets_cmd(data, output, text_column, label_column, split, langs, min_delta
 @click.argument("data")
 @click.option("--targets", "targets_path", required=True, help="Targets JSON (from `synth targets`).")
 @click.option("-o", "--output", default=None, help="Write the report as JSON here.")
-@click.option("--text-column", default="prompt", show_default=True)
+@click.option("--text-column", default="prompt", show_default=True, help="Column holding the prompts.")
 @overwrite_option
 @recorded_model_options("targets file")
 @user_errors
@@ -245,7 +248,7 @@ def coverage(data, targets_path, output, text_column, overwrite, **kw):
 @click.option("--audit/--no-audit", "audit", default=SynthConfig.audit, show_default=True,
               help="Keep a pair only if `synth audit` keeps it (request judge = --judge-classifier, response judge = "
                    "the shipped refusal classifier); drop reasons are counted as audit_<reason>.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT that this tool did not write.")
 @generator_options
 @recorded_model_options("targets file")
 @user_errors
@@ -293,8 +296,10 @@ def synthesize(targets_path, seed_data, output, text_column, audit, overwrite, c
               help="Subsample the seed subset (CPU time).")
 @click.option("--max-ref-rows", type=int, default=CompareConfig.max_ref_rows, show_default=True,
               help="Subsample the reference rows (CPU time).")
-@click.option("--min-delta", type=float, default=CompareConfig.min_delta, show_default=True)
-@click.option("--max-targets", type=int, default=CompareConfig.max_targets, show_default=True)
+@click.option("--min-delta", type=float, default=CompareConfig.min_delta, show_default=True,
+              help="Smallest P(fires | harmful) - P(fires | benign) of a target.")
+@click.option("--max-targets", type=int, default=CompareConfig.max_targets, show_default=True,
+              help="Keep at most this many targets, highest delta first.")
 @click.option("--max-fire-rate", type=float, default=CompareConfig.max_fire_rate, show_default=True,
               help="A target fires on at most this share of reference rows.")
 @click.option("--sample-seed", type=int, default=CompareConfig.sample_seed, show_default=True,
@@ -341,16 +346,20 @@ def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets,
 @click.option("--data", required=True, help="The safety prompts table compare ran on (held-out prompts come from it).")
 @click.option("-o", "--output-dir", required=True, help="Directory for results.json, report.md, sft_eval.png.")
 @click.option("--model", default=None, help="Model to fine-tune [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--arm", "arms", multiple=True, default=tuple(field_default(SFTEvalConfig, "arms")), show_default=True)
+@click.option("--arm", "arms", multiple=True, default=tuple(field_default(SFTEvalConfig, "arms")), show_default=True,
+              help="Arm of the compare run to fine-tune on (repeat for several).")
 @click.option("--base-rows", type=int, default=SFTEvalConfig.base_rows, show_default=True, help="Benign seed rows shared by every arm.")
 @click.option("--max-arm-rows", type=int, default=None, help="Cap every arm at this many rows [default: the smallest arm's size].")
-@click.option("--lora-r", type=int, default=SFTEvalConfig.lora_r, show_default=True)
-@click.option("--lora-alpha", type=int, default=SFTEvalConfig.lora_alpha, show_default=True)
+@click.option("--lora-r", type=int, default=SFTEvalConfig.lora_r, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=int, default=SFTEvalConfig.lora_alpha, show_default=True, help="LoRA scaling alpha.")
 @click.option("--max-steps", type=int, default=SFTEvalConfig.max_steps, show_default=True, help="Optimizer steps, the same for every arm.")
-@click.option("--train-batch-size", type=int, default=SFTEvalConfig.batch_size, show_default=True)
-@click.option("--lr", type=float, default=SFTEvalConfig.lr, show_default=True)
-@click.option("--max-seq-len", type=int, default=SFTEvalConfig.max_seq_len, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SFTEvalConfig.seed, show_default=True)
+@click.option("--train-batch-size", type=int, default=SFTEvalConfig.batch_size, show_default=True,
+              help="Examples per fine-tuning step.")
+@click.option("--lr", type=float, default=SFTEvalConfig.lr, show_default=True, help="Fine-tuning learning rate.")
+@click.option("--max-seq-len", type=int, default=SFTEvalConfig.max_seq_len, show_default=True,
+              help="Tokens kept per training example.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SFTEvalConfig.seed, show_default=True,
+              help="Random seed of fine-tuning.")
 @click.option("--n-harmful", type=int, default=SFTEvalConfig.n_harmful, show_default=True, help="Held-out harmful prompts.")
 @click.option("--n-xstest", type=int, default=SFTEvalConfig.n_xstest, show_default=True, help="Held-out XSTest safe prompts.")
 @click.option("--n-benign", type=int, default=SFTEvalConfig.n_benign, show_default=True, help="Held-out benign instructions.")
@@ -358,7 +367,8 @@ def compare_cmd(data, output_dir, classifier, min_precision, fdr, judge_targets,
               help="Per answer (the judgement reads the opening sentence).")
 @click.option("--answer-tokens", type=int, default=SFTEvalConfig.answer_tokens, show_default=True,
               help="Untouched model's answers that complete base rows.")
-@click.option("--gen-batch-size", type=int, default=SFTEvalConfig.gen_batch_size, show_default=True)
+@click.option("--gen-batch-size", type=int, default=SFTEvalConfig.gen_batch_size, show_default=True,
+              help="Prompts per generation batch when answering the evaluation sets.")
 @click.option("--bootstrap", type=int, default=SFTEvalConfig.bootstrap, show_default=True, help="Bootstrap resamples of each share.")
 @click.option("--save-adapters", is_flag=True, default=SFTEvalConfig.save_adapters,
               help="Also write each arm's LoRA adapter under OUTPUT_DIR/adapters/.")

@@ -27,20 +27,24 @@ def sae_group():
 @click.option("--model", default=None, help="Hub id, local HF directory or .gguf [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--layer", type=int, required=True, help="Decoder layer whose output the SAE reads.")
 @click.option("--corpus", "corpora", multiple=True, required=True, help="Text table(s): parquet, csv, jsonl (repeatable).")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the corpus texts.")
 @click.option("--width", type=int, default=TrainConfig.d_sae, show_default=True, help="Number of latents (d_sae).")
 @click.option("--k", type=int, default=TrainConfig.k, show_default=True, help="Active latents per token.")
 @click.option("--max-tokens", type=int, default=None, help="Training tokens to collect [default: the whole corpus].")
 @click.option("--epochs", type=float, default=TrainConfig.epochs, show_default=True, help="Passes over the training tokens.")
-@click.option("--batch-tokens", type=int, default=TrainConfig.batch_tokens, show_default=True)
+@click.option("--batch-tokens", type=int, default=TrainConfig.batch_tokens, show_default=True,
+              help="Activation vectors (tokens) per SAE training step.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [default: 2e-4/sqrt(width/2^14)].")
-@click.option("--auxk-alpha", type=float, default=TrainConfig.auxk_alpha, show_default=True)
+@click.option("--auxk-alpha", type=float, default=TrainConfig.auxk_alpha, show_default=True,
+              help="Weight of the auxiliary top-k loss that revives dead latents (0 turns it off).")
 @click.option("--dead-tokens", type=int, default=TrainConfig.dead_tokens, show_default=True,
               help="A latent that has not fired in this many tokens is dead (gets the AuxK loss).")
 @click.option("--held-out", type=float, default=TrainConfig.held_out, show_default=True, help="Share of texts kept for evaluation.")
-@click.option("--max-length", type=int, default=TrainConfig.max_length, show_default=True)
+@click.option("--max-length", type=int, default=TrainConfig.max_length, show_default=True,
+              help="Tokens kept per corpus text.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Texts per forward pass.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=TrainConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=TrainConfig.seed, show_default=True,
+              help="Random seed of initialisation and shuffling.")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda if available].")
 @click.option("--model-dtype", default=TrainConfig.model_dtype, show_default=True, help="dtype of the model for the activations.")
 @click.option("--dtype", type=click.Choice(get_args(SaveDtype)), default=TrainConfig.save_dtype, show_default=True,
@@ -130,8 +134,8 @@ def train_cmd(model, layer, corpora, text_column, width, k, max_tokens, epochs, 
 
 @sae_group.command("info")
 @click.argument("spec", required=False, default=None, metavar="DIR_OR_SPEC")
-@click.option("--layer", type=int, default=None)
-@click.option("--k", type=int, default=None)
+@click.option("--layer", type=int, default=None, help="Layer, for a Qwen-Scope or sparsify directory that holds one SAE per layer.")
+@click.option("--k", type=int, default=None, help="Top-k of a TopK SAE (Qwen-Scope files do not record it).")
 @user_errors
 def info_cmd(spec, layer, k):
     """Print the config of an SAE (default: the embedded one)."""
