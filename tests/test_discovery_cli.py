@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from conftest import CORPUS, SAE_LAYERS, run_cli
@@ -185,7 +187,7 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
     run_cli(["classify", inp, "-o", out, "-c", classifier])
     df = pl.read_parquet(out)
     # no lang column in the input: each row's language is identified and written to `lang`
-    assert df.columns == ["id", "text", "extra", "lang", "toxic", "score", "fired_features", "status"]
+    assert df.columns == ["id", "text", "extra", "lang", "toxic", "score", "evidence_features", "status"]
     assert df["id"].to_list() == ["a", "b", "c", "d"] and df["extra"].to_list() == [1, 2, 3, 4]
     assert df["lang"].to_list() == ["en", "und", "und", "und"]  # "thank you" is too short to be sure of
     # discovered on en + xx rows: English is validated, an undetermined language is not
@@ -195,7 +197,9 @@ def test_classify_keeps_columns_and_reports_null_texts(classifier, tmp_path):
     det = Detector.load(classifier)
     toxic, score, fired = det.predict(["you are a stupid idiot", "thank you"])
     assert [df["toxic"][0], df["toxic"][3]] == toxic.tolist()
-    assert [df["fired_features"][0].to_list(), df["fired_features"][3].to_list()] == fired
+    # evidence: the fired features of a toxic row; none on a clean one
+    want = [f if t else [] for t, f in zip(toxic.tolist(), fired)]
+    assert [df["evidence_features"][0].to_list(), df["evidence_features"][3].to_list()] == want
     # every output format round-trips the same rows
     for name in ("out.csv", "out.jsonl", "out_hf"):
         run_cli(["classify", inp, "-o", tmp_path / name, "-c", classifier])
@@ -241,9 +245,75 @@ def test_explain_names_tokens_of_fired_features(classifier):
     toxic, score, fired = det.predict(["you are a stupid idiot"])
     assert e["toxic"] == bool(toxic[0]) and e["score"] == pytest.approx(float(score[0]), abs=1e-4)
     assert sorted(f["id"] for f in e["features"] if f["fired"]) == sorted(fired[0])
+    assert e["evidence_features"] == (fired[0] if toxic[0] else [])
+    # an OR-rule is checkable by hand: every feature's activation - threshold; the score is the largest of them
+    assert sorted(f["id"] for f in e["features"]) == sorted(det.rule.features_.tolist())
+    assert e["score"] == pytest.approx(max(f["max_act"] - f["threshold"] for f in e["features"]), abs=1e-4)
     for f in e["features"]:
-        assert f["tokens"] and all(t["act"] > 0 for t in f["tokens"])
-        assert max(t["act"] for t in f["tokens"]) == pytest.approx(f["max_act"])
+        assert f["fired"] == (f["max_act"] > f["threshold"]) and f["margin"] == pytest.approx(f["max_act"] - f["threshold"])
+        assert all(t["act"] > 0 for t in f["tokens"])
+        if f["max_act"] > 0:
+            assert max(t["act"] for t in f["tokens"]) == pytest.approx(f["max_act"], abs=1e-4)
+
+
+def test_explain_gives_each_text_the_language_and_status_classify_gives(classifier, tmp_path):
+    texts = ["you are a stupid idiot", "thank you", "  "]
+    inp = tmp_path / "in.csv"
+    pl.DataFrame({"text": texts}).write_csv(inp)
+    run_cli(["classify", inp, "-o", tmp_path / "out.parquet", "-c", classifier])
+    got = pl.read_parquet(tmp_path / "out.parquet")
+    for i, t in enumerate(texts):
+        e = json.loads(run_cli(["explain", classifier, t, "--json"]).stdout)
+        assert (e["lang"], e["status"], e["toxic"]) == (got["lang"][i], got["status"][i], got["toxic"][i])
+        assert e["evidence_features"] == (got["evidence_features"][i].to_list() if got["toxic"][i] is not None else [])
+    assert got["status"].to_list() == ["ok", "unvalidated language", "empty text"]  # "thank you": undetermined
+    plain = run_cli(["explain", classifier, "thank you"]).stdout
+    assert "lang=und unvalidated language]" in plain.splitlines()[0]
+
+
+def test_discover_names_every_feature_and_explain_prints_the_names(classifier, tmp_path):
+    d = json.loads(classifier.read_text())
+    names = d["feature_names"]["features"]
+    assert set(names) <= {str(f["id"]) for f in d["rule"]["features"]} and names
+    for n in names.values():  # the example shows the strongest token in «»; it is the first top token
+        assert n["tokens"] and f"«{n['tokens'][0]}»" in n["example"]
+    det = Detector.load(classifier)
+    codes = det.extractor.transform(CORPUS)[:, det.rule.features_].toarray()
+    text = CORPUS[int(codes.max(1).argmax())]  # a text on which a feature of the rule is active
+    e = json.loads(run_cli(["explain", classifier, text, "--json"]).stdout)
+    assert all(f["name"] == names.get(str(f["id"])) for f in e["features"])
+    plain = run_cli(["explain", classifier, text]).stdout
+    shown = [f for f in e["features"] if f["max_act"] > 0 and str(f["id"]) in names]
+    assert shown and all(names[str(f["id"])]["example"] in plain for f in shown)
+    # a file without names (written before them) still loads and explains; the script adds the same names back
+    del d["feature_names"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    assert "(unnamed)" in run_cli(["explain", old, text]).stdout
+    data = tmp_path / "texts.csv"
+    pl.read_csv(_labelled(tmp_path)).write_csv(data)
+    subprocess.run([sys.executable, "scripts/name_features.py", str(old), "--data", str(data), "--dtype", "float32"],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    again = json.loads(old.read_text())
+    assert again["feature_names"]["features"] == names and again["rule"] == d["rule"]
+
+
+def test_explain_of_a_sparse_linear_rule_adds_up(tmp_path, tiny_model_dir, qwen_scope_sae_dir):
+    out = tmp_path / "sparse.json"
+    run_cli(["discover", _labelled(tmp_path), "-o", out, "--kind", "sparse_linear", "--criterion", "f1",
+             "--model", tiny_model_dir, "--sae", qwen_scope_sae_dir, "--layer", SAE_LAYERS[0], "--dtype", "float32"])
+    det = Detector.load(out, dtype="float32")
+    for text in ("you are a stupid idiot", "my cat sleeps on the sofa every afternoon"):
+        e = json.loads(run_cli(["explain", out, text, "--json", "--dtype", "float32"]).stdout)
+        toxic, score, fired = det.predict([text])
+        p = e["score_parts"]
+        assert e["score"] == pytest.approx(float(score[0]), abs=1e-4) and p["intercept"] == pytest.approx(det.rule.intercept_)
+        assert p["intercept"] + sum(f["contribution"] for f in e["features"]) == pytest.approx(e["score"], abs=1e-4)
+        for f in e["features"]:
+            assert f["contribution"] == pytest.approx(f["weight"] * np.log1p(f["max_act"]))
+        assert e["evidence_features"] == (fired[0] if toxic[0] else [])
+        plain = run_cli(["explain", out, text, "--dtype", "float32"]).stdout
+        assert f"= intercept {p['intercept']:+.3f} + SAE features {p['sae_features']:+.3f}" in plain
 
 
 def _classify_cmd(inp, out, classifier):

@@ -125,7 +125,7 @@ def test_classify_scores_each_row_with_its_languages_rule(det, per_lang_file, tm
         row = codes[[i]]
         assert got["toxic"][i] == bool(rule.predict(row)[0]), (i, lang)
         assert got["score"][i] == pytest.approx(float(rule.decision_function(row)[0]), abs=1e-5)
-        assert got["fired_features"][i].to_list() == rule.fired(row)[0]
+        assert got["evidence_features"][i].to_list() == (rule.fired(row)[0] if got["toxic"][i] else [])
     # the same text gets its language's verdict: "stupid ..." is toxic in aa, clean in bb (and vice versa)
     assert got["toxic"].to_list()[:2] == [True, False] and got["toxic"].to_list()[3:5] == [False, True]
 
@@ -324,3 +324,8 @@ def test_linear_kind_per_language_discovers_classifies_and_explains_alike(plante
     assert p["intercept"] == pytest.approx(lin.rule_for("aa").intercept_)
     plain = run_cli(["explain", out, text, "--lang", "aa", "--dtype", "float32"]).stdout
     assert f"= intercept {p['intercept']:+.3f} + SAE features {p['sae_features']:+.3f}" in plain
+    assert p["shown_features"] + p["other_features"] == pytest.approx(p["sae_features"])
+    # a rule over every feature: only each rule's 100 of largest |weight| are named, and the file says so
+    names = d["feature_names"]
+    assert "100 SAE features of largest |weight|" in names["named"] and 0 < len(names["features"]) <= 256
+    assert all(f["name"] == names["features"].get(str(f["id"])) for f in e["features"])

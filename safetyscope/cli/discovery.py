@@ -130,7 +130,11 @@ def _detector(classifier, kw):
 @user_errors
 def classify(input_path, output, classifier, text_column, chunk_rows, lang_column, overwrite, engine, address, workers,
              cpus_per_worker, gpus_per_worker, ray_batch_size, **kw):
-    """Add toxic, score, fired_features and status columns to every row; resumable."""
+    """Add toxic, score, evidence_features and status columns to every row; resumable.
+
+    evidence_features: on a toxic row, the features that pushed it towards toxic (OR-rule: those above their
+    threshold; sparse linear: active features of positive weight; linear: the active SAE features of largest
+    positive contribution, at most 10); empty on a clean row. `explain` shows each one's share of the score."""
     from ..discovery.classify import classify_file
 
     if engine == "ray":
@@ -164,12 +168,14 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
               help="At most this many texts from --input.")
 @click.option("--lang", default=None,
               help="The texts' language: picks a per-language classifier's rule and sets the status [default: "
-                   "identified offline for a per-language classifier].")
+                   "identified offline, as classify does].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
 @recorded_model_options("classifier")
 @user_errors
 def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **kw):
-    """Per text: the verdict, which selected features fired, at which tokens and how strongly.
+    """Per text: the verdict and the sum that gives it, each feature's share (OR-rule: activation against its
+    threshold; linear kinds: weight x log1p(activation)), its readable name and the tokens where it fires.
+    Language and status as `classify` gives them.
 
     CLASSIFIER is a classifier JSON file or a shipped classifier's name (see `classify -c`)."""
     from ..data import read_table, text_list
@@ -188,25 +194,40 @@ def explain(classifier, texts, input_path, text_column, limit, lang, as_json, **
 
 
 def format_explanation(e: dict) -> str:
-    if e["toxic"] is None:
-        return f"[skipped: {e['status']}] {e['text']!r}\n"
-    where = "".join(f" {k}={e[k]}" for k in ("lang", "rule") if k in e)
+    """The explanation as lines a person can check: the verdict, the sum that gives the score, one line per feature
+    (its share, its name, the tokens where it fires)."""
+    from ..discovery.naming import short_name
+
+    where = "".join(f" {k}={e[k]}" for k in ("lang", "rule") if e.get(k) is not None)
     status = "" if e["status"] == "ok" else f" {e['status']}"
+    if e["toxic"] is None:
+        return f"[skipped: {e['status']}{where}] {e['text']!r}\n"
     lines = [f"[{'TOXIC' if e['toxic'] else 'clean'} score={e['score']:+.3f}{where}{status}] {e['text']}"]
-    if "score_parts" in e:  # toxic when the score is > 0; its parts add up to it
-        p = e["score_parts"]
-        shown = sum(f.get("contribution", 0.0) for f in e["features"])
-        lines.append(f"  score {e['score']:+.3f} = intercept {p['intercept']:+.3f} + SAE features {p['sae_features']:+.3f} "
-                     f"(the {len(e['features'])} below: {shown:+.3f})"
-                     + (f" + mean residual {p['mean_residual']:+.3f}" if "mean_residual" in p else "")
-                     + "; toxic when > 0")
-    for f in e["features"]:
-        toks = ", ".join(f"{t['token']!r}@{t['position']}={t['act']:.2f}" for t in f["tokens"][:8])
-        extra = (f" weight={f['weight']:+.3f} contribution={f['contribution']:+.3f}" if "weight" in f
-                 else f" threshold={f['threshold']:.2f}")
-        lines.append(f"  feature {f['id']}{extra} max={f['max_act']:.2f}{' FIRED' if f['fired'] else ''}: {toks}")
-    if not e["features"]:
-        lines.append("  no selected feature is active")
+    feats, p = e["features"], e.get("score_parts", {})
+    if e["kind"] == "or_rule":
+        crossed = [f["id"] for f in feats if f["fired"]]
+        lines.append(f"  OR-rule of {len(feats)} features: toxic when any activation is above its threshold; score = "
+                     f"max(activation - threshold) = {e['score']:+.3f}; above: {', '.join(map(str, crossed)) or 'none'}")
+    else:
+        sae = f"SAE features {p['sae_features']:+.3f}"
+        if "mean_residual" in p:  # linear: the shown features, then the rest of the active ones, then the residual
+            sae += (f" (the {len(feats)} below: {p['shown_features']:+.3f}; {p['other_active']} other active: "
+                    f"{p['other_features']:+.3f}) + mean residual {p['mean_residual']:+.3f}")
+        lines.append(f"  score {e['score']:+.3f} = intercept {p['intercept']:+.3f} + {sae}; toxic when > 0; "
+                     "each feature: weight x log1p(activation)")
+    quiet = [f for f in feats if e["kind"] == "or_rule" and f["max_act"] <= 0]  # an OR-rule's inactive features
+    for f in (f for f in feats if f not in quiet):
+        if e["kind"] == "or_rule":
+            share = (f"{f['max_act']:.2f} - threshold {f['threshold']:.2f} = {f['margin']:+.2f}"
+                     + (" ABOVE" if f["fired"] else ""))
+        else:
+            share = f"{f['weight']:+.3f} x log1p({f['max_act']:.2f}) = {f['contribution']:+.3f}"
+        toks = ", ".join(f"{t['token']!r}@{t['position']}={t['act']:.2f}" for t in f["tokens"][:5])
+        lines.append(f"  feature {f['id']}: {share}  {short_name(f['name'])}" + (f"  at {toks}" if toks else ""))
+    if quiet:
+        lines.append("  not active (activation 0): " + ", ".join(f"{f['id']} (threshold {f['threshold']:.2f})" for f in quiet))
+    if not feats:
+        lines.append("  no feature of the rule is active")
     return "\n".join(lines) + "\n"
 
 

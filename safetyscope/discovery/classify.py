@@ -14,56 +14,55 @@ from .. import streaming
 from ..data import count_rows, iter_chunks, require_text, table_format, text_list
 from ..errors import SafetyScopeError
 from ..streaming import CHUNK_ROWS, content_hash
-from .detector import UNVALIDATED, Detector
+from .detector import UNVALIDATED, Detector, evidence
 
-RESULT_COLUMNS = ("toxic", "score", "fired_features", "status")
+RESULT_COLUMNS = ("toxic", "score", "evidence_features", "status")
 
 
 def classify_chunk(det: Detector, df: pl.DataFrame, text_column: str, lang_column: str | None = None) -> pl.DataFrame:
     """Verdict columns for one chunk. Each row's language comes from ``lang_column``, else the input's ``lang``
     column, else language identification (written to a new ``lang`` column); rows outside the classifier's
     validated languages get status "unvalidated language" (their verdict is still given). A per-language
-    classifier scores each row with its language's rule (other languages: its fallback rule)."""
+    classifier scores each row with its language's rule (other languages: its fallback rule).
+    ``evidence_features``: the features behind a toxic verdict (``detector.evidence``); empty on clean rows."""
     texts = text_list(df, text_column)
-    status = ["null text" if t is None else "empty text" if not str(t).strip() else "ok" for t in texts]
     column = lang_column or "lang"
+    given = None
     if column in df.columns:
-        langs = [None if v is None else str(v) for v in df.get_column(column).to_list()]
+        given = [None if v is None else str(v) for v in df.get_column(column).to_list()]
     elif lang_column:
         raise SafetyScopeError(f"--lang-column {lang_column!r} is not a column of the input (columns: {df.columns})")
-    else:
-        from ..langid import identify
-
-        langs = identify(texts)
+    langs, status = det.languages_and_status(texts, given)
+    if given is None:  # identified: written to a new `lang` column
         df = df.with_columns(pl.Series("lang", langs, dtype=pl.String))
-    validated = set(det.validated_languages())
-    status = [UNVALIDATED if s == "ok" and lang not in validated else s for s, lang in zip(status, langs)]
     ok = [i for i, s in enumerate(status) if s in ("ok", UNVALIDATED)]
     toxic: list = [None] * len(texts)
     score: list = [None] * len(texts)
-    fired: list = [None] * len(texts)
+    shown: list = [None] * len(texts)
     if ok:
         t, s, f = det.predict([texts[i] for i in ok], langs=[langs[i] for i in ok])
         for j, i in enumerate(ok):
-            toxic[i], score[i], fired[i] = bool(t[j]), float(s[j]), f[j]
+            toxic[i], score[i], shown[i] = bool(t[j]), float(s[j]), evidence(bool(t[j]), f[j])
     clash = [c for c in RESULT_COLUMNS if c in df.columns]
     if clash:
         raise SafetyScopeError(f"input already has column(s) {clash} that classify writes; rename them first")
     return df.with_columns(
         pl.Series("toxic", toxic, dtype=pl.Boolean),
         pl.Series("score", score, dtype=pl.Float64),
-        pl.Series("fired_features", fired, dtype=pl.List(pl.Int64)),
+        pl.Series("evidence_features", shown, dtype=pl.List(pl.Int64)),
         pl.Series("status", status, dtype=pl.String),
     )
 
 
 # Bump when the parts' content or the manifest's meaning changes: old parts then never mix with new ones.
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: fired_features became evidence_features
 
 
 def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int, lang_column: str | None = None) -> dict:
     """Everything that changes the parts' content: a resume with any of it different would mix results."""
-    clf_hash = hashlib.sha256(json.dumps(det.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # feature names (naming.py) only label features: adding them to a classifier file changes no verdict
+    doc = {k: v for k, v in det.to_dict().items() if k != "feature_names"}
+    clf_hash = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     fx = det.extractor
     return {"version": MANIFEST_VERSION, "input": str(input_path.resolve()), "input_sha256": content_hash(input_path),
             "classifier": clf_hash, "text_column": text_column, "lang_column": lang_column, "chunk_rows": chunk_rows,

@@ -49,6 +49,14 @@ DEFAULT_CLASSIFIER = ASSETS / CLASSIFIERS["default"]
 UNVALIDATED = "unvalidated language"
 
 
+def evidence(toxic: bool, fired: list[int]) -> list[int]:
+    """classify's ``evidence_features`` (and explain's): the features that pushed a text towards its verdict. A toxic
+    verdict lists the rule's ``fired`` features (OR-rule: those above their threshold; sparse linear: the active
+    features of positive weight; linear: the active SAE features of largest positive contribution, at most 10);
+    a clean verdict lists none, because features pushing towards toxic were outweighed there."""
+    return list(fired) if toxic else []
+
+
 def classifier_path(name_or_path: str | Path | None) -> Path:
     """A shipped classifier's name (see CLASSIFIERS; None = "default") or a classifier file -> its path."""
     if name_or_path is None:
@@ -133,6 +141,19 @@ class Detector:
             for i, f in zip(idx, rule.fired(X)):
                 fired[i] = f
         return score > 0, score, fired
+
+    def languages_and_status(self, texts: list[str | None], langs: list[str | None] | None = None):
+        """(language, status) per text, the one place classify and explain take them from: ``langs`` as given (None:
+        identified offline); status "null text", "empty text", "unvalidated language" (a language outside
+        ``validated_languages``: the verdict is still given) or "ok"."""
+        if langs is None:
+            from ..langid import identify
+
+            langs = list(identify(texts))
+        validated = set(self.validated_languages())
+        status = ["null text" if t is None else "empty text" if not str(t).strip()
+                  else "ok" if lang in validated else UNVALIDATED for t, lang in zip(texts, langs)]
+        return langs, status
 
     def validated_languages(self) -> list[str]:
         """Languages the classifier was checked on: ``validation.languages`` of the file, else (files written

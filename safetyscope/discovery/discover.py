@@ -135,7 +135,12 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         if len(r.features_) == 0:  # it would flag no text (or, with a positive intercept, every text)
             raise SafetyScopeError(f"{name} found no SAE feature that tells toxic from clean rows on this data; check "
                                    "the labels, add rows, or try --kind linear")
-    return Detector(fx, rule, meta, rules_by_lang)
+    det = Detector(fx, rule, meta, rules_by_lang)
+    from .naming import names_record
+
+    where = ", ".join(map(str, paths)) + (f" (split {cfg.split})" if cfg.split else "")
+    det.meta["feature_names"] = names_record(det, texts, codes, f"{where}: the {len(texts)} discovery rows")
+    return det
 
 
 def check_per_language(df: pl.DataFrame, y: np.ndarray) -> None:

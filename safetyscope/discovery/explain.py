@@ -1,77 +1,84 @@
-"""Why a text was (not) flagged: the selected features, the tokens where they fire, how strongly."""
+"""Why a text was (not) flagged, in numbers a person can check: each feature's share of the verdict (OR-rule: its
+activation against its threshold; sparse linear and linear: weight x log1p(activation)), the intercept and the sum
+that gives the score, the tokens where each feature fires, and each feature's readable name (naming.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
-from .detector import UNVALIDATED, Detector
-from .rules import rule_inputs
+from .detector import UNVALIDATED, Detector, evidence
+from .naming import feature_name
+from .rules import LinearProbeClassifier, OrRuleClassifier, rule_inputs
+
+SHOWN_NEGATIVE = 5  # a linear rule: the active features pulling hardest towards clean shown beside the evidence
 
 
 def explain_text(det: Detector, text: str | None, lang: str | None = None) -> dict:
-    """``lang``: the text's language; a per-language classifier identifies it when not given, and explains the
-    rule of that language (else its fallback rule). Status as classify gives it."""
-    if text is None or not str(text).strip():
-        return {"text": text, "toxic": None, "score": None, "status": "null text" if text is None else "empty text",
-                "features": []}
-    if lang is None and det.rules_by_lang:
-        from ..langid import identify
-
-        lang = identify([text])[0]
-    tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae)
-    rule = det.rule_for(lang)
-    ids, weights = rule.features_, getattr(rule, "weights_", None)
-    if getattr(rule, "reads", "codes") != "codes":  # a linear rule also reads the mean residual: score as classify
-        ex = det.extractor.extract([text])
-        X = rule_inputs(rule, ex.codes, ex.mean_acts)
-        ids = np.asarray(rule.fired(X)[0], dtype=np.int64)  # the active SAE features that push towards toxic
-        weights = weights[ids]  # its weights are one per input column
-    else:
-        X = sp.csr_matrix(codes.amax(0).numpy()[None, :])
-    score = float(rule.decision_function(X)[0])
-    fired = set(rule.fired(X)[0])
-    thresholds = getattr(rule, "thresholds_", np.zeros(len(ids)))
-    feats = []
-    for j, f in enumerate(ids):
-        col = codes[:, int(f)].numpy()
-        if col.max() <= 0:
-            continue
-        cut = thresholds[j] if weights is None else 0.0
-        pos = np.flatnonzero(col > cut) if col.max() > cut else np.flatnonzero(col > 0)
-        pos = pos[np.argsort(-col[pos])]
-        entry = {"id": int(f), "fired": int(f) in fired, "max_act": float(col.max()),
-                 "tokens": [{"position": int(p), "token": tokens[p], "act": float(col[p])} for p in pos]}
-        if weights is None:
-            entry["threshold"] = float(thresholds[j])
-        else:
-            entry["weight"] = float(weights[j])
-            entry["contribution"] = float(weights[j] * np.log1p(col.max()))
-        feats.append(entry)
-    feats.sort(key=lambda e: (not e["fired"], -e.get("contribution", e["max_act"])))
-    out = {"text": text, "toxic": score > 0, "score": score,
-           "status": UNVALIDATED if lang is not None and lang not in det.validated_languages() else "ok",
-           "features": feats}
-    if lang is not None:
-        out["lang"] = lang
+    """``lang``: the text's language (None: identified offline); language, status, rule and score exactly as
+    classify gives them (``Detector.languages_and_status``, ``Detector.rule_for``, the pooled codes of ``extract``)."""
+    (lang,), (status,) = det.languages_and_status([text], None if lang is None else [lang])
+    out: dict = {"text": text, "lang": lang, "status": status}
     if det.rules_by_lang:  # which rule gave the verdict: the language's own or the fallback
         out["rule"] = lang if lang in det.rules_by_lang else "fallback"
-    parts = score_parts(rule, X)
+    if status not in ("ok", UNVALIDATED):
+        return {**out, "toxic": None, "score": None, "kind": None, "evidence_features": [], "features": []}
+    rule = det.rule_for(lang)
+    ex = det.extractor.extract([text])
+    X = rule_inputs(rule, ex.codes, ex.mean_acts)
+    score = float(rule.decision_function(X)[0])
+    fired = [int(f) for f in rule.fired(X)[0]]
+    acts = ex.codes[0].toarray()[0]  # each SAE feature's pooled activation: what the rule reads
+    if isinstance(rule, OrRuleClassifier):
+        kind, feats, parts = "or_rule", _or_rule(rule, acts), {}
+    elif isinstance(rule, LinearProbeClassifier):
+        kind, (feats, parts) = "linear", _linear(rule, X, acts, set(fired))
+    else:
+        kind, (feats, parts) = "sparse_linear", _sparse(rule, acts, set(fired))
+    tokens, codes = det.extractor.token_codes(text)  # (n_tokens, d_sae): where in the text each feature fires
+    for e in feats:
+        col = codes[:, e["id"]].numpy()
+        cut = e["threshold"] if e.get("fired") and "threshold" in e else 0.0
+        pos = np.flatnonzero(col > cut)
+        e["tokens"] = [{"position": int(p), "token": tokens[p], "act": float(col[p])} for p in pos[np.argsort(-col[pos])]]
+        e["name"] = feature_name(det.meta, e["id"])
+    toxic = score > 0
+    out.update(toxic=toxic, score=score, kind=kind, evidence_features=evidence(toxic, fired), features=feats)
     if parts:
         out["score_parts"] = parts
     return out
 
 
-def score_parts(rule, X) -> dict:
-    """Where a weighted rule's score comes from, so it can be checked by hand: ``intercept`` (with the operating
-    point's threshold folded in) + ``sae_features`` (every active feature's weight x log1p(activation)) +
-    ``mean_residual`` (linear rules: the residual columns' share) = ``score``. Empty for OR-rules."""
-    if not hasattr(rule, "intercept_"):
-        return {}
-    if hasattr(rule, "_design"):  # LinearProbeClassifier: one weight per input column
-        D = rule._design(X)[0]
-        n = rule.n_codes
-        return {"intercept": float(rule.intercept_), "sae_features": float(D[:n] @ rule.weights_[:n]),
-                "mean_residual": float(D[n:] @ rule.weights_[n:])}
-    sub = np.log1p(np.maximum(X[:, rule.features_].toarray()[0], 0))
-    return {"intercept": float(rule.intercept_), "sae_features": float(sub @ rule.weights_)}
+def _or_rule(rule, acts) -> list[dict]:
+    """Every feature of the rule: activation - threshold (the score is the largest; toxic when one is > 0)."""
+    feats = []
+    for f, t in zip(rule.features_, rule.thresholds_):
+        a = float(acts[f])
+        feats.append({"id": int(f), "max_act": a, "threshold": float(t), "margin": a - float(t), "fired": bool(a > t)})
+    return sorted(feats, key=lambda e: -e["margin"])
+
+
+def _entry(f: int, a: float, w: float, fired: set) -> dict:
+    return {"id": int(f), "max_act": a, "weight": w, "contribution": w * float(np.log1p(a)), "fired": int(f) in fired}
+
+
+def _sparse(rule, acts, fired: set) -> tuple[list[dict], dict]:
+    """Every active feature of the rule: score = intercept + sum of weight x log1p(activation)."""
+    feats = [_entry(f, float(acts[f]), float(w), fired) for f, w in zip(rule.features_, rule.weights_) if acts[f] > 0]
+    feats.sort(key=lambda e: -e["contribution"])
+    return feats, {"intercept": float(rule.intercept_), "sae_features": sum(e["contribution"] for e in feats)}
+
+
+def _linear(rule, X, acts, fired: set) -> tuple[list[dict], dict]:
+    """The evidence (largest positive contributions, ``fired``) and the SHOWN_NEGATIVE most negative ones; the
+    other active features' sum and the mean residual's share complete the score."""
+    D = rule._design(X)[0]
+    n = rule.n_codes
+    active = np.flatnonzero(acts[:n] > 0)
+    every = [_entry(f, float(acts[f]), float(rule.weights_[f]), fired) for f in active]
+    neg = sorted((e for e in every if e["contribution"] < 0), key=lambda e: e["contribution"])[:SHOWN_NEGATIVE]
+    feats = sorted([e for e in every if e["fired"]], key=lambda e: -e["contribution"]) + neg
+    sae = float(D[:n] @ rule.weights_[:n])
+    shown = sum(e["contribution"] for e in feats)
+    return feats, {"intercept": float(rule.intercept_), "sae_features": sae, "shown_features": shown,
+                   "other_features": sae - shown, "other_active": len(every) - len(feats),
+                   "mean_residual": float(D[n:] @ rule.weights_[n:])}
