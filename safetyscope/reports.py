@@ -40,7 +40,7 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")  # a legend beside the axes stays in the image
     plt.close(fig)
     return _atomic(path, buf.getvalue())
 
@@ -75,12 +75,28 @@ def html_table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def inline_markdown(text: str) -> str:
+    """A line of this project's markdown (`code`, **bold**, *emphasis*) as HTML, everything else escaped."""
+    import re
+
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", out)
+
+
+def html_list(items: list[str]) -> str:
+    """A bulleted list of markdown lines (``inline_markdown``), boxed: what a report says first."""
+    return "<ul class='lead'>" + "".join(f"<li>{inline_markdown(s)}</li>" for s in items) + "</ul>"
+
+
 def write_html(path, title: str, sections: list[tuple[str, str]], images: list[Path]) -> Path:
     """sections: (heading, html body); images are embedded inline so the file stands alone."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+             "ul.lead{background:#f5f8ff;border-left:4px solid #3b6fd8;padding:.8em 1em .8em 2em;line-height:1.5}"
+             "td:first-child,th:first-child{text-align:left}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
