@@ -64,6 +64,10 @@ def _fpr_cap(value: str) -> float | None | str:
                    "all rows as the fallback for other languages; classify picks each row's rule by its language.")
 @click.option("--fallback-kind", type=click.Choice(get_args(RuleKind)), default=None,
               help="With --per-language: the kind of the pooled fallback rule [default: --kind].")
+@click.option("--shared-weights", is_flag=True,
+              help="With --per-language: one rule fitted on every language's rows (each language weighing the same), "
+                   "with only its threshold set per language, at --target-fpr of that language's out-of-fold clean "
+                   "scores (discovery/shared_rule.py says why).")
 @click.option("--group-column", default=DiscoverConfig.group_column,
               help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "
                    "held-out groups (leave one group out), so settings that only fit one source's style lose.")
@@ -72,7 +76,8 @@ def _fpr_cap(value: str) -> float | None | str:
 @model_options
 @user_errors
 def discover(data, output, text_column, label_column, langs, split, kind, max_features, selection, fpr_cap, criterion,
-             target_fpr, threshold, scan_layers, per_language, fallback_kind, group_column, seed, overwrite, **kw):
+             target_fpr, threshold, scan_layers, per_language, shared_weights, fallback_kind, group_column, seed, overwrite,
+             **kw):
     """Find the SAE features that fire more on toxic than clean texts and write a classifier."""
     from ..discovery.discover import discover as run
     from ..outputs import check_output
@@ -83,7 +88,7 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
     cfg = DiscoverConfig(text_column=text_column, label_column=label_column, langs=list(langs) or None, split=split,
                          kind=kind, selection=selection, max_features=max_features, threshold=threshold, fpr_cap=_fpr_cap(fpr_cap),
                          criterion=criterion, target_fpr=target_fpr, seed=seed, layers=layers, per_language=per_language,
-                         fallback_kind=fallback_kind, group_column=group_column)
+                         fallback_kind=fallback_kind, group_column=group_column, shared_weights=shared_weights)
     det = run(list(data), cfg, feature_config(kw))
     det.save(output)
     r = det.rule.to_dict()
@@ -94,7 +99,8 @@ def discover(data, output, text_column, label_column, langs, split, kind, max_fe
             v = per_lang[lang]
             click.echo(f"{lang}: {kind} with {len(rule.features_)} feature(s) from {v['toxic']} toxic / {v['clean']} "
                        f"clean rows; hold-out recall {v['holdout_recall']:.3f}, clean FPR {v['holdout_fpr']:.3f}", err=True)
-        click.echo("fallback for other languages (fitted on all rows pooled):", err=True)
+        click.echo("fallback for other languages (" + ("the same weights, threshold on every language's clean rows"
+                                                       if shared_weights else "fitted on all rows pooled") + "):", err=True)
     click.echo(f"{r['kind']}: {r['k']} feature(s) at layer {det.extractor.layer} from {d['rows']} rows "
                f"({d['toxic']} toxic / {d['clean']} clean); K: {r['k_selection']}", err=True)
     for i, fold in enumerate(r.get("holdout", [])):

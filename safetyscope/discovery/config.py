@@ -36,6 +36,9 @@ class DiscoverConfig:
     # a column naming each row's group (e.g. `source`): K / C and the operating point are chosen on held-out
     # groups, so a setting is rewarded for carrying over to a source it was not fitted on
     group_column: str | None = None
+    # with per_language: one rule fitted on every language's rows (each language weighing the same) and only its
+    # threshold set per language (shared_rule.py), instead of one rule fitted on each language's own rows
+    shared_weights: bool = False
 
     def __post_init__(self):
         from ..errors import check_number
@@ -45,5 +48,15 @@ class DiscoverConfig:
         check_number("--target-fpr", self.target_fpr, low=0, high=1, low_open=True, high_open=True)
         check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
         check_number("--max-features", self.max_features, low=1, integer=True, none_ok=True)
+        if self.shared_weights:
+            from ..errors import SafetyScopeError
+
+            if not self.per_language:
+                raise SafetyScopeError("--shared-weights sets one threshold per language: it needs --per-language")
+            if self.kind == "or_rule":
+                raise SafetyScopeError("--shared-weights needs a weighted rule: --kind linear or --kind sparse_linear")
+            if self.group_column:
+                raise SafetyScopeError("--shared-weights sets each language's threshold on out-of-fold rows, not on "
+                                       "held-out groups: drop --group-column")
         if isinstance(self.fpr_cap, float):
             check_number("--fpr-cap", self.fpr_cap, low=0, high=1, low_open=True)

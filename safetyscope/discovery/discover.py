@@ -110,24 +110,31 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
             built[key] = rule_inputs(rule, codes, means)
         return built[key]
 
-    rule = make_rule(pooled_cfg, d_sae)
-    rule.fit(inputs_of(rule), y, groups=groups)
     if "lang" in df.columns:
         langs = [str(v) for v in df.get_column("lang").to_list()]
     else:  # the languages the rule is validated on must be known: identify them as classify would
         from ..langid import identify
 
         langs = identify(texts)
-    validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
     rules_by_lang = {}
-    if cfg.per_language:
+    if cfg.shared_weights:  # one rule on every language's rows, each language its own threshold
+        from .shared_rule import fit_shared
+
+        rule = make_rule(cfg, d_sae)
+        rule, rules_by_lang, validation = fit_shared(rule, inputs_of(rule), y, langs, cfg.target_fpr, seed=cfg.seed)
+    else:
+        rule = make_rule(pooled_cfg, d_sae)
+        rule.fit(inputs_of(rule), y, groups=groups)
+        validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
+    if cfg.per_language and not cfg.shared_weights:
         rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae)
         validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
                          "criterion": cfg.criterion, "target_fpr": cfg.target_fpr, "per_language": cfg.per_language,
-                         "fallback_kind": pooled_cfg.kind, "group_column": cfg.group_column}}
+                         "fallback_kind": pooled_cfg.kind, "group_column": cfg.group_column,
+                         "shared_weights": cfg.shared_weights}}
     if scan:
         meta["layer_scan"] = {"layers": scan, "chosen": fx.layer,
                               "multi_layer": multi_layer_scan(by_layer, y, scan, cfg.threshold, cfg.seed)}
