@@ -47,7 +47,7 @@ class GeneratorConfig:
     def __post_init__(self):
         from .errors import check_number
 
-        check_number("--batch-size", self.batch_size, low=1, integer=True)
+        check_number("--gen-batch-size", self.batch_size, low=1, integer=True)
         check_number("--timeout", self.timeout, low=0, low_open=True)
         check_number("--workers", self.workers, low=1, integer=True)
 

@@ -69,14 +69,21 @@ def _refuse_foreign(p: Path, raw: str) -> None:
                                    "--overwrite would delete them: move them out or pick another path")
 
 
-def _is_our_document(p: Path) -> bool:
-    """A JSON document this tool writes (classifier, targets, report files carry ``"format": "safetyscope-..."``)."""
+# the document each file-writing kind of output holds: a rerun replaces only a document of its own kind
+_KIND_FORMAT = {"classifier file": "safetyscope-classifier", "targets file": "safetyscope-targets",
+                "report file": "safetyscope-coverage"}
+
+
+def _is_our_document(p: Path, fmt: str | None = None) -> bool:
+    """A JSON document this tool writes (classifier, targets, report files carry ``"format": "safetyscope-..."``);
+    with ``fmt``, one of that format only."""
     try:
         if not p.is_file() or p.is_symlink() or p.stat().st_size > 512 << 20:
             return False
         with open(p, "rb") as fh:
             head = fh.read(4096)
-        return b'"format": "safetyscope-' in head or b'"format":"safetyscope-' in head
+        tail = (fmt or "safetyscope-").encode() + (b'"' if fmt else b"")
+        return b'"format": "' + tail in head or b'"format":"' + tail in head
     except OSError:
         return False
 
@@ -121,8 +128,11 @@ def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
     target = _check_place(raw, inputs, kind)
     if file_only and out.is_dir():
         raise SafetyScopeError(f"{kind} {raw} is a directory; name a file to write")
+    if not file_only and _is_our_document(out):  # e.g. `classify -o clf.json --overwrite` with -c clf.json
+        raise SafetyScopeError(f"{raw} is a safetyscope classifier, targets or report file, not a table; "
+                               "--overwrite does not replace it with one: name another output")
     if out.exists() or out.is_symlink():
-        if not overwrite and not (file_only and _is_our_document(out)):
+        if not overwrite and not (file_only and _is_our_document(out, _KIND_FORMAT.get(kind))):
             raise SafetyScopeError(f"{raw} already exists; pass --overwrite to replace it")
         if not _is_ours(out):
             raise SafetyScopeError(f"{raw} is a directory safetyscope did not write (no {MARKER} file in it); "

@@ -55,6 +55,9 @@ def check_compatible(d: dict, fx: FeatureExtractor, path) -> None:
                                f"but a different SAE (fingerprint {s_fp}) was loaded; its feature ids mean nothing here")
     if d["layer"] != fx.layer:
         raise SafetyScopeError(f"{path}: made at layer {d['layer']}, not {fx.layer}")
+    d_sae = d["sae"].get("d_sae")
+    if isinstance(d_sae, int) and d_sae != fx.sae.cfg.d_sae:
+        raise SafetyScopeError(f"{path}: key sae.d_sae is {d_sae} but the SAE it names has {fx.sae.cfg.d_sae} features")
 
 
 def check_header(d: dict, path) -> None:
@@ -72,6 +75,9 @@ def check_header(d: dict, path) -> None:
         raise SafetyScopeError(f"{path}: key sae.k must be an integer; got {k!r:.80}")
     if k is not None and k < 1:
         raise SafetyScopeError(f"{path}: key sae.k must be >= 1; got {k!r}")
+    d_sae = d["sae"].get("d_sae")
+    if d_sae is not None and (not isinstance(d_sae, int) or isinstance(d_sae, bool) or d_sae < 1):
+        raise SafetyScopeError(f"{path}: key sae.d_sae must be a positive integer; got {d_sae!r:.80}")
     if "extraction" in d and not isinstance(d["extraction"], dict):
         raise SafetyScopeError(f"{path}: key 'extraction' must be an object")
     ex = d.get("extraction", {})
@@ -87,6 +93,9 @@ def check_header(d: dict, path) -> None:
     for key in ("discovery_data", "validation", "settings"):
         if key in d and not isinstance(d[key], dict):
             raise SafetyScopeError(f"{path}: key {key!r} must be an object; got {d[key]!r:.80}")
+    per_lang = d.get("discovery_data", {}).get("per_lang")
+    if per_lang is not None and not isinstance(per_lang, dict):
+        raise SafetyScopeError(f"{path}: key discovery_data.per_lang must be an object; got {per_lang!r:.80}")
     langs = d.get("validation", {}).get("languages")
     if langs is not None and (not isinstance(langs, list) or not all(isinstance(x, str) for x in langs)):
         # "en" would be read as ['e', 'n'] and every row marked unvalidated

@@ -279,7 +279,10 @@ def _refuse(directory: Path, option: str, why: str):
 
 def load_own(directory: Path) -> SAE:
     cfg = _read_json(directory / "config.json")
-    cfg.pop("format", None)
+    fmt = cfg.pop("format", OWN_FORMAT)  # files written before the key existed have none
+    if fmt != OWN_FORMAT:
+        raise SafetyScopeError(f"{directory / 'config.json'}: key format is {fmt!r}, not 'safetyscope-sae': not a "
+                               "safetyscope SAE config")
     known = {f for f in SAEConfig.__dataclass_fields__}
     cfg.pop("source", None)
     try:

@@ -57,7 +57,8 @@ class Dose:
         m = re.fullmatch(rf"\s*(\d+)\s*(?:[:=]\s*({_NUMBER}))?\s*", str(text))
         if not m or (value_required and m.group(2) is None):
             unit = "VALUE" if kind == "clamp" else "STRENGTH"
-            raise SafetyScopeError(f"bad steering spec {text!r}: use FEATURE:{unit}, e.g. 161:{'0' if kind == 'clamp' else '2'}")
+            raise SafetyScopeError(f"--{'clamp' if kind == 'clamp' else 'feature'}: bad steering spec {text!r}: use "
+                                   f"FEATURE:{unit}, e.g. 161:{'0' if kind == 'clamp' else '2'}")
         return cls(int(m.group(1)), None if m.group(2) is None else float(m.group(2)), kind, absolute)
 
 

@@ -63,6 +63,11 @@ def _cases(f, tmp):
         "features --batch-size 0": (["features", data, "-o", o, *m, "--batch-size", 0], "--batch-size"),
         "features --device meta": (["features", data, "-o", o, *m, "--device", "meta"], "meta"),
         "features --device mps": (["features", data, "-o", o, *m, "--device", "mps"], "mps"),
+        # a fresh bad-input run (scripts/bad_input_run.py): each ran, or named another option, before its fix
+        "eval --methods bogus": (["eval", data, "-o", tmp / "r", *m, "--methods", "or_rule,bogus"], "--methods"),
+        "synthesize --gen-batch-size 0": ([*synth, "--gen-batch-size", 0], "--gen-batch-size"),
+        "steer --feature x:1": (["steer", data, "--text-column", "prompt", "-o", o, "--feature", "x:1", *m], "--feature"),
+        "steer --clamp x": (["steer", data, "--text-column", "prompt", "-o", o, "--clamp", "x", *m], "--clamp"),
     }
 
 
@@ -99,6 +104,10 @@ FILE_CASES = {
     "validation.languages 'en'": (lambda d: d.update(validation={"languages": "en"}), "validation.languages"),
     "an OR-rule with no features": (lambda d: d["rule"].update(features=[], k=0), "no features"),
     "sae.k 0": (lambda d: d["sae"].update(k=0), "sae.k"),
+    # a fresh bad-input run: these ran with exit 0 before their checks
+    "sae.d_sae 999 (the SAE has 256)": (lambda d: d["sae"].update(d_sae=999), "sae.d_sae"),
+    "sae.d_sae 'big'": (lambda d: d["sae"].update(d_sae="big"), "sae.d_sae"),
+    "discovery_data.per_lang a string": (lambda d: d["discovery_data"].update(per_lang="en"), "discovery_data.per_lang"),
 }
 
 
@@ -169,6 +178,39 @@ def test_a_bad_target_id_is_one_line(files, tmp_path, bad):
     assert_user_error(res, "targets[0].id")
     res = run_cli(["synthesize", "--targets", p, "--seed-data", files["data"], "-o", tmp_path / "s.jsonl"], ok=False)
     assert_user_error(res, "targets[0].id")
+
+
+@pytest.mark.parametrize("field,value,word", [("label", "neutral", "targets[0].label"),
+                                              ("label", None, "targets[0].label"),
+                                              ("sae.d_sae", "big", "sae.d_sae")])
+def test_a_bad_targets_field_is_one_line(files, tmp_path, field, value, word):
+    """coverage ran on both (a target's label is read by synthesize; the SAE's width by every check of an id)."""
+    d = json.loads(files["targets"].read_text())
+    if field == "label":
+        d["targets"][0]["label"] = value
+    else:
+        d["sae"]["d_sae"] = value
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(d))
+    assert_user_error(run_cli(["coverage", files["data"], "--targets", p, "--text-column", "prompt"], ok=False), word)
+
+
+@pytest.mark.parametrize("fmt", ["other", "safetyscope-classifier"])
+def test_an_sae_config_of_another_format_is_refused(files, tmp_path, fmt):
+    from safetyscope.sae import load_sae
+
+    d = tmp_path / "sae"
+    load_sae(files["model"][3], layer=LAYER).save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["format"] = fmt
+    (d / "config.json").write_text(json.dumps(cfg))
+    res = run_cli(["features", files["data"], "-o", tmp_path / "o.parquet", "--model", files["model"][1], "--sae", d,
+                   "--dtype", "float32", "--no-cache", "--text-column", "prompt"], ok=False)
+    assert_user_error(res, "format", fmt)
+    del cfg["format"]  # written before the key existed: still read
+    (d / "config.json").write_text(json.dumps(cfg))
+    run_cli(["features", files["data"], "-o", tmp_path / "o.parquet", "--model", files["model"][1], "--sae", d,
+             "--dtype", "float32", "--no-cache", "--text-column", "prompt"])
 
 
 def test_broken_model_directories_are_one_line(files, tiny_model_dir, tmp_path):

@@ -137,6 +137,29 @@ def test_the_input_is_never_the_output(name, labelled, classifier, targets, mode
                 else inp.stat().st_size) == size
 
 
+@pytest.mark.parametrize("name", [n for n, k in KIND.items() if k == "table"])
+def test_a_classifier_or_targets_file_is_never_replaced_by_a_table(name, labelled, classifier, targets, model_args,
+                                                                    tmp_path):
+    """`classify -o clf.json --overwrite -c clf.json` replaced the classifier with JSON Lines (.json reads as JSON
+    Lines): a safetyscope document is never an output table, --overwrite or not."""
+    before, after, _ = _commands(labelled, classifier, targets, model_args)[name]
+    for src in (classifier, targets):  # copies: synthesize refuses its own --targets as an input first
+        doc = tmp_path / src.name
+        doc.write_bytes(data := src.read_bytes())
+        res = run_cli([*before, "-o", doc, "--overwrite", *after], ok=False)
+        _one_line_error(res, "not a table")
+        assert doc.read_bytes() == data
+
+
+def test_a_rerun_replaces_only_a_document_of_its_own_kind(labelled, targets, model_args, tmp_path):
+    """discover replaces its own classifier file on a rerun, but not a targets file without --overwrite."""
+    t = tmp_path / "t.json"
+    t.write_bytes(targets.read_bytes())
+    _one_line_error(run_cli(["discover", labelled, *model_args, "--max-features", 2, "-o", t], ok=False),
+                    "already exists")
+    assert t.read_bytes() == targets.read_bytes()
+
+
 @pytest.mark.parametrize("name", ["classify", "features", "sae train"])
 def test_a_file_added_to_a_tool_directory_survives_overwrite(name, labelled, classifier, targets, model_args, tmp_path):
     before, after, _ = _commands(labelled, classifier, targets, model_args)[name]

@@ -80,6 +80,9 @@ def evaluate_languages(df: pl.DataFrame, ex: Extraction, *, langs: list[str] | N
     langs = langs or sorted(set(df.get_column("lang").to_list()))
     table = {k: v for k, v in methods(seed).items() if random_ex is not None or v[1] != "random_sae"}
     if only:
+        unknown = sorted(set(only) - set(methods(seed)) - {"shipped"})
+        if unknown:
+            raise SafetyScopeError(f"--methods {unknown}: unknown; use any of {', '.join(methods(seed))}")
         table = {k: v for k, v in table.items() if k in only}
     rows = []
     for lang in tqdm(langs, desc="languages", disable=not progress):

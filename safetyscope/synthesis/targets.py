@@ -312,6 +312,8 @@ def read_targets(path: str | Path) -> dict:
         if not isinstance(fid, int) or isinstance(fid, bool) or fid < 0 or (isinstance(d_sae, int) and fid >= d_sae):
             bound = f" and < d_sae {d_sae}" if isinstance(d_sae, int) else ""
             raise SafetyScopeError(f"{path}: targets[{i}].id must be an integer >= 0{bound}; got {fid!r:.40}")
+        if t.get("label") not in ("harmful", "benign"):
+            raise SafetyScopeError(f"{path}: targets[{i}].label must be 'harmful' or 'benign'; got {t.get('label')!r:.40}")
     return d
 
 
