@@ -283,3 +283,13 @@ def test_an_sae_of_another_model_is_said(files, tiny_model_dir, tmp_path):
         res = run_cli(["features", files["data"], "-o", tmp_path / f"f{warned}.parquet", "--model", tiny_model_dir,
                        "--sae", d, "--dtype", "float32", "--no-cache"])
         assert ("trained on Qwen/Qwen3-8B" in res.stderr) is warned, res.stderr
+
+
+@pytest.mark.parametrize("command", ["discover", "synth targets"])
+def test_a_label_column_of_lists_is_one_line_naming_it(command, files, tmp_path):
+    """The last failure of the fresh bad-input run: the label column was cast to text before any check (a traceback)."""
+    rows = pl.read_parquet(files["data"])
+    data = tmp_path / "lists.parquet"
+    rows.with_columns(label=pl.Series([[1]] * rows.height)).write_parquet(data)
+    res = run_cli([*command.split(), data, "-o", tmp_path / "x.json", *files["model"]], ok=False)
+    assert_user_error(res, "label column 'label'")

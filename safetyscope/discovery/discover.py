@@ -35,6 +35,9 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
             require_columns(df, ["lang"], p)
             df = df.filter(pl.col("lang").is_in(cfg.langs))
         keep = [c for c in (cfg.text_column, cfg.label_column, "lang", cfg.group_column) if c and c in df.columns]
+        if cfg.label_column in df.columns and df.schema[cfg.label_column].is_nested():  # a list cannot be a label
+            raise SafetyScopeError(f"{p}: label column {cfg.label_column!r} holds {df.schema[cfg.label_column]}; a label "
+                                   "is one of 1/0, true/false, toxic/clean, harmful/benign")
         df = df.select(list(dict.fromkeys(keep))).with_columns(pl.col(cfg.label_column).cast(pl.String))
         if cfg.group_column:
             missing = df.get_column(cfg.group_column).null_count()
