@@ -7,12 +7,14 @@ later layer, final norm or LM head ever runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,6 +71,21 @@ def _gguf_adds_bos(gguf: Path) -> bool:
     return bool(f is not None and f.data and f.parts[f.data[0]][0])
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' per-load "Loading weights" bar off while safetyscope loads a model (a load takes under a second
+    once converted; the bar was noise on every command), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -83,6 +100,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # the first use is otherwise tens of seconds of silence
+    print(f"first use of {gguf.name}: converting it once into {out} (about 20-40 s; later loads take under a "
+          "second)", file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -239,7 +259,8 @@ class Backbone:
         dev = pick_device(device)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev, purpose))
+            with _quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev, purpose))
         except OSError as e:
             raise SafetyScopeError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
         except (ValueError, KeyError, pickle.UnpicklingError) as e:

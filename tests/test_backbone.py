@@ -153,3 +153,12 @@ def test_fingerprint_without_a_usable_cache(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setenv("SAFETYSCOPE_CACHE", str(tmp_path / "not-a-dir"))
     calls = count_hashes(monkeypatch, Backbone)
     assert Backbone.from_pretrained(str(tiny_model_dir), dtype="float32").fingerprint() == fp and len(calls) == 1
+
+
+def test_loading_a_model_prints_no_transformers_progress_bar(tiny_model_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
