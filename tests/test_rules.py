@@ -533,3 +533,25 @@ def test_linear_probe_hard_negatives_weigh_more_and_set_the_operating_point():
     assert tuned.operating_point_["oof_fpr"] <= 0.10 + 1e-9
     with pytest.raises(SafetyScopeError, match="clean rows only"):
         LinearProbeClassifier(n_codes=d_sae, target_fpr=0.1).fit(X, y, fpr_rows=y == 1)
+
+
+def test_every_shipped_rule_round_trips_to_the_same_json():
+    """The classifier file format is the rules' to_dict: every rule of every shipped classifier file, loaded and written
+    again, gives the same JSON text, key order included. A file written before a parameter existed (params without
+    ``criterion``/``target_fpr``) is written back with that parameter's default beside the ones it has."""
+    import json
+    from pathlib import Path
+
+    from safetyscope.discovery.rules import KINDS
+
+    files = sorted((Path(__file__).parent.parent / "safetyscope" / "assets").glob("*.json"))
+    seen = 0
+    for path in files:
+        doc = json.loads(path.read_text())
+        if "rule" not in doc:
+            continue
+        for rule in [doc["rule"], *(doc.get("rules_by_lang") or {}).values()]:
+            expected = {**rule, "params": {**KINDS[rule["kind"]]().get_params(), **rule["params"]}}
+            assert json.dumps(classifier_from_dict(rule).to_dict()) == json.dumps(expected), path.name
+            seen += 1
+    assert seen >= 8
