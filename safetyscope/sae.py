@@ -15,6 +15,7 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -390,6 +391,33 @@ def load_sae(spec: str | Path | None = None, *, layer: int | None = None, k: int
     return sae.to(device)
 
 
+def _has(*names: str) -> Callable[[Path], bool]:
+    return lambda p: all((p / n).exists() for n in names)
+
+
+def _load_qwen_scope_dir(p: Path, *, layer: int | None, k: int | None, name: str) -> SAE:
+    """A directory of Qwen-Scope ``layer<n>.sae.pt`` files: the one of ``layer``."""
+    pts = sorted(p.glob("layer*.sae.pt"))
+    if layer is None:
+        raise SafetyScopeError(f"{name}: holds Qwen-Scope SAEs for several layers ({[f.name for f in pts]}); "
+                               "pass --layer")
+    f = p / f"layer{layer}.sae.pt"
+    if not f.exists():
+        raise SafetyScopeError(f"{name}: no layer{layer}.sae.pt (found {[f.name for f in pts]})")
+    return load_qwen_scope_file(f, k=k, layer=layer)
+
+
+# The directory formats, tried in this order: format name -> (detector: does this directory hold one?, loader).
+# SAELens' NAMED_PRETRAINED_SAE_LOADERS idea: a new format is one entry here. Loaders take the directory and
+# (keyword) the requested layer, k and the spec as the user wrote it (for messages).
+SAE_LOADERS: dict[str, tuple[Callable[[Path], bool], Callable[..., SAE]]] = {
+    "safetyscope": (_has("config.json", "sae.safetensors"), lambda p, **_: load_own(p)),
+    "saelens": (_has("cfg.json", "sae_weights.safetensors"), lambda p, **_: load_saelens(p)),
+    "sparsify": (_has("cfg.json", "sae.safetensors"), lambda p, **_: load_sparsify(p)),
+    "qwen-scope": (lambda p: any(p.glob("layer*.sae.pt")), _load_qwen_scope_dir),
+}
+
+
 def _load_any(spec, layer, k) -> SAE:
     if spec in (None, "", "default"):
         if not (EMBEDDED_SAE_DIR / "config.json").exists():
@@ -403,21 +431,9 @@ def _load_any(spec, layer, k) -> SAE:
             return load_qwen_scope_file(p, k=k, layer=layer)
         raise SafetyScopeError(f"{spec}: a single SAE file must be a Qwen-Scope .pt; other formats are directories")
     if p.is_dir():
-        if (p / "config.json").exists() and (p / "sae.safetensors").exists():
-            return load_own(p)
-        if (p / "cfg.json").exists() and (p / "sae_weights.safetensors").exists():
-            return load_saelens(p)
-        if (p / "cfg.json").exists() and (p / "sae.safetensors").exists():
-            return load_sparsify(p)
-        pts = sorted(p.glob("layer*.sae.pt"))
-        if pts:
-            if layer is None:
-                raise SafetyScopeError(f"{spec}: holds Qwen-Scope SAEs for several layers ({[f.name for f in pts]}); "
-                                       "pass --layer")
-            f = p / f"layer{layer}.sae.pt"
-            if not f.exists():
-                raise SafetyScopeError(f"{spec}: no layer{layer}.sae.pt (found {[f.name for f in pts]})")
-            return load_qwen_scope_file(f, k=k, layer=layer)
+        for detect, load in SAE_LOADERS.values():
+            if detect(p):
+                return load(p, layer=layer, k=k, name=str(spec))
         if layer is not None:
             for sub in (p / f"layers.{layer}", p / f"model.layers.{layer}"):
                 if sub.is_dir():

@@ -544,3 +544,12 @@ def test_fingerprint_is_cached_per_file(tmp_path, monkeypatch):
     assert float(edited.W_dec[-1, -1]) == new_value
     assert edited.fingerprint() != fp and len(calls) == n + 2  # the edited file is hashed again
     assert edited.fingerprint() == edited._hash_weights()
+
+
+def test_directory_formats_are_one_registry_tried_in_order():
+    """load_sae finds a directory's format in SAE_LOADERS (name -> (detector, loader)), first match wins: a
+    safetyscope directory (config.json) before SAELens / sparsify (cfg.json), Qwen-Scope layer files last."""
+    from safetyscope.sae import SAE_LOADERS
+
+    assert list(SAE_LOADERS) == ["safetyscope", "saelens", "sparsify", "qwen-scope"]
+    assert all(callable(detect) and callable(load) for detect, load in SAE_LOADERS.values())
