@@ -11,7 +11,7 @@ import hashlib
 import os
 import sqlite3
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -384,7 +384,3 @@ class _FeatureCache:
             self.db.commit()
         except sqlite3.Error as e:  # read-only, locked: the results are still returned, just not stored
             self._disable(e)
-
-
-def config_dict(cfg: FeatureConfig) -> dict:
-    return asdict(cfg)

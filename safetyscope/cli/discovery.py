@@ -235,8 +235,3 @@ def format_explanation(e: dict) -> str:
     if not feats:
         lines.append("  no feature of the rule is active")
     return "\n".join(lines) + "\n"
-
-
-def register(main) -> None:
-    for cmd in (discover, classify, explain):
-        main.add_command(cmd)

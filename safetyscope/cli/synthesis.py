@@ -383,9 +383,3 @@ def sft_eval_cmd(arms_dir, data, output_dir, model, arms, train_batch_size, **kw
     res = run_sft_eval(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(res["markdown"])
     click.echo(f"wrote {output_dir}/results.json, report.md, sft_eval.png", err=True)
-
-
-def register(main) -> None:
-    main.add_command(synth_group)
-    main.add_command(coverage)
-    main.add_command(synthesize)
