@@ -25,9 +25,9 @@ from pathlib import Path
 import polars as pl
 
 from .data import TABLE_SUFFIXES
-from .errors import SafetyScopeError, check_number
+from .errors import SafetyScopeError
 from .features import FeatureConfig
-from .streaming import CHUNK_ROWS
+from .streaming import CHUNK_ROWS, check_chunk_rows
 
 ROW = "__safetyscope_row"
 LEN = "__safetyscope_tokens"  # features: tokens per text the actor used (progress in tokens/s)
@@ -343,9 +343,8 @@ def run_features_ray(input_path: str, output: str, cfg, *, text_column: str = "t
     out = Path(output)
     fmt = output_format(out, keep_shards)
     streaming.check_outputs(out, [] if "://" in input_path else [input_path], overwrite=overwrite)
-    if cfg.batch_size < 1:
-        raise SafetyScopeError("--batch-size must be >= 1")
-    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
+    # cfg.batch_size: checked by FeatureConfig.__post_init__
+    check_chunk_rows(chunk_rows)
     rows = -(-(batch_rows or chunk_rows) // chunk_rows) * chunk_rows  # whole chunks per Ray batch
 
     def go(ray):
@@ -413,7 +412,7 @@ def run_classify_ray(input_path: str, output: str, *, classifier: str | None = N
     clf = read_classifier(classifier)  # validated here; its text travels to the actors (no shared disk needed)
     import json
 
-    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
+    check_chunk_rows(chunk_rows)
     rows = batch_rows or chunk_rows
     rows = -(-rows // chunk_rows) * chunk_rows  # whole --chunk-rows chunks per Ray batch
     ctor = {"classifier_json": json.dumps(clf) if classifier else None, "classifier_name": classifier,

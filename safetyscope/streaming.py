@@ -35,12 +35,17 @@ CHUNK_ROWS = 1024
 RESUME_HINT = "; free space (or fix the path) and rerun the same command to resume from the finished parts"
 
 
+def check_chunk_rows(chunk_rows) -> None:
+    """--chunk-rows, the one place it is checked (local features and classify through check_input, and Ray)."""
+    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
+
+
 def check_input(inp: Path, chunk_rows: int) -> None:
     """The input table and --chunk-rows, checked before any work (the same words for classify and features)."""
     table_format(inp)
     if not inp.exists():
         raise SafetyScopeError(f"{inp}: no such file or directory")
-    check_number("--chunk-rows", chunk_rows, low=1, high=2**31 - 1, integer=True)
+    check_chunk_rows(chunk_rows)
 
 
 def fsync_write(path: Path, write) -> None:
