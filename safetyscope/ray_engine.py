@@ -8,6 +8,9 @@ are the same. Results stream back to the driver in row order (``preserve_order``
 index is exactly 0..n-1 (a restarted actor can neither lose nor duplicate rows unnoticed). ``features`` writes
 each chunk as a durable part as it arrives, as the local engine does (one chunk in the driver's memory; a
 killed run resumes, see ``streaming``); ``classify`` writes shards and assembles OUTPUT with the local writer.
+
+Long because: the driver, the actor classes and the two jobs' chunk functions must agree on row order and part
+names; kept in one file until the one chunk-job runner (local and Ray executors) replaces both engines' loops.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ first (SAELens, sparsify) are folded at load time: b_enc' = b_enc - W_enc @ b_de
 Formats: Qwen-Scope ``layer{n}.sae.pt`` (torch.load(weights_only=True)), SAELens (cfg.json +
 sae_weights.safetensors), EleutherAI sparsify (cfg.json + sae.safetensors) and safetyscope's own
 (config.json + sae.safetensors, written by ``save_pretrained``).
+
+Long because: the four formats' loaders sit beside the one class they build, so a format's quirks (folded
+b_dec, refused options) are read next to the encode they must match.
 """
 
 from __future__ import annotations

@@ -143,3 +143,32 @@ def test_option_defaults_come_from_the_config_dataclasses():
     feats = _option_defaults(main.commands["features"])
     for option in ("batch_size", "max_length", "dtype"):
         assert feats[option] == getattr(FeatureConfig, option), option
+
+
+MAX_LINES = 450
+
+
+def test_no_module_is_longer_than_one_reading_without_a_reason():
+    """A module over MAX_LINES lines says why in its docstring (a paragraph starting "Long because:")."""
+    long = {}
+    for name, path in _modules().items():
+        text = path.read_text()
+        n = text.count("\n")
+        if n > MAX_LINES and "Long because:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long[name] = n
+    assert long == {}
+
+
+# core modules (the package's top level) that still import a job subpackage, and why; a new one fails the test below
+CORE_TO_JOB = {
+    "safetyscope.ray_engine": "runs classify's chunk function and loads its Detector on each actor",
+    "safetyscope.steering": "classifier_features reads a Detector's rules to suppress their features",
+}
+JOBS = ("safetyscope.discovery", "safetyscope.synthesis", "safetyscope.eval")
+
+
+def test_core_modules_do_not_import_the_jobs():
+    _, graph = _graph()
+    core = {m: sorted(i for i in imps if i.startswith(JOBS)) for m, imps in graph.items()
+            if m.count(".") == 1 and not m.startswith(JOBS) and m != "safetyscope.__main__"}
+    assert {m for m, bad in core.items() if bad} == set(CORE_TO_JOB)

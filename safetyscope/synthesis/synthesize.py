@@ -10,6 +10,9 @@ screen; regenerated, then dropped with the reason counted), and deduplicate. Tar
 after each group its rows and a ``done`` record per target are appended to ``OUT.partial.jsonl`` (one write, flush, fsync), so a
 rerun of the same command resumes where the last finished group ended. Groups and seeds depend only
 on that state, so an interrupted and resumed run writes what an uninterrupted run would.
+
+Long because: the per-group loop (generate, verify in feature space, judge, answer, audit, write durably) is
+one resumable sequence; its text rules, judges and audit already live in their own modules.
 """
 
 from __future__ import annotations
