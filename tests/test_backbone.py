@@ -158,7 +158,12 @@ def test_fingerprint_without_a_usable_cache(tiny_model_dir, tmp_path, monkeypatc
 def test_loading_a_model_prints_no_transformers_progress_bar(tiny_model_dir, capfd):
     from transformers.utils import logging as hf_logging
 
-    Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
-    err = capfd.readouterr().err
-    assert "Loading weights" not in err
-    assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as a user's session has it (the CLI, run in-process by other tests, turns it off)
+    try:
+        Backbone.from_pretrained(str(tiny_model_dir), dtype="float32")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err
+        assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
