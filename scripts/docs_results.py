@@ -24,6 +24,11 @@ PAGES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "generalization.md": ("Classifiers that generalize", [
         ("reports/generalization/report.md", "python scripts/generalization_eval.py -o reports/generalization"),
         ("reports/default-controls/report.md", "python scripts/default_controls.py -o reports/default-controls"),
+        ("reports/shared-weights/smollm2-135m/report.md",
+         "python scripts/shared_weights_eval.py -o reports/shared-weights/smollm2-135m"),
+        ("reports/shared-weights/gemma3-270m/report.md",
+         "python scripts/shared_weights_eval.py --model gemma3-270m --sae gemma3-270m --classifier multilingual "
+         "--alphas 0 -o reports/shared-weights/gemma3-270m"),
         ("reports/by-source/report.md",
          "safetyscope eval ../shared/data/toxicity/*.parquet ../shared/data/toxicity-implicit/en.parquet -c default "
          "--group-column source --skip transfer,efficiency,random_sae -o reports/by-source"),
