@@ -220,11 +220,12 @@ def extract_shared(extractors: list[FeatureExtractor], texts: list[str], *,
             for i, (r, m, t) in fx._cache.get_many(keys).items():
                 rows[e][i], mean_acts[fx.layer][i], n_tokens[i] = r, m, t  # mean, n_tokens: the same for every SAE
     todo = {i for i in range(n) if any(r[i] is None for r in rows)}
-    # In half precision a text's codes depend on its batch, so a run resumed after a kill (part of its chunk
-    # cached) must batch the rest as the uninterrupted run did to be bit-identical to it: batches are planned
-    # over every text of the call, whatever the cache holds, and a batch with any text to compute is run whole.
-    # In float32 the codes do not depend on the batch: only the texts to compute are batched and run.
-    whole = next(lead.backbone.model.parameters()).dtype != torch.float32
+    # A text's codes depend on its batch (padding changes the kernels' reduction order: in half precision a
+    # fired feature can change, in float32 the last bits of an activation do), so a run resumed after a kill (part
+    # of its chunk cached) must batch the rest as the uninterrupted run did to be bit-identical to it: batches are
+    # planned over every text of the call, whatever the cache holds, and a batch with any text to compute is run
+    # whole (tests/test_kill_resume.py, every dtype).
+    whole = True
     planned = sorted(range(n) if whole else todo) if todo else []
     part_ids, n_trunc = lead.tokenize([texts[i] for i in planned]) if planned else ([], 0)
     if whole and todo and len(todo) < n:  # truncation is counted over this run's texts, as tokens are
