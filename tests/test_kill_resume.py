@@ -45,6 +45,15 @@ def classifier(tmp_path_factory, tiny_model_dir, qwen_scope_sae_dir) -> Path:
 def _kill_mid_chunk(cmd: list, parts: Path, env: dict) -> None:
     """Start ``cmd``, kill -9 it a moment after its 2nd part is written (inside the 3rd chunk, whose texts the cache
     may partly hold), check no output and whole parts are left."""
+    # the tiny model runs a whole chunk in milliseconds, so on a loaded machine the run could end inside the 0.3 s
+    # below: the killed process takes 0.1 s per forward pass (a sitecustomize of its own; the code is unchanged)
+    slow = parts.parent / "slow"
+    slow.mkdir(exist_ok=True)
+    (slow / "sitecustomize.py").write_text(
+        "import time\nimport safetyscope.backbone as b\n_capture = b.Backbone.capture\n"
+        "def capture(self, *a, **k):\n    time.sleep(0.1)\n    return _capture(self, *a, **k)\n"
+        "b.Backbone.capture = capture\n")
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), env.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "safetyscope", *map(str, cmd)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     t = {"at": None}
