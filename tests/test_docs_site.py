@@ -52,3 +52,23 @@ def test_mkdocs_build_strict(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "commands" / "classify" / "index.html").is_file()
+
+
+def test_every_option_has_help_text():
+    """The option tables of the docs are built from the CLI: an option without help would be an empty row."""
+    import click
+
+    from safetyscope.cli import main
+
+    missing = []
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        else:
+            missing.extend(f"{' '.join(path)} {p.opts[0]}" for p in cmd.params
+                           if isinstance(p, click.Option) and not p.hidden and not p.help)
+
+    walk(main, [])
+    assert missing == []

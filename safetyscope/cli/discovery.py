@@ -38,12 +38,14 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.command()
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Classifier JSON file to write.")
-@click.option("--text-column", default=DiscoverConfig.text_column, show_default=True)
+@click.option("--text-column", default=DiscoverConfig.text_column, show_default=True, help="Column holding the texts.")
 @click.option("--label-column", default=DiscoverConfig.label_column, show_default=True,
               help="1/0, true/false, toxic/clean or harmful/benign.")
 @click.option("--lang", "langs", multiple=True, help="Keep rows with this `lang` (repeatable).")
 @click.option("--split", default=None, help="Keep rows whose `split` column equals this, e.g. discovery.")
-@click.option("--kind", type=click.Choice(get_args(RuleKind)), default=DiscoverConfig.kind, show_default=True)
+@click.option("--kind", type=click.Choice(get_args(RuleKind)), default=DiscoverConfig.kind, show_default=True,
+              help="or_rule: any selected feature fires; sparse_linear: L1 logistic over SAE features; linear: L2 "
+                   "logistic over every SAE feature and the mean residual.")
 @click.option("--max-features", type=int, default=None, help="K [default: chosen from 1,2,5,10 on held-back data; 128 for sparse_linear].")
 @click.option("--selection", type=click.Choice(get_args(Selection)), default=DiscoverConfig.selection, show_default=True,
               help="or_rule: add the feature+threshold that most raises F1 (greedy) or keep the top K by delta (the report's rule).")
@@ -71,7 +73,8 @@ def _fpr_cap(value: str) -> float | None | str:
 @click.option("--group-column", default=DiscoverConfig.group_column,
               help="A column naming each row's group, e.g. `source`: K / C and the operating point are chosen on "
                    "held-out groups (leave one group out), so settings that only fit one source's style lose.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=DiscoverConfig.seed, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=DiscoverConfig.seed, show_default=True,
+              help="Random seed of the hold-out splits.")
 @overwrite_option
 @model_options
 @user_errors
@@ -126,7 +129,7 @@ def _detector(classifier, kw):
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output table (.parquet, .csv, .jsonl or a directory).")
 @click.option("-c", "--classifier", default=None, help="Classifier JSON [default: the shipped toxicity classifier].")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
 @click.option("--chunk-rows", type=int, default=CHUNK_ROWS, show_default=True, help="Rows per durable output chunk.")
 @click.option("--lang-column", default=None,
               help="Column holding each row's language [default: `lang` if present, else identified offline].")
@@ -169,7 +172,7 @@ def classify(input_path, output, classifier, text_column, chunk_rows, lang_colum
 @click.argument("classifier")
 @click.argument("texts", nargs=-1)
 @click.option("--input", "input_path", default=None, help="Read texts from a table instead.")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="At most this many texts from --input.")
 @click.option("--lang", default=None,

@@ -120,8 +120,10 @@ def recorded_model_options(what: str):
             click.option("--batch-size", type=int, default=FeatureConfig.batch_size, show_default=True, help="Most texts per model batch."),
             click.option("--batch-tokens", type=int, default=FeatureConfig.batch_tokens, show_default=True,
                          help="About this many padded tokens per model batch at most."),
-            click.option("--device", default=None),
-            click.option("--dtype", default=FeatureConfig.dtype, show_default=True),
+            click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
+            click.option("--dtype", default=FeatureConfig.dtype, show_default=True,
+                         help="auto (bf16 on GPUs; on CPUs bf16 with native bf16 for features, float32 for generation), "
+                              "float32, bfloat16, float16."),
             click.option("--no-cache", is_flag=True, help="Do not reuse or store per-text features."),
         ]):
             fn = opt(fn)
