@@ -24,6 +24,10 @@ PAGES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "generalization.md": ("Classifiers that generalize", [
         ("reports/generalization/report.md", "python scripts/generalization_eval.py -o reports/generalization"),
         ("reports/default-controls/report.md", "python scripts/default_controls.py -o reports/default-controls"),
+        ("reports/toxicity-sparse-en/report.md",
+         "safetyscope eval ../shared/data/toxicity/en.parquet --langs en -c toxicity-sparse --skip "
+         "transfer,efficiency,random_sae --methods or_rule_fpr2,or_rule,sparse_linear,sparse_linear_fpr2,probe_raw "
+         "--dtype float32 -o reports/toxicity-sparse-en"),
         ("reports/shared-weights/smollm2-135m/report.md",
          "python scripts/shared_weights_eval.py -o reports/shared-weights/smollm2-135m"),
         ("reports/shared-weights/gemma3-270m/report.md",
@@ -106,10 +110,6 @@ PAGES: dict[str, tuple[str, list[tuple[str, str]]]] = {
 
 # figures the docs quote that no committed file shows (issue 26): named on the index page, not dropped
 NO_FILE = [
-    ("the default classifier before the 14-language one (now `toxicity-sparse`): English test recall 0.783, FPR 0.013, "
-     "precision 0.76 at 5 % prevalence", "commands/discover.md", "typed into `safetyscope/assets/README.md`; no run's output"),
-    ("the OR-rule at `--target-fpr 0.02` (K = 1): English test recall 0.68, FPR 0.003, precision 0.92",
-     "commands/discover.md", "typed into `safetyscope/assets/README.md`; no run's output"),
     ("`synth targets` over the whole safety pack in 558 s", "results/benchmarks.md", "no timing file"),
     ("the `--no-template` synthesis counts (16 kept rows, 23/37 of T_miss)", "results/synthesis.md",
      "`reports/synthesis/no-template/` exists, but was not recounted after the copy check"),
