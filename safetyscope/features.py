@@ -225,10 +225,9 @@ def extract_shared(extractors: list[FeatureExtractor], texts: list[str], *,
     # of its chunk cached) must batch the rest as the uninterrupted run did to be bit-identical to it: batches are
     # planned over every text of the call, whatever the cache holds, and a batch with any text to compute is run
     # whole (tests/test_kill_resume.py, every dtype).
-    whole = True
-    planned = sorted(range(n) if whole else todo) if todo else []
+    planned = list(range(n)) if todo else []
     part_ids, n_trunc = lead.tokenize([texts[i] for i in planned]) if planned else ([], 0)
-    if whole and todo and len(todo) < n:  # truncation is counted over this run's texts, as tokens are
+    if todo and len(todo) < n:  # truncation is counted over this run's texts, as tokens are
         n_trunc = lead.tokenize([texts[i] for i in sorted(todo)])[1]
     ids: dict[int, list[int]] = dict(zip(planned, part_ids))
     plan = [[planned[j] for j in b] for b in length_batches([len(x) for x in part_ids], batch_size=lead.batch_size,

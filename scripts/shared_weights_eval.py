@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalization_eval import DATA, LANGS, eval_sets  # noqa: E402
+from generalization_eval import DATA, LANGS, eval_sets, rates  # noqa: E402
 
 from safetyscope.discovery.detector import read_classifier  # noqa: E402
 from safetyscope.discovery.rules import LinearProbeClassifier, classifier_from_dict, rule_inputs  # noqa: E402
@@ -44,14 +43,6 @@ def datasets(per_class: int, test_per_class: int, final: bool) -> dict[str, pl.D
     sets = {k: (subsample(v, test_per_class) if k.endswith(" test") else v) for k, v in eval_sets().items()
             if final or "HOLDOUT" not in k}
     return {"discovery": pl.concat([subsample(disc, per_class), imp]), **sets}
-
-
-def rates(y: np.ndarray, s: np.ndarray) -> dict:
-    f = s > 0
-    tp, fp, pos = int(f[y == 1].sum()), int(f[y == 0].sum()), int((y == 1).sum())
-    return {"recall": tp / max(pos, 1), "fpr": fp / max(int((y == 0).sum()), 1), "toxic_flagged": tp, "toxic": pos,
-            "clean_flagged": fp, "f1": 2 * tp / max(2 * tp + fp + pos - tp, 1),
-            "roc_auc": float(roc_auc_score(y, s)) if len(set(y.tolist())) == 2 else None}
 
 
 def score(rules: dict, fallback, feats, d: pl.DataFrame) -> np.ndarray:

@@ -14,10 +14,9 @@ import copy
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
 
 from ..errors import SafetyScopeError
-from .rules import _weighted_rate_threshold
+from .rules import _weighted_rate_threshold, out_of_fold_scores
 
 
 def language_balanced_weights(langs: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -43,9 +42,8 @@ def fit_shared(rule, X, y: np.ndarray, langs, target_fpr: float, *, cv: int = 3,
     sw = language_balanced_weights(langs, y)
     base = clone(rule).set_params(target_fpr=None).fit(X, y, sample_weight=sw)
     strata = np.array([f"{la}|{c}" for la, c in zip(langs.tolist(), y.tolist())])
-    oof = np.empty(len(y))
-    for tr, te in StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), strata):
-        oof[te] = clone(base).fit(X[tr], y[tr], sample_weight=sw[tr]).decision_function(X[te])
+    oof, _ = out_of_fold_scores(lambda tr, te: clone(base).fit(X[tr], y[tr], sample_weight=sw[tr]).decision_function(X[te]),
+                                y, cv=cv, seed=seed, strata=strata)
     method = (f"{cv}-fold out-of-fold scores of one rule fitted on every language (each language and class "
               "weighing the same), folds stratified by language and label")
 

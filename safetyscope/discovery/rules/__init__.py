@@ -52,6 +52,7 @@ from .selection import (
     greedy_select,
     group_splits,
     out_of_fold_operating_point,
+    out_of_fold_scores,
     rank_features,
 )
 from .selection import _check_fpr_rows as _check_fpr_rows
@@ -64,4 +65,4 @@ from .serialise import KINDS, classifier_from_dict
 __all__ = ["CRITERIA", "DEFAULT_FPR_CAP", "DENSE_BLOCK", "KINDS", "K_CANDIDATES", "MIN_PER_CLASS", "RATE_GRID",
            "LinearProbeClassifier", "OrRuleClassifier", "RandomMatchedOrRule", "SparseLinearClassifier", "best_layer",
            "by_group_rates", "classifier_from_dict", "firing_rates", "fpr_thresholds", "greedy_select", "group_splits",
-           "out_of_fold_operating_point", "rank_features", "rule_inputs"]
+           "out_of_fold_operating_point", "out_of_fold_scores", "rank_features", "rule_inputs"]

@@ -106,17 +106,10 @@ def by_group_rates(y: np.ndarray, fired: np.ndarray, groups) -> dict:
     return out
 
 
-def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *, cv: int, seed: int, groups=None,
-                                strata=None, measured=None, weights=None) -> tuple[float, np.ndarray, dict]:
-    """The threshold at which out-of-fold scores flag at most ``target_fpr`` (a weighted share with ``weights``) of the
-    ``measured`` rows (default: the clean rows): (threshold, which rows those scores flag, the file's record).
-    ``score_fold(fit_rows, held_rows)`` scores the held rows with a rule fitted on the fit rows only. Folds: ``cv``
-    stratified folds (on ``strata``, default ``y``), or held-out groups (``group_splits``) when ``groups`` is given.
-    Out-of-fold, because in-sample scores of clean texts are optimistic: a threshold set on them fires more on new data."""
-    if not 0 < float(target_fpr) < 1:
-        raise SafetyScopeError(f"target_fpr must be in (0, 1), not {target_fpr}")
-    _check_enough_for_holdouts(y, "the operating point")
-    measured = (y == 0) if measured is None else measured
+def out_of_fold_scores(score_fold, y: np.ndarray, *, cv: int, seed: int, groups=None, strata=None):
+    """(every row's score by a rule fitted without its fold, how the folds were made). ``score_fold(fit_rows,
+    held_rows)`` scores the held rows; folds: ``cv`` stratified folds (on ``strata``, default ``y``), or held-out
+    groups (``group_splits``) when ``groups`` is given."""
     if groups is None:
         splits = StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y if strata is None else strata)
         method = f"{cv}-fold out-of-fold scores of the fitting data"
@@ -130,6 +123,21 @@ def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *,
     if np.isnan(oof).any():  # a group whose removal leaves one class: scored by no fold
         raise SafetyScopeError(f"{int(np.isnan(oof).sum())} rows are in a group that cannot be held out "
                                "(without it one class is left); merge it with another group")
+    return oof, method
+
+
+def out_of_fold_operating_point(score_fold, y: np.ndarray, target_fpr: float, *, cv: int, seed: int, groups=None,
+                                strata=None, measured=None, weights=None) -> tuple[float, np.ndarray, dict]:
+    """The threshold at which out-of-fold scores flag at most ``target_fpr`` (a weighted share with ``weights``) of the
+    ``measured`` rows (default: the clean rows): (threshold, which rows those scores flag, the file's record).
+    ``score_fold(fit_rows, held_rows)`` scores the held rows with a rule fitted on the fit rows only. Folds: ``cv``
+    stratified folds (on ``strata``, default ``y``), or held-out groups (``group_splits``) when ``groups`` is given.
+    Out-of-fold, because in-sample scores of clean texts are optimistic: a threshold set on them fires more on new data."""
+    if not 0 < float(target_fpr) < 1:
+        raise SafetyScopeError(f"target_fpr must be in (0, 1), not {target_fpr}")
+    _check_enough_for_holdouts(y, "the operating point")
+    measured = (y == 0) if measured is None else measured
+    oof, method = out_of_fold_scores(score_fold, y, cv=cv, seed=seed, groups=groups, strata=strata)
     w = np.ones(len(y)) if weights is None else weights
     threshold = _weighted_rate_threshold(oof[measured], w[measured], float(target_fpr))
     fired = oof > threshold
