@@ -224,7 +224,7 @@ def parse_labels(values: pl.Series, where: str) -> np.ndarray:
     if values.null_count():
         raise SafetyScopeError(f"{where}: {values.null_count()} row(s) have no label")
     if values.dtype.is_nested() or values.dtype == pl.Binary or values.dtype == pl.Object:
-        raise SafetyScopeError(f"{where}: the label column holds {values.dtype}, not labels; use 1/0, true/false, "
+        raise SafetyScopeError(f"{where}: label column {values.name!r} holds {values.dtype}, not labels; use 1/0, true/false, "
                                "toxic/clean or harmful/benign")
     norm = values.cast(pl.String).str.strip_chars().str.to_lowercase()
     bad = sorted(set(norm.to_list()) - POSITIVE - NEGATIVE)

@@ -35,10 +35,12 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
             require_columns(df, ["lang"], p)
             df = df.filter(pl.col("lang").is_in(cfg.langs))
         keep = [c for c in (cfg.text_column, cfg.label_column, "lang", cfg.group_column) if c and c in df.columns]
-        if cfg.label_column in df.columns and df.schema[cfg.label_column].is_nested():  # a list cannot be a label
-            raise SafetyScopeError(f"{p}: label column {cfg.label_column!r} holds {df.schema[cfg.label_column]}; a label "
-                                   "is one of 1/0, true/false, toxic/clean, harmful/benign")
-        df = df.select(list(dict.fromkeys(keep))).with_columns(pl.col(cfg.label_column).cast(pl.String))
+        require_columns(df, [cfg.label_column], p)
+        text = pl.col(cfg.text_column)
+        df = df.select(list(dict.fromkeys(keep))).filter(text.is_not_null() & (text.str.strip_chars() != ""))
+        # labels parsed per file, so a bad value (or a column of lists) is named with the file that holds it
+        df = df.with_columns(pl.Series(cfg.label_column, parse_labels(df.get_column(cfg.label_column), str(p)),
+                                       dtype=pl.Int8))
         if cfg.group_column:
             missing = df.get_column(cfg.group_column).null_count()
             if missing:
@@ -48,9 +50,6 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
     df = pl.concat(frames, how="diagonal")
     if df.height == 0:
         raise SafetyScopeError(f"no rows left in {paths} after filtering (split={cfg.split}, langs={cfg.langs})")
-    empty = df.filter(pl.col(cfg.text_column).is_null() | (pl.col(cfg.text_column).str.strip_chars() == ""))
-    if empty.height:
-        df = df.filter(pl.col(cfg.text_column).is_not_null() & (pl.col(cfg.text_column).str.strip_chars() != ""))
     return df
 
 
@@ -80,7 +79,7 @@ def make_rule(cfg: DiscoverConfig, d_sae: int = 0):
 
 def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, progress: bool = True) -> Detector:
     df = load_labelled(paths, cfg)
-    y = parse_labels(df.get_column(cfg.label_column), ", ".join(map(str, paths)))
+    y = df.get_column(cfg.label_column).to_numpy().astype(int)  # parsed per file by load_labelled
     if len(set(y.tolist())) < 2:
         raise SafetyScopeError("discovery needs both toxic and clean rows; found only one class")
     if cfg.per_language:
