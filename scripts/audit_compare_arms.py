@@ -1,6 +1,6 @@
 """The committed `synth compare` arms after the audit: kept rows per arm, coverage of T_miss over kept rows only.
 
-Reads reports/synthesis/{targeted,targeted_steered,random,natural}.jsonl, the targets (targets.json) and the
+Reads reports/synthesis/{targeted,targeted_steered,random,natural,no-template/targeted}.jsonl, the targets (targets.json) and the
 seed rows (seed.jsonl) of that run, audits every arm's rows as `synth audit` does (the natural arm holds prompts
 without responses: audited on the request side only) and recounts coverage over the kept rows. Writes
 reports/audit/compare-arms.{json,md}. Run: python scripts/audit_compare_arms.py
@@ -20,7 +20,9 @@ from safetyscope.synthesis.targets import read_targets
 ROOT = Path(__file__).resolve().parents[1]
 SYN = ROOT / "reports" / "synthesis"
 ARMS = {"targeted synthesis": "targeted.jsonl", "targeted + steering": "targeted_steered.jsonl",
-        "random synthesis": "random.jsonl", "natural sampling": "natural.jsonl"}
+        "random synthesis": "random.jsonl", "natural sampling": "natural.jsonl",
+        # the same targets and seed, generator responses only (synthesize --no-template; no-template/README.md)
+        "targeted, --no-template": "no-template/targeted.jsonl"}
 
 
 def main() -> None:

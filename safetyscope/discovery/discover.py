@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from ..data import data_sha256, parse_labels, read_table, require_columns, require_text, text_list
 from ..errors import SafetyScopeError
@@ -125,12 +126,19 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         rule = make_rule(cfg, d_sae)
         rule, rules_by_lang, validation = fit_shared(rule, inputs_of(rule), y, langs, cfg.target_fpr, seed=cfg.seed)
     else:
+        # fitting can take longer than extraction (a linear rule over a wide SAE, validated on 3 hold-outs): a bar
+        # with one step for the pooled rule and one per language rule
+        n_rules = 1 + (len(set(langs)) if cfg.per_language else 0)
+        bar = tqdm(total=n_rules, desc="fitting rules", unit="rule", disable=not progress)
+        bar.set_postfix_str("all languages pooled")
         rule = make_rule(pooled_cfg, d_sae)
         rule.fit(inputs_of(rule), y, groups=groups)
         validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
-    if cfg.per_language and not cfg.shared_weights:
-        rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae)
-        validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
+        bar.update()
+        if cfg.per_language:
+            rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae, bar=bar)
+            validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
+        bar.close()
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
@@ -169,13 +177,15 @@ def check_per_language(df: pl.DataFrame, y: np.ndarray) -> None:
 
 
 def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig,
-                     groups=None, d_sae: int = 0) -> tuple[dict, dict]:
+                     groups=None, d_sae: int = 0, bar=None) -> tuple[dict, dict]:
     """({language: rule fitted on that language's rows only}, the validation record): same kind, K choice and
     criterion as the pooled rule; per language, the hold-out recall and clean FPR of its own rule. With
     ``groups``, a language of two or more groups chooses on held-out groups; one of a single group as before."""
     langs = np.asarray(langs, dtype=object)
     rules, per_lang = {}, {}
     for lang in sorted(set(langs.tolist())):
+        if bar is not None:
+            bar.set_postfix_str(lang)
         rows = np.flatnonzero(langs == lang)
         g = None if groups is None else np.asarray(groups, dtype=object)[rows]
         if g is not None and len(set(g.tolist())) < 2:
@@ -183,6 +193,8 @@ def fit_per_language(codes, y: np.ndarray, langs: list[str], cfg: DiscoverConfig
         rules[lang] = make_rule(cfg, d_sae).fit(codes[rows], y[rows], groups=g)
         v = language_validation(rules[lang], codes[rows], y[rows], [lang] * len(rows), cfg.seed)
         per_lang[lang] = {**v["per_lang"][lang], "k": len(rules[lang].features_), "method": v["method"]}
+        if bar is not None:
+            bar.update()
     return rules, {"languages": sorted(rules), "per_lang": per_lang,
                    "method": "each language's own rule, fitted and validated on that language's rows only "
                              "(per_lang.*.method); `fallback`: the rule fitted on all languages pooled"}
