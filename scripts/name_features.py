@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         det = Detector.load(path, dtype=a.dtype)
         codes = det.extractor.extract(texts, progress=True).codes
         doc = read_document(path, FORMAT, "classifier")
-        doc["feature_names"] = names_record(det, texts, codes, where)
+        doc["feature_names"] = names_record(det, texts, codes, where, progress=True)
         write_document(doc, path)
         print(f"{path}: named {len(doc['feature_names']['features'])} features from {where}", file=sys.stderr)
     return 0

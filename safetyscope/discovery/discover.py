@@ -156,7 +156,8 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
     from .naming import names_record
 
     where = ", ".join(map(str, paths)) + (f" (split {cfg.split})" if cfg.split else "")
-    det.meta["feature_names"] = names_record(det, texts, codes, f"{where}: the {len(texts)} discovery rows")
+    det.meta["feature_names"] = names_record(det, texts, codes, f"{where}: the {len(texts)} discovery rows",
+                                             progress=progress)
     return det
 
 

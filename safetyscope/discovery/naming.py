@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 TOP_TEXTS = 5  # per feature, the texts of highest pooled activation read token by token
 CONTEXT = 3  # tokens either side of the strongest one in the example
@@ -42,7 +43,8 @@ def context(tokens: list[str], p: int, n: int = CONTEXT) -> str:
     return ("…" if lo > 0 else "") + " ".join(text.split()) + ("…" if hi < len(tokens) else "")
 
 
-def name_features(extractor, texts: list[str], codes, ids: list[int], top_texts: int = TOP_TEXTS) -> dict[str, dict]:
+def name_features(extractor, texts: list[str], codes, ids: list[int], top_texts: int = TOP_TEXTS,
+                  progress: bool = False) -> dict[str, dict]:
     """{feature id (as a string): {"tokens": [...], "example": "..."}} from ``texts`` and their pooled ``codes`` (CSR,
     texts x d_sae, as ``extract`` gives them). tokens: the token of strongest activation in each of the feature's
     ``top_texts`` texts of highest pooled activation, strongest first, no repeats; example: the strongest one's
@@ -54,7 +56,8 @@ def name_features(extractor, texts: list[str], codes, ids: list[int], top_texts:
         for r in rows[vals > 0][np.argsort(-vals[vals > 0], kind="stable")[:top_texts]]:
             need.setdefault(int(r), []).append(f)
     peaks: dict[int, list[tuple[float, str, str]]] = {}  # feature -> (activation, token, context) per text
-    for row in sorted(need):
+    # one forward pass per text (token-level codes); up to top_texts x len(ids) texts, so a bar
+    for row in tqdm(sorted(need), desc="naming features", unit="text", disable=not progress):
         tokens, tc = extractor.token_codes(texts[row])
         cols = tc[:, need[row]].numpy()
         for j, (f, p) in enumerate(zip(need[row], cols.argmax(0))):
@@ -69,13 +72,13 @@ def name_features(extractor, texts: list[str], codes, ids: list[int], top_texts:
     return out
 
 
-def names_record(det, texts: list[str], codes, data: str) -> dict:
+def names_record(det, texts: list[str], codes, data: str, progress: bool = False) -> dict:
     """The classifier file's ``feature_names``: which features are named, how, from which data, and the names."""
     ids, which = features_to_name([det.rule, *det.rules_by_lang.values()])
     return {"named": which, "data": data,
             "method": f"tokens: the token of strongest activation in each of the {TOP_TEXTS} texts of highest pooled "
                       f"activation; example: {CONTEXT} tokens either side of the strongest one",
-            "features": name_features(det.extractor, texts, codes, ids)}
+            "features": name_features(det.extractor, texts, codes, ids, progress=progress)}
 
 
 def feature_name(meta: dict, fid: int) -> dict | None:
