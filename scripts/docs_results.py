@@ -44,7 +44,7 @@ PAGES: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("reports/smollm2-135m-instruct/report.md",
          "safetyscope eval ../shared/data/toxicity/*.parquet -o reports/smollm2-135m-instruct -c default"),
         ("reports/multilingual-gemma3-270m/report.md",
-         "safetyscope eval ../shared/data/toxicity/*.parquet -c multilingual --model gemma3-270m --sae gemma3-270m "
+         "safetyscope eval ../shared/data/toxicity/*.parquet -c multilingual-f1 --model gemma3-270m --sae gemma3-270m "
          "--dtype float32 --skip transfer,efficiency,random_sae --methods sparse_linear,probe_raw "
          "-o reports/multilingual-gemma3-270m"),
     ]),
@@ -111,8 +111,6 @@ PAGES: dict[str, tuple[str, list[tuple[str, str]]]] = {
 # figures the docs quote that no committed file shows (issue 26): named on the index page, not dropped
 NO_FILE = [
     ("`synth targets` over the whole safety pack in 558 s", "results/benchmarks.md", "no timing file"),
-    ("the `--no-template` synthesis counts (16 kept rows, 23/37 of T_miss)", "results/synthesis.md",
-     "`reports/synthesis/no-template/` exists, but was not recounted after the copy check"),
 ]
 
 

