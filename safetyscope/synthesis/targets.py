@@ -209,6 +209,10 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
     counts: Counter = Counter()
     examined = judged = 0  # the judge is asked about the candidates that may be kept or listed, so counts its reason there
     chunk = 64  # candidates whose contexts are encoded and judged together
+    from tqdm.auto import tqdm
+
+    # encoding and judging the candidates' top contexts can take as long as the extraction: a bar over candidates
+    bar = tqdm(total=len(cand), desc="checking candidates", unit="feature", disable=not progress)
     for start in range(0, len(cand), chunk):
         if len(targets) >= cfg.max_targets:
             break
@@ -243,6 +247,9 @@ def find_targets(df: pl.DataFrame, cfg: TargetsConfig, fx: FeatureExtractor, *, 
                 r.pop("reasons")
                 r["why"] = _why(r, cfg, judge is not None)
                 targets.append(r)
+        bar.update(len(recs))
+        bar.set_postfix(kept=len(targets))
+    bar.close()
     selection = {"tested_features": int(tested.sum()), "candidates": len(cand), "examined": examined,
                  "judged": judged, "kept": len(targets), "rejected": examined - len(targets), "rejected_listed": len(rejected),
                  "rejected_by_reason": {k: counts[k] for k in REASONS if counts[k]},
