@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .likelihood import mean_logprob
-from .steering import SteerSpec, steer, target_acts
+from .steering import SteerConfig, SteerSpec, steer, target_acts
 
 DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
 MAX_PPL_RATIO = 2.0
@@ -30,15 +30,13 @@ MAX_REPEATED = 0.4
 
 
 @dataclass
-class CalibrationConfig:
+class CalibrationConfig(SteerConfig):
+    """The generation settings of `steer` (SteerConfig) and the sweep."""
+
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
-    positions: str = "all"
-    chat: bool = True
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    seed: int = 0
-    batch_size: int = 16
-    extra: dict = field(default_factory=dict)  # recorded as given (model, SAE ...)
+    """The schedule, in the feature's own units."""
+    extra: dict = field(default_factory=dict)
+    """Recorded as given (model, SAE ...)."""
 
 
 def degeneration(ids: list[int]) -> tuple[float, float]:

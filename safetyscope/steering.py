@@ -16,6 +16,7 @@ the prefill of the prompt is left as it is).
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,35 @@ from .errors import SafetyScopeError
 
 Positions = Literal["all", "generated"]  # edit every position, or only generated ones
 POSITIONS = get_args(Positions)
+
+
+@dataclass
+class SteerConfig:
+    """How steered text is generated: the one place for these settings and their defaults, read by `steer`'s
+    options, ``run_steer`` and ``steer_calibrate.CalibrationConfig`` (which adds its sweep); checked here, once."""
+
+    positions: Positions = "all"
+    """Edit every position, or only those of generated tokens."""
+    chat: bool = True
+    """Apply the chat template, or continue the raw text."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    seed: int = 0
+    """Random seed of sampling (with temperature > 0)."""
+    batch_size: int = 16
+    """Prompts generated together."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise SafetyScopeError(f"positions must be one of {', '.join(POSITIONS)}; got {self.positions!r}")
+        if self.max_new_tokens < 1:
+            raise SafetyScopeError("--max-new-tokens must be >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SafetyScopeError(f"--temperature must be a finite number >= 0; got {self.temperature}")
+        if self.batch_size < 1:
+            raise SafetyScopeError("--batch-size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -181,8 +211,7 @@ def classifier_features(path, fx) -> list[int]:
     return list(out)
 
 
-def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str = "all", chat: bool = True,
-              max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+def run_steer(fx, prompts: list[str], specs: list[SteerSpec], cfg: SteerConfig | None = None, *,
               plain: bool = False, progress: bool = False,
               strengths: list[float] | None = None) -> tuple[list[dict], dict]:
     """Steered (and with ``plain`` also unsteered) completions of ``prompts`` by ``fx``'s model; per row the
@@ -193,22 +222,24 @@ def run_steer(fx, prompts: list[str], specs: list[SteerSpec], *, positions: str 
 
     from .generators import TransformersGenerator
 
+    cfg = cfg or SteerConfig()
     check_specs(specs, fx.sae)
-    gen = TransformersGenerator.from_backbone(fx.backbone, batch_size)
-    texts = [gen._render([{"role": "user", "content": p}]) if chat else p for p in prompts]
-    special = not (chat and getattr(gen.tok, "chat_template", None))
+    gen = TransformersGenerator.from_backbone(fx.backbone, cfg.batch_size)
+    texts = [gen._render([{"role": "user", "content": p}]) if cfg.chat else p for p in prompts]
+    special = not (cfg.chat and getattr(gen.tok, "chat_template", None))
     bar = tqdm(total=len(prompts) * (2 if plain else 1), disable=not progress, desc="steer", unit="seq")
 
     def run():
-        outs = gen.generate_texts(texts, 1, temperature, max_new_tokens, seed, add_special_tokens=special, progress=bar)
+        outs = gen.generate_texts(texts, 1, cfg.temperature, cfg.max_new_tokens, cfg.seed, add_special_tokens=special,
+                                  progress=bar)
         return [o[0] for o in outs]
 
-    with steer(fx.backbone.model, fx.sae, fx.layer, specs, positions) as st:
+    with steer(fx.backbone.model, fx.sae, fx.layer, specs, cfg.positions) as st:
         steered = run()
     unsteered = run() if plain else None
     bar.close()
     feats = [s.feature for s in specs]
-    spec_text = describe(specs, positions)
+    spec_text = describe(specs, cfg.positions)
     absolute = [float(s.alpha if s.clamp is None else s.clamp) for s in specs]  # type: ignore[arg-type]
     relative = list(strengths) if strengths is not None else [None] * len(specs)
     rows = [{"prompt": p, "completion": c, "steering": spec_text, "target_features": feats, "strength": relative,

@@ -359,3 +359,30 @@ def test_auto_dtype_generates_in_float32_on_cpu(tmp_path, tiny_model_dir, qwen_s
     run_cli([*base, "-o", tmp_path / "auto.jsonl", "--dtype", "auto"])
     run_cli([*base, "-o", tmp_path / "fp32.jsonl", "--dtype", "float32"])
     assert pl.read_ndjson(tmp_path / "auto.jsonl").equals(pl.read_ndjson(tmp_path / "fp32.jsonl"))
+
+
+def test_generation_settings_are_steerconfigs_defaults_and_checks():
+    """steer's generation options take their defaults from SteerConfig, --calibrate's config inherits them, and a
+    bad value is refused by SteerConfig itself: one line, before any model loads."""
+    from dataclasses import fields
+
+    from safetyscope.cli.steer import steer as steer_cmd
+    from safetyscope.steer_calibrate import CalibrationConfig
+    from safetyscope.steering import SteerConfig
+
+    options = {p.name: p for p in steer_cmd.params}
+    for f in fields(SteerConfig):
+        if f.name != "batch_size":  # --batch-size is the shared model option
+            assert options[f.name].default == f.default, f.name
+    shared = {f.name for f in fields(SteerConfig)}
+    assert {f.name: f.default for f in fields(CalibrationConfig) if f.name in shared} == \
+        {f.name: f.default for f in fields(SteerConfig)}
+    for bad, message in (({"max_new_tokens": 0}, "--max-new-tokens must be >= 1"),
+                         ({"temperature": float("nan")}, "--temperature must be a finite number"),
+                         ({"positions": "prompt"}, "positions must be one of all, generated"),
+                         ({"batch_size": 0}, "--batch-size must be >= 1")):
+        with pytest.raises(SafetyScopeError, match=message):
+            SteerConfig(**bad)
+    res = run_cli(["steer", "hello", "--feature", "1:1", "--max-new-tokens", "0", "--model", "/nonexistent/model"],
+                  ok=False)
+    assert res.exit_code == 2 and res.output == "error: --max-new-tokens must be >= 1\n", res.output

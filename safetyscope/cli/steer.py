@@ -16,7 +16,7 @@ import click
 
 from ..errors import SafetyScopeError
 from ..generators import Backend, GeneratorConfig
-from ..steering import Positions
+from ..steering import Positions, SteerConfig
 from .options import NumberList, feature_config, finite, model_options, overwrite_option, user_errors
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
@@ -45,12 +45,16 @@ UNIT_HELP = ("1.0 = the feature's own typical size: its decoder vector at its me
                    "feature; writes calibration.{json,md,png} and completions.jsonl into -o.")
 @click.option("--strengths", type=NumberList(float, low=0), default=None, metavar="S1,S2,...",
               help="--calibrate's schedule, in the feature's units [default: 0.5,1,2,3,4,6,8,16].")
-@click.option("--positions", type=click.Choice(get_args(Positions)), default="all", show_default=True,
+# the generation settings and their defaults are SteerConfig's (steering.py), checked there
+@click.option("--positions", type=click.Choice(get_args(Positions)), default=SteerConfig.positions, show_default=True,
               help="Edit every position, or only those of generated tokens.")
-@click.option("--chat/--raw", default=True, show_default=True, help="Apply the chat template, or continue the raw text.")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per prompt.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, callback=finite(low=0), help="0 = greedy.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+@click.option("--chat/--raw", default=SteerConfig.chat, show_default=True,
+              help="Apply the chat template, or continue the raw text.")
+@click.option("--max-new-tokens", type=int, default=SteerConfig.max_new_tokens, show_default=True,
+              help="Tokens generated per prompt.")
+@click.option("--temperature", type=float, default=SteerConfig.temperature, show_default=True, callback=finite(low=0),
+              help="0 = greedy.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=SteerConfig.seed, show_default=True,
               help="Random seed of sampling (with --temperature > 0).")
 @click.option("--plain", is_flag=True, help="Also write the unsteered completion and its activations.")
 @click.option("--backend", type=click.Choice(get_args(Backend)), default=GeneratorConfig.backend,
@@ -72,8 +76,8 @@ def steer(prompts_path, output, text_column, adds, clamps, absolute, classifier,
                                "`steer export` for the vLLM hotwire plugin")
     if suppress != bool(classifier):
         raise SafetyScopeError("-c CLASSIFIER and --suppress go together")
-    if max_new_tokens < 1:
-        raise SafetyScopeError("--max-new-tokens must be >= 1")
+    gen = SteerConfig(positions=positions, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                      batch_size=kw["batch_size"])
     if strengths and not calibrate:
         raise SafetyScopeError("--strengths is the --calibrate schedule; with one strength use --feature F:S")
     doses = [Dose.parse(a, absolute=absolute, value_required=not calibrate) for a in adds]
@@ -81,8 +85,7 @@ def steer(prompts_path, output, text_column, adds, clamps, absolute, classifier,
     if prompts_path == "export":
         return _export(doses, output, overwrite, classifier, calibrate, plain, positions, kw)
     if calibrate:
-        return _calibrate(prompts_path, text_column, doses, output, classifier, absolute, strengths, positions, chat,
-                          max_new_tokens, temperature, seed, kw)
+        return _calibrate(prompts_path, text_column, doses, output, classifier, absolute, strengths, gen, kw)
     from ..outputs import check_output
 
     one = _one_prompt(prompts_path)
@@ -91,7 +94,6 @@ def steer(prompts_path, output, text_column, adds, clamps, absolute, classifier,
     if output is not None:
         check_output(output, inputs=[] if one else [prompts_path], overwrite=overwrite)
     prompts = [prompts_path] if one else _read_prompts(prompts_path, text_column)
-    batch = kw["batch_size"]
     fx, scales = _load(kw, need_scales=True)
     if suppress:
         from ..steering import classifier_features
@@ -100,9 +102,7 @@ def steer(prompts_path, output, text_column, adds, clamps, absolute, classifier,
     resolved = _resolve(doses, scales, fx)
     from ..steering import run_steer
 
-    rows, st = run_steer(fx, prompts, [r.spec for r in resolved], positions=positions, chat=chat,
-                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                         batch_size=batch, plain=plain or one, progress=not one,
+    rows, st = run_steer(fx, prompts, [r.spec for r in resolved], gen, plain=plain or one, progress=not one,
                          strengths=[r.strength for r in resolved])
     if output is not None:
         import polars as pl
@@ -185,8 +185,9 @@ def _side_by_side(row: dict, resolved) -> None:
     click.echo(f"{'activation: ' + acts(row['plain_acts']):<{col}} | activation: {acts(row['target_acts'])}")
 
 
-def _calibrate(prompts_path, text_column, doses, output, classifier, absolute, strengths, positions, chat,
-               max_new_tokens, temperature, seed, kw):
+def _calibrate(prompts_path, text_column, doses, output, classifier, absolute, strengths, gen: SteerConfig, kw):
+    from dataclasses import asdict
+
     from ..outputs import check_report_dir
     from ..steer_calibrate import DEFAULT_STRENGTHS, CalibrationConfig, calibrate, write_report
     from ..steer_dose import Dose
@@ -201,7 +202,6 @@ def _calibrate(prompts_path, text_column, doses, output, classifier, absolute, s
     one = _one_prompt(prompts_path)
     out = check_report_dir(output, inputs=[] if one else [prompts_path])
     prompts = [prompts_path] if one else _read_prompts(prompts_path, text_column)
-    batch = kw["batch_size"]
     fx, scales = _load(kw, need_scales=True)
     _resolve([d if d.value is not None else Dose(d.feature, 1.0) for d in doses], scales, fx)  # ids checked up front
     feats = list(dict.fromkeys(d.feature for d in doses))
@@ -209,9 +209,7 @@ def _calibrate(prompts_path, text_column, doses, output, classifier, absolute, s
     for d in doses:
         if d.value is not None:
             extra.setdefault(d.feature, []).append(d.value)
-    cfg = CalibrationConfig(strengths=tuple(strengths or DEFAULT_STRENGTHS), positions=positions, chat=chat,
-                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            batch_size=batch,
+    cfg = CalibrationConfig(**asdict(gen), strengths=tuple(strengths or DEFAULT_STRENGTHS),
                             extra={"model": fx.backbone.model_id, "sae": fx.sae.fingerprint(), "layer": fx.layer,
                                    "prompts": prompts_path, "dtype": str(next(fx.backbone.model.parameters()).dtype)})
     doc = calibrate(fx, prompts, feats, scales, cfg, extra_strengths=extra, progress=True)
