@@ -291,3 +291,24 @@ def test_features_layers_refuses_layer_and_ray(tmp_path, tiny_model_dir, qwen_sc
                    "--layers", "1,3", *extra], ok=False)
     assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()] and word in res.output
     assert "Traceback" not in res.output
+
+
+def test_an_error_inside_a_progress_bar_starts_its_own_line():
+    """A user error raised while a bar is drawing (a long fit, a context check) is still one `error:` line, not text
+    glued to the end of the bar."""
+    import click
+    from tqdm.auto import tqdm
+
+    from safetyscope.cli.options import user_errors
+    from safetyscope.errors import SafetyScopeError
+
+    @click.command()
+    @user_errors
+    def work():
+        bar = tqdm(total=3, desc="fitting rules")
+        bar.update()
+        raise SafetyScopeError("too few rows")
+
+    res = CliRunner().invoke(work, [])
+    assert_user_error(res, "too few rows")
+    assert res.output.rstrip("\n").splitlines()[-1] == "error: too few rows", res.output

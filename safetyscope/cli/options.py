@@ -25,6 +25,14 @@ def field_default(cls, name: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error left open, so its message starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def user_errors(fn):
     """Turn SafetyScopeError (a user mistake) into one line on stderr and exit code 2 (Ctrl-C: ``_Group``)."""
 
@@ -33,6 +41,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SafetyScopeError as e:
+            _close_progress_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 

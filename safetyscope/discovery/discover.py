@@ -129,16 +129,17 @@ def discover(paths: list[str], cfg: DiscoverConfig, fcfg: FeatureConfig, *, prog
         # fitting can take longer than extraction (a linear rule over a wide SAE, validated on 3 hold-outs): a bar
         # with one step for the pooled rule and one per language rule
         n_rules = 1 + (len(set(langs)) if cfg.per_language else 0)
-        bar = tqdm(total=n_rules, desc="fitting rules", unit="rule", disable=not progress)
-        bar.set_postfix_str("all languages pooled")
-        rule = make_rule(pooled_cfg, d_sae)
-        rule.fit(inputs_of(rule), y, groups=groups)
-        validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
-        bar.update()
-        if cfg.per_language:
-            rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae, bar=bar)
-            validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
-        bar.close()
+        # (closed on an error too, so a user error prints on its own line after the bar)
+        with tqdm(total=n_rules, desc="fitting rules", unit="rule", disable=not progress) as bar:
+            bar.set_postfix_str("all languages pooled")
+            rule = make_rule(pooled_cfg, d_sae)
+            rule.fit(inputs_of(rule), y, groups=groups)
+            validation = language_validation(rule, inputs_of(rule), y, langs, cfg.seed)
+            bar.update()
+            if cfg.per_language:
+                rules_by_lang, own = fit_per_language(inputs_of(make_rule(cfg, d_sae)), y, langs, cfg, groups, d_sae,
+                                                      bar=bar)
+                validation = {**own, "fallback": validation}  # the pooled rule's hold-out numbers, for comparison
     meta = {"sae_id": fcfg.sae or "default", "discovery_data": data_summary(df, y, cfg, paths),
             "validation": validation,
             "settings": {"kind": cfg.kind, "selection": cfg.selection, "threshold": cfg.threshold, "fpr_cap": cfg.fpr_cap, "seed": cfg.seed,
