@@ -116,6 +116,14 @@ class FeatureExtractor:
         return cls(backbone, sae, layer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                    skip_first_token=cfg.skip_first_token, pool=cfg.pool, cache=cfg.cache, batch_tokens=cfg.batch_tokens)
 
+    def run_settings(self) -> dict:
+        """The extraction settings that decide the codes beside the model and SAE, as the resume manifests of
+        `features` and `classify` record them (dtype, device and batching move activations near 0 across the firing
+        threshold); one list, so the two manifests cannot drift apart."""
+        return {"max_length": self.max_length, "skip_first_token": self.skip_first_token, "pool": self.pool,
+                "dtype": str(next(self.backbone.model.parameters()).dtype), "device": self.backbone.device.split(":")[0],
+                "batch_size": self.batch_size, "batch_tokens": self.batch_tokens}
+
     def cache_key(self) -> str:
         dtype = next(self.backbone.model.parameters()).dtype
         parts = [self.backbone.fingerprint(), self.sae.fingerprint(), self.layer, self.max_length,

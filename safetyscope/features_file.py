@@ -36,9 +36,7 @@ def identity(fx: FeatureExtractor) -> dict:
     """Besides the input, what decides the parts' values: model and SAE (full-weight fingerprints) and the
     extraction settings (dtype, device and batching move activations near 0 across the firing threshold)."""
     return {"model": fx.backbone.fingerprint(), "sae": fx.sae.fingerprint(), "layer": fx.layer, "k": fx.sae.cfg.k,
-            "max_length": fx.max_length, "skip_first_token": fx.skip_first_token, "pool": fx.pool,
-            "dtype": str(next(fx.backbone.model.parameters()).dtype), "device": fx.backbone.device.split(":")[0],
-            "batch_size": fx.batch_size, "batch_tokens": fx.batch_tokens}
+            **fx.run_settings()}
 
 
 def manifest(input_path: str, ident: dict, text_column: str, chunk_rows: int) -> dict:

@@ -396,3 +396,20 @@ def test_synthesis_disk_full_is_one_line_and_keeps_finished_groups(tmp_path, mon
         p.commit([{"prompt": "b"}], [{"target": 2, "status": "kept"}])
     monkeypatch.undo()
     assert sorted(synth_mod.PartialFile(path, {"key": "k"}).done)[0] == 1
+
+
+def test_classify_and_features_manifests_record_the_same_extraction_settings(classifier, table):
+    """A resume must refuse parts made with other extraction settings: both jobs' manifests take them from one
+    place (FeatureExtractor.run_settings), so neither can leave one out."""
+    from safetyscope.discovery.classify import _manifest
+    from safetyscope.discovery.detector import Detector
+    from safetyscope.features_file import identity, manifest
+
+    det = Detector.load(classifier, dtype="float32", batch_size=5)
+    settings = det.extractor.run_settings()
+    assert settings == {"max_length": 256, "skip_first_token": det.extractor.skip_first_token, "pool": "max",
+                        "dtype": "torch.float32",
+                        "device": "cpu", "batch_size": 5, "batch_tokens": det.extractor.batch_tokens}
+    by_classify = _manifest(table, det, "text", 3)
+    by_features = manifest(str(table), identity(det.extractor), "text", 3)
+    assert {k: by_classify[k] for k in settings} == {k: by_features[k] for k in settings} == settings

@@ -63,14 +63,9 @@ def _manifest(input_path: Path, det: Detector, text_column: str, chunk_rows: int
     # feature names (naming.py) only label features: adding them to a classifier file changes no verdict
     doc = {k: v for k, v in det.to_dict().items() if k != "feature_names"}
     clf_hash = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    fx = det.extractor
     return {"version": MANIFEST_VERSION, "input": str(input_path.resolve()), "input_sha256": content_hash(input_path),
             "classifier": clf_hash, "text_column": text_column, "lang_column": lang_column, "chunk_rows": chunk_rows,
-            # dtype and batch size can move activations near 0 across the firing threshold (padding, bf16)
-            "dtype": str(next(fx.backbone.model.parameters()).dtype), "device": fx.backbone.device.split(":")[0],
-            "batch_size": fx.batch_size, "batch_tokens": fx.batch_tokens,
-            "max_length": fx.max_length, "skip_first_token": fx.skip_first_token,
-            "pool": fx.pool}
+            **det.extractor.run_settings()}
 
 
 def classify_file(det: Detector, input_path: str, output: str, *, text_column: str = "text", chunk_rows: int = CHUNK_ROWS,
