@@ -16,7 +16,6 @@ the prefill of the prompt is left as it is).
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, decoder_layers
-from .errors import SafetyScopeError
+from .errors import SafetyScopeError, check_number
 
 Positions = Literal["all", "generated"]  # edit every position, or only generated ones
 POSITIONS = get_args(Positions)
@@ -53,12 +52,10 @@ class SteerConfig:
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise SafetyScopeError(f"positions must be one of {', '.join(POSITIONS)}; got {self.positions!r}")
-        if self.max_new_tokens < 1:
-            raise SafetyScopeError("--max-new-tokens must be >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SafetyScopeError(f"--temperature must be a finite number >= 0; got {self.temperature}")
-        if self.batch_size < 1:
-            raise SafetyScopeError("--batch-size must be >= 1")
+        check_number("--max-new-tokens", self.max_new_tokens, low=1, integer=True)
+        check_number("--temperature", self.temperature, low=0)
+        check_number("--seed", self.seed, low=0, integer=True)
+        check_number("--batch-size", self.batch_size, low=1, integer=True)
 
 
 @dataclass(frozen=True)

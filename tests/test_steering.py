@@ -385,4 +385,4 @@ def test_generation_settings_are_steerconfigs_defaults_and_checks():
             SteerConfig(**bad)
     res = run_cli(["steer", "hello", "--feature", "1:1", "--max-new-tokens", "0", "--model", "/nonexistent/model"],
                   ok=False)
-    assert res.exit_code == 2 and res.output == "error: --max-new-tokens must be >= 1\n", res.output
+    assert res.exit_code == 2 and res.output == "error: --max-new-tokens must be >= 1; got 0\n", res.output

@@ -36,7 +36,6 @@ def load_labelled(paths: list[str], cfg: DiscoverConfig) -> pl.DataFrame:
             require_columns(df, ["lang"], p)
             df = df.filter(pl.col("lang").is_in(cfg.langs))
         keep = [c for c in (cfg.text_column, cfg.label_column, "lang", cfg.group_column) if c and c in df.columns]
-        require_columns(df, [cfg.label_column], p)
         text = pl.col(cfg.text_column)
         df = df.select(list(dict.fromkeys(keep))).filter(text.is_not_null() & (text.str.strip_chars() != ""))
         # labels parsed per file, so a bad value (or a column of lists) is named with the file that holds it
